@@ -1,0 +1,93 @@
+"""Shared fixtures: the real SmolLM2 model (converted once into models/), free ports, subprocess servers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    """The built-in SmolLM2-135M-Instruct as an HF folder (converted from the shipped GGUF on first use)."""
+    from rollout.loading import resolve_model_path
+
+    return resolve_model_path("smollm2-135m-instruct", ROOT / "models")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path):
+    from rollout.loading import load_tokenizer
+
+    return load_tokenizer(model_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll `url` until it answers 200; fail early if `proc` died."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def start_server(args: list[str], health_url: str, log_path: Path, timeout: float = 120.0) -> subprocess.Popen:
+    """Start `python args...` from the repo root, wait for health_url; the caller stops it with stop_server."""
+    log = open(log_path, "w")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_http(health_url, timeout, proc)
+    except Exception:
+        stop_server(proc)
+        raise RuntimeError(f"server {args} failed to start; log:\n{log_path.read_text()[-3000:]}") from None
+    return proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,249 @@
+"""The typed config tree: one pydantic model per section, a docstring on every field, YAML presets + key=value overrides.
+
+Importing this module does not import torch, so `python -m trainer --help` and config errors are instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = "smollm2-135m-instruct"
+    """HF hub id, local HF folder, or a built-in name (`smollm2-135m-instruct`, converted once into models/)."""
+    models_dir: str = "models"
+    """Where built-in models are converted to and where bare names are looked up."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Training/rollout dtype. auto = bfloat16 on GPU, float32 on CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+
+
+class DataConfig(Section):
+    train_path: str = "data/gsm8k/train.jsonl"
+    """Train split: a local JSONL file, or an HF dataset id such as `openai/gsm8k` (with `hub_config`)."""
+    test_path: str = "data/gsm8k/test.jsonl"
+    """Test split used by periodic eval (same forms as train_path)."""
+    hub_config: str = "main"
+    """Dataset config name when the paths are hub ids."""
+    max_train_samples: int | None = Field(None, ge=1)
+    """Use only the first N training items (None = all)."""
+    epochs: int = Field(1, ge=1)
+    """Passes over the (truncated) training set; the run length is derived from this unless train.total_steps is set."""
+    shuffle: bool = True
+    """Shuffle the training order each epoch (seeded by train.seed, so resume replays the same order)."""
+    system_prompt: str | None = None
+    """System message for the chat template (None = the template's default)."""
+    prompt_template: str = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    """User message; `{question}` is replaced by the item's question."""
+
+
+class RolloutConfig(Section):
+    backend: Literal["embedded", "http", "vllm"] = "embedded"
+    """embedded = in-process engine; http = rollout service(s) at `urls`; vllm = in-process vLLM (GPU, optional)."""
+    urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])
+    """Rollout service base URLs (backend=http); requests are spread round-robin."""
+    n: int = Field(4, ge=1)
+    """Completions per prompt (the GRPO group size)."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature for training rollouts."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    top_k: int = Field(0, ge=0)
+    """Top-k truncation (0 = off)."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Completion length cap for training rollouts."""
+    max_prompt_tokens: int = Field(512, ge=1)
+    """Prompts longer than this are dropped from the dataset."""
+    max_batch_size: int = Field(64, ge=1)
+    """Most sequences the embedded engine decodes at once (bigger requests are split)."""
+    max_staleness: int = Field(0, ge=0)
+    """Async rollout bound: no trained sample comes from weights older than this many versions (0 = synchronous)."""
+    cuda_graphs: bool = True
+    """Embedded engine on GPU: capture each decode step as a CUDA graph."""
+
+
+class GRPOConfig(Section):
+    clip_eps: float = Field(0.2, gt=0)
+    """PPO clip range (lower)."""
+    clip_eps_high: float | None = Field(None, gt=0)
+    """Upper clip range (None = clip_eps; DAPO's clip-higher uses e.g. 0.28)."""
+    scale_rewards: bool = True
+    """Divide group-centred rewards by the group std (False = Dr.GRPO)."""
+    beta: float = Field(0.0, ge=0)
+    """Weight of the k3 KL penalty to a frozen reference model (0 = no reference model is loaded)."""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "token_sum_norm"] = "token_mean"
+    """How token losses become one number: mean over all tokens of the batch, mean of per-sequence means, or the sum
+    divided by (batch × max_new_tokens) as in Dr.GRPO."""
+    drop_zero_adv_groups: bool = False
+    """Drop groups whose rewards are all equal (they carry no gradient) before the update."""
+
+
+class TrainConfig(Section):
+    lr: float = Field(1e-6, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps; constant afterwards."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts per step (each sampled `rollout.n` times); split across ranks."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per forward/backward; gradients accumulate over micro-batches."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Max global grad norm."""
+    total_steps: int | None = Field(None, ge=1)
+    """Stop after this many steps (None = derived from data.epochs)."""
+    seed: int = 0
+    """Seed for data order, sampling and init."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = cuda when available."""
+    threads: int | None = Field(None, ge=1)
+    """torch CPU threads (None = torch's default)."""
+    weight_sync: Literal["inprocess", "disk", "nccl"] = "inprocess"
+    """How new weights reach the engine: shared memory in-process, HF safetensors on disk, or NCCL broadcast."""
+
+
+class EvalConfig(Section):
+    every: int = Field(10, ge=0)
+    """Evaluate every N steps (0 = never; a final eval always runs when > 0)."""
+    num_samples: int = Field(64, ge=1)
+    """Test items per periodic eval (the first N of the test split)."""
+    max_new_tokens: int = Field(320, ge=1)
+    """Completion cap for eval (greedy)."""
+    at_start: bool = True
+    """Evaluate before the first step, so the curve has a baseline."""
+
+
+class CheckpointConfig(Section):
+    save_dir: str = "saves"
+    """Root for experiments: saves/<experiment_name>/."""
+    every: int = Field(10, ge=0)
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = Field(2, ge=1)
+    """Keep the newest K checkpoints."""
+    resume: bool = True
+    """Resume from saves/<exp>/latest when it exists; false starts fresh (old checkpoints are left in place)."""
+
+
+class LoggingConfig(Section):
+    wandb: bool = True
+    """Log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
+    wandb_project: str = "rldock"
+    """W&B project name."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+
+class EnvConfig(Section):
+    name: str = "gsm8k"
+    """Environment / reward: gsm8k (single turn) or an agent env (gsm8k_tools, babyai, sciworld, searchqa)."""
+    url: str | None = None
+    """Env server base URL (None = run the env in-process)."""
+    format_reward: float = Field(0.0, ge=0)
+    """Extra reward for an answer written inside \\boxed{} (reported separately from correctness)."""
+    max_rounds: int = Field(1, ge=1)
+    """Agent turns per episode (multi-turn envs)."""
+    rounds_schedule: list[list[int]] = Field(default_factory=list)
+    """ScalingInter-RL style [[step, max_rounds], ...]: max_rounds grows once training reaches each step."""
+
+
+class Config(Section):
+    experiment_name: str = "gsm8k_tiny"
+    """Name of the run: outputs go to <checkpoint.save_dir>/<experiment_name>/."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+
+    @property
+    def exp_dir(self) -> Path:
+        return Path(self.checkpoint.save_dir) / self.experiment_name
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for one line on the command line."""
+
+
+def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += valid_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. train.lr=1e-6")
+        key, raw = item.split("=", 1)
+        if key not in valid_keys():
+            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(valid_keys())}")
+        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _explain(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown key {where!r}; valid keys: {', '.join(valid_keys())}"
+    return f"{where}: {first['msg']} (got {first.get('input')!r})"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML preset (optional) + key=value overrides → validated Config, or ConfigError with one line."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found (presets live in configs/, e.g. configs/gsm8k_tiny.yaml)")
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
