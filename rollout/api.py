@@ -65,7 +65,7 @@ class Completion:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Completion":
+    def from_dict(cls, d: dict[str, Any]) -> Completion:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 

@@ -49,9 +49,8 @@ def convert_builtin(name: str, models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
     if _is_hf_folder(target):
         return target
     gguf = _gguf_file(name)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
