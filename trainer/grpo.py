@@ -64,10 +64,13 @@ def kl_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) over the last dim: logsumexp(z) - sum(p * z). [..., V] -> [...]."""
+    """Entropy of softmax(logits) over the last dim: logsumexp(z) - sum(p * z). [..., V] -> [...].
+
+    -inf logits (a truncated vocabulary) count as probability 0 instead of producing 0 * -inf = NaN.
+    """
     z = logits.float()
     p = torch.softmax(z, dim=-1)
-    return torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
+    return torch.logsumexp(z, dim=-1) - (p * z.masked_fill(torch.isneginf(z), 0.0)).sum(-1)
 
 
 def loss_norms(tokens_per_seq: Sequence[int], agg: str, max_new_tokens: int | None = None) -> dict[str, float]:
