@@ -1,0 +1,35 @@
+# syntax=docker/dockerfile:1.7
+# rldock/eval: slim Python, no CUDA, no torch. Runs the env servers and the eval runner (HTTP mode); the
+# modules it serves import no torch (tests/test_docker_images.py checks that against eval-requirements.txt).
+ARG PYTHON_VERSION=3.12
+FROM python:${PYTHON_VERSION}-slim
+
+ARG USER_UID=1000
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/tmp \
+    RLDOCK_MODELS_DIR=/workspace/models
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid "${USER_UID}" --shell /bin/bash rldock \
+    && mkdir -p /workspace/models /workspace/saves /workspace/data \
+    && chown -R rldock:rldock /workspace
+
+# ---------------------------------------------------------------- dependencies (manifests only)
+COPY docker/eval-requirements.txt /tmp/rldock-build/
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install -r /tmp/rldock-build/eval-requirements.txt
+
+# ---------------------------------------------------------------- sources
+COPY docker/entrypoint.sh /usr/local/bin/rldock-entrypoint
+COPY . /workspace
+RUN pip install --no-cache-dir --no-deps -e /workspace
+
+WORKDIR /workspace
+USER ${USER_UID}
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/rldock-entrypoint"]
+CMD ["python", "-m", "env_servers", "--help"]
