@@ -69,6 +69,10 @@ class RolloutConfig(Section):
     """Async rollout bound: no trained sample comes from weights older than this many versions (0 = synchronous)."""
     cuda_graphs: bool = True
     """Embedded engine on GPU: capture each decode step as a CUDA graph."""
+    timeout_s: float = Field(600.0, gt=0)
+    """backend=http: timeout of one generation request to a rollout service, in seconds."""
+    retries: int = Field(3, ge=0)
+    """backend=http: retries of a request on transport errors and 5xx answers (never on 4xx), with backoff."""
 
 
 class GRPOConfig(Section):
@@ -112,6 +116,18 @@ class TrainConfig(Section):
     """torch CPU threads (None = torch's default)."""
     weight_sync: Literal["inprocess", "disk", "nccl"] = "inprocess"
     """How new weights reach the engine: shared memory in-process, HF safetensors on disk, or NCCL broadcast."""
+    weight_sync_keep: int = Field(2, ge=1)
+    """disk sync: newest weight versions kept under saves/<exp>/weights/ (older ones are pruned)."""
+    weight_sync_bucket_mb: int = Field(256, ge=1)
+    """nccl sync: parameters are broadcast in buckets of at most this many MiB."""
+    weight_sync_host: str = "127.0.0.1"
+    """nccl sync: the trainer's address as the rollout services see it (they connect to its TCP store)."""
+    weight_sync_port: int = Field(0, ge=0, le=65535)
+    """nccl sync: TCP store port on the trainer (0 = any free port; the services are told it over HTTP)."""
+    weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """nccl sync: process-group backend; auto = nccl when the trainer has CUDA, else gloo (CPU)."""
+    weight_sync_timeout_s: float = Field(600.0, gt=0)
+    """nccl sync: how long a rendezvous or broadcast may wait for the other side before failing."""
 
 
 class EvalConfig(Section):
