@@ -42,23 +42,23 @@ test: $(VENV)/.installed ## Run the test suite (CPU; GPU tests skip)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: format
-format: $(VENV)/.installed ## Format the code (ruff format + ruff check --fix)
+format: | $(VENV)/.installed ## Format the code (ruff format + ruff check --fix)
 	$(PY) -m ruff format . && $(PY) -m ruff check --fix .
 
 .PHONY: lint
-lint: $(VENV)/.installed ## Check style without changing files (ruff check + ruff format --check); fails on violations
+lint: | $(VENV)/.installed ## Check style without changing files (ruff check + ruff format --check); fails on violations
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 .PHONY: doctor
-doctor: $(VENV)/.installed ## Check the Docker setup: daemon, NVIDIA runtime, GPUs, images, ports, volumes
+doctor: | $(VENV)/.installed ## Check the Docker setup: daemon, NVIDIA runtime, GPUs, images, ports, volumes
 	@$(PY) -m scripts.doctor
 
 .PHONY: local-up
-local-up: $(VENV)/.installed ## Run the PROFILES' services as local processes, no Docker (PROFILES="rollout env")
+local-up: | $(VENV)/.installed ## Run the PROFILES' services as local processes, no Docker (PROFILES="rollout env")
 	$(PY) -m scripts.local_stack up $(addprefix --profile ,$(PROFILES)) --logs $(LOGS_DIR)
 
 .PHONY: local-down
-local-down: $(VENV)/.installed ## Stop exactly the processes local-up started
+local-down: | $(VENV)/.installed ## Stop exactly the processes local-up started
 	$(PY) -m scripts.local_stack down --logs $(LOGS_DIR)
 
 .PHONY: docker-build
