@@ -1,0 +1,197 @@
+"""RolloutEngine over HTTP: one or more rollout services (rollout/server.py) behind the engine contract. No torch.
+
+- Timeouts are explicit (`timeout` for a generation, `update_timeout` for weight loads, `connect_timeout`).
+- Retries only where a retry can help: transport errors (refused, reset, timed out) and 5xx answers, with
+  exponential backoff; a 4xx answer is raised at once as ServiceError with the service's message.
+- Several URLs: each `generate` splits its prompts into contiguous chunks, one per service, sent concurrently; the
+  service that gets the first chunk rotates from call to call (round-robin).
+- Restarts: every answer names the service's boot id and weight version. A new boot id, or a version older than
+  the last one synced, means the service restarted or missed an update: the client re-syncs it (the trainer's
+  `resync(url)` callback, else a re-post of the last synced safetensors folder) and asks again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from rollout import payloads as P
+from rollout.api import Completion, RolloutEngine, SamplingParams
+
+
+class ServiceError(RuntimeError):
+    """A rollout service refused a request (4xx), answered nonsense, or stayed unreachable through every retry."""
+
+
+class HTTPRolloutClient(RolloutEngine):
+    def __init__(
+        self,
+        urls: list[str] | str,
+        timeout: float = 600.0,
+        retries: int = 3,
+        *,
+        connect_timeout: float = 10.0,
+        update_timeout: float = 900.0,
+        backoff: float = 0.5,
+        resync: Callable[[str], None] | None = None,
+    ):
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        if not urls:
+            raise ValueError("HTTPRolloutClient needs at least one service URL")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.timeout, self.update_timeout, self.retries, self.backoff = timeout, update_timeout, retries, backoff
+        self.resync = resync
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=connect_timeout))
+        # two pools: a generation thread may re-sync a service, which posts through the admin pool (no deadlock)
+        self._gen_pool = ThreadPoolExecutor(len(self.urls), thread_name_prefix="rollout-gen")
+        self._admin_pool = ThreadPoolExecutor(len(self.urls), thread_name_prefix="rollout-admin")
+        self._lock = threading.Lock()
+        self._next = 0
+        self._boot_ids: dict[str, str] = {}
+        self._synced: tuple[str | None, int] | None = None  # (folder or None for a broadcast, version)
+
+    # ---- plumbing -------------------------------------------------------------------------------------------------
+
+    def request(self, method: str, url: str, route: str, body: Any = None, *, timeout=None, retries=None) -> dict:
+        """One call with retries on transport errors and 5xx; 4xx raises ServiceError at once."""
+        retries = self.retries if retries is None else retries
+        last = ""
+        for attempt in range(retries + 1):
+            if attempt:
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), 10.0))
+            try:
+                r = self._http.request(method, url + route, json=body, timeout=timeout or httpx.USE_CLIENT_DEFAULT)
+            except httpx.TransportError as err:
+                last = f"{type(err).__name__}: {err}"
+                continue
+            if r.status_code >= 500:
+                last = f"HTTP {r.status_code}: {r.text[:300]}"
+                continue
+            if r.status_code >= 400:
+                raise ServiceError(f"{url}{route} answered {r.status_code}: {_detail(r)}")
+            return r.json()
+        raise ServiceError(f"{url}{route} failed after {retries + 1} attempts; last error: {last}")
+
+    def post_all(self, route: str, body: Any = None, *, timeout=None, retries=None) -> list[dict]:
+        """POST the same body to every service concurrently; answers in URL order."""
+        futures = [
+            self._admin_pool.submit(self.request, "POST", url, route, body, timeout=timeout, retries=retries)
+            for url in self.urls
+        ]
+        return [f.result() for f in futures]
+
+    def health(self, url: str) -> dict:
+        return self.request("GET", url, "/health", timeout=10.0)
+
+    def metrics(self, url: str) -> dict:
+        return self.request("GET", url, "/metrics", timeout=10.0)
+
+    def weights_checksum(self, url: str) -> str:
+        return self.request("GET", url, "/weights_checksum", timeout=self.update_timeout)["checksum"]
+
+    # ---- generation -----------------------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        with self._lock:
+            first = self._next
+            self._next = (self._next + 1) % len(self.urls)
+        k = min(len(self.urls), len(prompts))
+        bounds = [len(prompts) * i // k for i in range(k + 1)]
+        futures = [
+            self._gen_pool.submit(
+                self._generate_on, self.urls[(first + i) % len(self.urls)], prompts[bounds[i] : bounds[i + 1]], params
+            )
+            for i in range(k)
+        ]
+        out: list[Completion] = []
+        for i, f in enumerate(futures):
+            for c in f.result():
+                c.prompt_index += bounds[i]
+                out.append(c)
+        return out
+
+    def _generate_on(self, url: str, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        body = P.generate_body(prompts, params)
+        for _ in range(3):
+            expected = self._synced[1] if self._synced else None  # read before asking: a later update is no fault
+            answer = self.request("POST", url, "/generate", body)
+            if not self._stale(url, answer, expected):
+                try:
+                    return P.parse_generate_response(answer, len(prompts), params.n)
+                except (ValueError, TypeError, KeyError) as err:
+                    raise ServiceError(f"{url}/generate answered an unexpected body: {err}") from None
+            self.resync_service(url)
+        raise ServiceError(f"{url} still serves weight version {answer.get('weight_version')} after re-syncing")
+
+    def _stale(self, url: str, answer: dict, expected: int | None) -> bool:
+        boot = answer.get("boot_id")
+        restarted = url in self._boot_ids and boot != self._boot_ids[url]
+        behind = expected is not None and (answer.get("weight_version") or 0) < expected
+        if not restarted and not behind:
+            self._boot_ids[url] = boot
+        return restarted or behind
+
+    def resync_service(self, url: str) -> None:
+        """Bring a restarted or lagging service to the last synced weights, then trust its new boot id."""
+        if self.resync is not None:
+            self.resync(url)
+        elif self._synced is not None and self._synced[0] is not None:
+            path, version = self._synced
+            self.request("POST", url, "/update_weights", P.disk_update_body(path, version), timeout=self.update_timeout)
+        self._boot_ids[url] = self.health(url)["boot_id"]
+
+    # ---- weights and admin ----------------------------------------------------------------------------------------
+
+    def update_weights(self, source: Any, version: int | None = None) -> int:
+        """Load an HF safetensors folder (on a volume every service can read) into every service."""
+        if not isinstance(source, str | Path):
+            raise TypeError(
+                "HTTPRolloutClient.update_weights takes a safetensors folder path; for NCCL use trainer.weight_sync"
+            )
+        version = self.weight_version + 1 if version is None else int(version)
+        path = str(Path(source).resolve())
+        answers = self.post_all("/update_weights", P.disk_update_body(path, version), timeout=self.update_timeout)
+        self.mark_synced(path, version, answers)
+        return version
+
+    def mark_synced(self, path: str | None, version: int, answers: list[dict]) -> None:
+        """Record what every service now holds (path=None: a broadcast, re-synced by the `resync` callback);
+        `answers` are the services' /update_weights answers in URL order (their boot ids hold these weights)."""
+        self._synced = (path, version)
+        for url, answer in zip(self.urls, answers, strict=True):
+            self._boot_ids[url] = answer["boot_id"]
+
+    @property
+    def weight_version(self) -> int:
+        if self._synced is not None:
+            return self._synced[1]
+        return self.health(self.urls[0])["weight_version"]
+
+    def pause(self) -> None:
+        self.post_all("/pause")
+
+    def resume(self) -> None:
+        self.post_all("/resume")
+
+    def close(self) -> None:
+        self._gen_pool.shutdown(wait=False)
+        self._admin_pool.shutdown(wait=False)
+        self._http.close()
+
+
+def _detail(r: httpx.Response) -> str:
+    try:
+        detail = r.json().get("detail", r.text)
+    except ValueError:
+        return r.text[:300]
+    if isinstance(detail, list):  # pydantic validation errors
+        return "; ".join(f"{'.'.join(str(x) for x in e.get('loc', []))}: {e.get('msg')}" for e in detail[:3])
+    return str(detail)

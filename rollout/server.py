@@ -1,0 +1,518 @@
+"""The rollout service: any RolloutEngine behind HTTP. `python -m rollout.server --model PATH --backend embedded`.
+
+Routes (bodies in rollout/payloads.py):
+  GET  /health             200 {"status", "boot_id", "weight_version", "paused", "model", "backend", "sync_ranks"}
+  GET  /v1/models          OpenAI model list
+  POST /v1/completions     OpenAI legacy completions (prompt: string, strings, token ids or lists of them)
+  POST /generate           token ids in → completions with token ids, logprobs, finish reason and weight version
+  POST /update_weights     {"path", "version"} loads an HF safetensors folder; {"method": "nccl", ...} receives a
+                           broadcast in the group opened by POST /init_weight_sync (closed by /close_weight_sync)
+  POST /pause, /resume     pause: queued and new generation requests WAIT (they are not refused) until /resume;
+                           /pause returns once the generation in flight has finished, so the engine is idle
+  GET  /metrics            JSON counters: requests, tokens, tok/s, queue, weight version, ...
+  GET  /weights_checksum   sha256 over the engine's weights (bit-identity checks of weight sync)
+
+One engine thread runs every engine call (generation, weight loads, group joins) in order, so a generation never
+sees two weight versions and each answer carries the version that produced all of its tokens. Concurrent /generate
+and /v1/completions requests with identical unseeded sampling parameters are merged into one engine call of at most
+--max-batch-size sequences. Bad input answers 4xx with a message; the process never dies of a request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from rollout import payloads as P
+from rollout.api import Completion, RolloutEngine, SamplingParams
+
+
+@dataclass
+class _Job:
+    prompts: list[list[int]]
+    params: SamplingParams
+    future: asyncio.Future
+
+    @property
+    def size(self) -> int:
+        return len(self.prompts) * self.params.n
+
+
+@dataclass
+class Metrics:
+    started: float = field(default_factory=time.monotonic)
+    requests: int = 0
+    completions: int = 0
+    prompt_tokens: int = 0
+    tokens_generated: int = 0
+    engine_calls: int = 0
+    merged_requests: int = 0
+    generate_seconds: float = 0.0
+    last_call_tok_s: float = 0.0
+    weight_updates: int = 0
+    last_update_seconds: float = 0.0
+
+
+class Batcher:
+    """Feeds generation jobs to the engine thread one engine call at a time, merging queued jobs that have identical
+    unseeded sampling parameters (a seeded job runs alone, so its samples do not depend on its neighbours)."""
+
+    def __init__(self, service: Service, max_sequences: int):
+        self.service, self.max_sequences = service, max_sequences
+        self.queue: list[_Job] = []
+        self.wake = asyncio.Event()
+        self.running = asyncio.Event()  # cleared by /pause
+        self.running.set()
+        self.idle = asyncio.Event()  # set while no engine call is in flight
+        self.idle.set()
+        self.in_flight = 0
+
+    async def submit(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        job = _Job(prompts, params, asyncio.get_running_loop().create_future())
+        self.queue.append(job)
+        self.wake.set()
+        return await job.future
+
+    def _take(self) -> list[_Job]:
+        first = self.queue.pop(0)
+        jobs, total = [first], first.size
+        if first.params.seed is None:
+            for job in list(self.queue):
+                if job.params == first.params and total + job.size <= self.max_sequences:
+                    jobs.append(job)
+                    self.queue.remove(job)
+                    total += job.size
+        return jobs
+
+    async def run_forever(self) -> None:
+        while True:
+            await self.running.wait()
+            self.queue = [j for j in self.queue if not j.future.done()]  # callers that went away
+            if not self.queue:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            jobs = self._take()
+            self.idle.clear()  # no await since _take: /pause cannot slip in between
+            self.in_flight = sum(j.size for j in jobs)
+            try:
+                await self._run(jobs)
+            finally:
+                self.in_flight = 0
+                self.idle.set()
+
+    async def _run(self, jobs: list[_Job]) -> None:
+        prompts = [p for j in jobs for p in j.prompts]
+        params = jobs[0].params
+        try:
+            results = await self.service.call(self.service.timed_generate, prompts, params)
+        except Exception as err:  # every merged caller learns of it; the loop lives on
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(err)
+            return
+        self.service.metrics.merged_requests += len(jobs) if len(jobs) > 1 else 0
+        start = 0
+        for job in jobs:
+            part = results[start * params.n : (start + len(job.prompts)) * params.n]
+            for c in part:
+                c.prompt_index -= start
+            if not job.future.done():
+                job.future.set_result(part)
+            start += len(job.prompts)
+
+
+class _LocalReceiver:
+    """NCCL/gloo weight receipt for engines that load a state dict in this process (the embedded engine)."""
+
+    sync_ranks = 1
+
+    def __init__(self, engine: RolloutEngine):
+        self.engine, self.group = engine, None
+
+    def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int, backend: str, timeout_s: float):
+        from rollout.weight_transfer import SyncGroup
+
+        self.close_weight_sync()
+        self.group = SyncGroup.join(host, port, rank_offset, world_size, backend, timeout_s)
+
+    def receive_weights(self, manifest: list[dict], bucket_bytes: int, version: int | None) -> int:
+        from rollout.weight_transfer import receive_weights
+
+        if self.group is None:
+            raise P.WeightSyncError("no weight-sync group: POST /init_weight_sync first")
+        state = dict(receive_weights(self.group, manifest, bucket_bytes))
+        return self.engine.update_weights(state, version)
+
+    def close_weight_sync(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+
+
+class Service:
+    """The engine, its single engine thread, the batcher and the counters behind the routes."""
+
+    def __init__(self, engine: RolloutEngine, tokenizer: Any, name: str, backend: str, max_batch_size: int, limits):
+        self.engine, self.tokenizer, self.name, self.backend = engine, tokenizer, name, backend
+        self.vocab_size, self.max_len = limits
+        self.boot_id = uuid.uuid4().hex
+        self.metrics = Metrics()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self.receiver = engine if hasattr(engine, "receive_weights") else _LocalReceiver(engine)
+        self.max_batch_size = max_batch_size
+        self.batcher: Batcher | None = None  # made inside the event loop
+
+    async def call(self, fn, *args):
+        """Run fn on the engine thread (all engine calls go through here, in order)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def timed_generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        t0 = time.perf_counter()
+        out = self.engine.generate(prompts, params)
+        dt = time.perf_counter() - t0
+        tokens = sum(len(c.token_ids) for c in out)
+        m = self.metrics
+        m.engine_calls += 1
+        m.generate_seconds += dt
+        m.tokens_generated += tokens
+        m.completions += len(out)
+        m.last_call_tok_s = tokens / dt if dt > 0 else 0.0
+        return out
+
+    def timed_update(self, fn, *args) -> int:
+        t0 = time.perf_counter()
+        version = fn(*args)
+        self.metrics.weight_updates += 1
+        self.metrics.last_update_seconds = time.perf_counter() - t0
+        return version
+
+    def check_ids(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        """Refuse (400) what the engine would refuse, before a bad request can be merged with good ones."""
+        for i, prompt in enumerate(prompts):
+            bad = [t for t in prompt if t >= self.vocab_size]
+            if bad:
+                raise HTTPException(
+                    400, f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+                )
+            if len(prompt) + params.max_new_tokens > self.max_len:
+                raise HTTPException(
+                    400,
+                    f"prompt {i}: {len(prompt)} prompt tokens + max_new_tokens {params.max_new_tokens} exceed the "
+                    f"model's {self.max_len} positions",
+                )
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise HTTPException(400, f"stop token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+
+    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        self.check_ids(prompts, params)
+        self.metrics.requests += 1
+        self.metrics.prompt_tokens += sum(len(p) for p in prompts)
+        return await self.batcher.submit(prompts, params)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "boot_id": self.boot_id,
+            "weight_version": self.engine.weight_version,
+            "paused": not self.batcher.running.is_set(),
+            "model": self.name,
+            "backend": self.backend,
+            "sync_ranks": self.receiver.sync_ranks,
+        }
+
+    def metrics_body(self) -> dict[str, Any]:
+        m = self.metrics
+        body = {k: v for k, v in vars(m).items() if k != "started"}
+        body.update(
+            uptime_s=time.monotonic() - m.started,
+            tokens_per_s=m.tokens_generated / m.generate_seconds if m.generate_seconds else 0.0,
+            queue_requests=len(self.batcher.queue),
+            queue_sequences=sum(j.size for j in self.batcher.queue),
+            in_flight_sequences=self.batcher.in_flight,
+            weight_version=self.engine.weight_version,
+            paused=not self.batcher.running.is_set(),
+            boot_id=self.boot_id,
+        )
+        return body
+
+    def checksum(self) -> dict[str, Any]:
+        own = getattr(self.engine, "weights_checksum", None)
+        if own is not None:
+            digest = own()
+        else:
+            from rollout.weight_transfer import checksum
+
+            digest = checksum(self.engine.model.named_parameters())
+        return {"checksum": digest, "weight_version": self.engine.weight_version}
+
+
+# ---- OpenAI completions ----------------------------------------------------------------------------------------------
+
+
+def _tokenize(service: Service, req: P.CompletionsRequest) -> list[list[int]]:
+    prompts = []
+    for p in req.prompt_list():
+        ids = service.tokenizer(p)["input_ids"] if isinstance(p, str) else p
+        if not ids:
+            raise HTTPException(400, "a prompt tokenized to zero tokens")
+        prompts.append(ids)
+    return prompts
+
+
+def _cut_at_stop(tokenizer, ids: list[int], stops: list[str]) -> int:
+    """Fewest leading tokens whose text contains a stop string (the text grows with the prefix, so bisect)."""
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if P.first_stop(tokenizer.decode(ids[:mid], skip_special_tokens=True), stops) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _choice(tokenizer, index: int, c: Completion, stops: list[str], want_logprobs: bool) -> tuple[dict, int]:
+    ids, logprobs, finish = c.token_ids, c.logprobs, c.finish_reason
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    cut = P.first_stop(text, stops) if stops else None
+    if cut is not None:
+        keep = _cut_at_stop(tokenizer, ids, stops)
+        ids, logprobs, text, finish = ids[:keep], logprobs[:keep], text[:cut], "stop"
+    tokens, offsets = None, []
+    if want_logprobs:
+        tokens = [tokenizer.decode([t]) for t in ids]
+        pos = 0
+        for piece in tokens:
+            offsets.append(pos)
+            pos += len(piece)
+    return P.completion_choice(index, text, finish, tokens, list(logprobs), offsets), len(ids)
+
+
+def _completions_body(service: Service, req: P.CompletionsRequest, prompts, completions) -> dict:
+    stops, want = req.stop_strings(), req.logprobs is not None
+    choices, used = [], 0
+    for i, c in enumerate(completions):
+        choice, n = _choice(service.tokenizer, i, c, stops, want)
+        choices.append(choice)
+        used += n
+    prompt_tokens = sum(len(p) for p in prompts)
+    return P.completions_response(
+        f"cmpl-{uuid.uuid4().hex}", int(time.time()), service.name, choices, prompt_tokens, used
+    )
+
+
+# ---- the app -------------------------------------------------------------------------------------------------------
+
+
+def _generation_routes(app: FastAPI, svc: Service) -> None:
+    @app.get("/health")
+    async def health():
+        return svc.health()
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": svc.name, "object": "model", "created": 0, "owned_by": "rldock", "max_model_len": svc.max_len}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/generate")
+    async def generate(req: P.GenerateRequest):
+        completions = await svc.generate(req.prompts, req.sampling_params())
+        return P.generate_response(completions, svc.boot_id)
+
+    @app.post("/v1/completions")
+    async def completions(req: P.CompletionsRequest):
+        if req.model not in (None, svc.name):
+            raise HTTPException(404, f"model {req.model!r} is not served here; this service serves {svc.name!r}")
+        prompts = _tokenize(svc, req)
+        out = await svc.generate(prompts, req.sampling_params())
+        return await asyncio.to_thread(_completions_body, svc, req, prompts, out)
+
+
+def _admin_routes(app: FastAPI, svc: Service) -> None:
+    @app.post("/update_weights")
+    async def update_weights(req: P.UpdateWeightsRequest):
+        if req.method == "disk":
+            version = await _load_from_disk(svc, req)
+        else:
+            manifest = [s.model_dump() for s in req.manifest]
+            fn = svc.receiver.receive_weights
+            version = await svc.call(svc.timed_update, fn, manifest, req.bucket_bytes, req.version)
+        return {"weight_version": version, "boot_id": svc.boot_id}
+
+    @app.post("/init_weight_sync")
+    async def init_weight_sync(req: P.InitWeightSyncRequest):
+        args = (req.host, req.port, req.rank_offset, req.world_size, req.backend, req.timeout_s)
+        await svc.call(svc.receiver.init_weight_sync, *args)
+        return {"ok": True, "sync_ranks": svc.receiver.sync_ranks}
+
+    @app.post("/close_weight_sync")
+    async def close_weight_sync():
+        await svc.call(svc.receiver.close_weight_sync)
+        return {"ok": True}
+
+    @app.post("/pause")
+    async def pause():
+        svc.batcher.running.clear()
+        await svc.batcher.idle.wait()
+        return {"paused": True, "queue_requests": len(svc.batcher.queue)}
+
+    @app.post("/resume")
+    async def resume():
+        svc.batcher.running.set()
+        return {"paused": False}
+
+    @app.get("/metrics")
+    async def metrics():
+        return svc.metrics_body()
+
+    @app.get("/weights_checksum")
+    async def weights_checksum():
+        return await svc.call(svc.checksum)
+
+
+async def _load_from_disk(svc: Service, req: P.UpdateWeightsRequest) -> int:
+    folder = Path(req.path)
+    if not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        raise HTTPException(
+            400, f"{req.path} is not a folder with *.safetensors on this service (is the volume shared?)"
+        )
+    try:
+        return await svc.call(svc.timed_update, svc.engine.update_weights, str(folder), req.version)
+    except (ValueError, KeyError, OSError, RuntimeError) as err:  # a wrong or broken checkpoint, not a server bug
+        raise HTTPException(400, f"could not load weights from {req.path}: {err}") from None
+
+
+def create_app(
+    engine: RolloutEngine,
+    tokenizer: Any,
+    *,
+    name: str,
+    backend: str = "embedded",
+    max_batch_size: int = 64,
+    limits: tuple[int, int] = (2**31 - 1, 2**31 - 1),
+) -> FastAPI:
+    """The FastAPI app over `engine`. limits = (vocab size, max positions), checked before anything reaches the
+    engine. The engine is closed when the app shuts down."""
+    svc = Service(engine, tokenizer, name, backend, max_batch_size, limits)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        svc.batcher = Batcher(svc, max_batch_size)
+        task = asyncio.create_task(svc.batcher.run_forever())
+        yield
+        task.cancel()
+        svc.executor.submit(engine.close)
+        svc.executor.shutdown(wait=True)
+
+    app = FastAPI(title="rldock rollout service", lifespan=lifespan)
+    app.state.service = svc
+
+    @app.exception_handler(P.WeightSyncError)
+    async def _out_of_order(request: Request, err: P.WeightSyncError):
+        return JSONResponse({"detail": str(err)}, status_code=409)
+
+    _generation_routes(app, svc)
+    _admin_routes(app, svc)
+    return app
+
+
+# ---- command line --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rollout.server", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m-instruct", help="HF folder, hub id or built-in name")
+    p.add_argument("--backend", choices=["embedded", "vllm"], default="embedded")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 inside a container)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--max-batch-size", type=int, default=64, help="most sequences decoded at once")
+    p.add_argument("--served-model-name", default=None, help="name in /v1/models (default: the --model value)")
+    p.add_argument("--models-dir", default="models", help="where built-in models are converted to")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: share of GPU memory to take")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model copy")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    args = p.parse_args(argv)
+    if args.max_batch_size < 1:
+        p.error("--max-batch-size must be >= 1")
+    if not 0 < args.port < 65536:
+        p.error("--port must be in 1..65535")
+    return args
+
+
+def _limits(path: str) -> tuple[int, int]:
+    cfg_file = Path(path) / "config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    cfg = cfg.get("text_config", cfg)
+    return int(cfg.get("vocab_size", 2**31 - 1)), int(cfg.get("max_position_embeddings", 2**31 - 1))
+
+
+def build_engine(args: argparse.Namespace, path: str) -> RolloutEngine:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.backend == "vllm":
+        from rollout.vllm_backend import VLLMEngine
+
+        return VLLMEngine(
+            path,
+            dtype=args.dtype,
+            seed=args.seed,
+            max_batch_size=args.max_batch_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            tensor_parallel_size=args.tensor_parallel_size,
+        )
+    from rollout.engine import EmbeddedEngine
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is visible")
+        torch.cuda.set_device(torch.device(device))  # NCCL weight sync uses the current device
+    return EmbeddedEngine(path, device=device, dtype=dtype, max_batch_size=args.max_batch_size, seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        from rollout.loading import load_tokenizer, resolve_model_path
+
+        path = resolve_model_path(args.model, args.models_dir)
+        tokenizer = load_tokenizer(path)
+        engine = build_engine(args, path)
+    except (ValueError, OSError, ImportError, RuntimeError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        sys.exit(f"rollout.server: error: {msg}")
+    import uvicorn
+
+    name = args.served_model_name or args.model
+    app = create_app(
+        engine, tokenizer, name=name, backend=args.backend, max_batch_size=args.max_batch_size, limits=_limits(path)
+    )
+    print(f"rollout.server: {name} ({args.backend}) on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()

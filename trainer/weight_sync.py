@@ -1,0 +1,211 @@
+"""Weight sync trainer → rollout engine (`train.weight_sync`): inprocess | disk | nccl.
+
+    sync = make_weight_sync(cfg, engine)   # engine: what rollout_factory.make_engine returned
+    sync.push(model, version)              # after each optimizer step; every later sample carries `version`
+
+`push` takes an nn.Module or a full (unsharded) HF-named state dict; under FSDP gather it and call push on rank 0.
+- inprocess: `engine.update_weights(model, version)` (an aliasing embedded engine only bumps its version).
+- disk: HF safetensors written to `saves/<exp>/weights/v<N>.tmp`, renamed to `v<N>`, loaded by the engine (every
+  rollout service for the HTTP client, which re-posts the newest folder to a restarted service); the newest
+  `keep` versions are kept.
+- nccl: a private process group between the trainer (rank 0, hosting a TCP store) and every service worker
+  (rollout/weight_transfer.py); each push posts the name/shape/dtype manifest to every service over HTTP while the
+  trainer broadcasts the bytes in buckets. Backend nccl on GPU; gloo runs the same code on CPU. A restarted service
+  is re-synced by rebuilding the group and broadcasting the last pushed weights again.
+The service loads weights between generations, so no generation mixes two versions.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import re
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rollout import payloads as P
+from rollout.api import RolloutEngine
+from rollout.client import HTTPRolloutClient, ServiceError
+from rollout.weight_transfer import SyncGroup, listen, send_weights, tensor_spec, unique_tensors
+
+Weights = nn.Module | dict[str, torch.Tensor]
+
+
+class WeightSync(abc.ABC):
+    @abc.abstractmethod
+    def push(self, weights: Weights, version: int) -> int:
+        """Hand `weights` to the engine as `version`; returns the version the engine now reports."""
+
+    def close(self) -> None:
+        """Release groups and threads."""
+
+
+class InProcessSync(WeightSync):
+    def __init__(self, engine: RolloutEngine):
+        self.engine = engine
+
+    def push(self, weights: Weights, version: int) -> int:
+        return self.engine.update_weights(weights, version)
+
+
+def _named(weights: Weights) -> list[tuple[str, torch.Tensor]]:
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    return unique_tensors(state)
+
+
+def write_weights(weights: Weights, folder: Path) -> Path:
+    """Write an HF safetensors folder (model.safetensors + config.json when known) atomically: `<folder>.tmp` first."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in _named(weights)}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = getattr(weights, "config", None)
+    if hasattr(config, "to_json_file"):
+        config.to_json_file(str(tmp / "config.json"))
+    shutil.rmtree(folder, ignore_errors=True)  # the same version pushed again (e.g. after a resume)
+    os.replace(tmp, folder)
+    return folder
+
+
+class DiskSync(WeightSync):
+    def __init__(self, engine: RolloutEngine, weights_dir: str | Path, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.engine, self.dir, self.keep = engine, Path(weights_dir), keep
+
+    def push(self, weights: Weights, version: int) -> int:
+        folder = write_weights(weights, self.dir / f"v{version}")
+        version = self.engine.update_weights(str(folder.resolve()), version)
+        self.prune()
+        return version
+
+    def versions(self) -> list[int]:
+        found = (re.fullmatch(r"v(\d+)", p.name) for p in self.dir.iterdir()) if self.dir.is_dir() else ()
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def prune(self) -> None:
+        for v in self.versions()[: -self.keep]:
+            shutil.rmtree(self.dir / f"v{v}", ignore_errors=True)
+
+
+class NcclSync(WeightSync):
+    """Broadcast weights to every service of an HTTPRolloutClient (see the module docstring)."""
+
+    def __init__(
+        self,
+        client: HTTPRolloutClient,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        backend: str = "auto",
+        bucket_bytes: int = 256 << 20,
+        timeout_s: float = 600.0,
+    ):
+        self.client, self.host, self.port = client, host, port
+        self.backend = ("nccl" if torch.cuda.is_available() else "gloo") if backend == "auto" else backend
+        self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
+        self.group: SyncGroup | None = None
+        self._last: tuple[Weights, int] | None = None
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(len(client.urls) + 1, thread_name_prefix="weight-sync")
+        client.resync = self.resync
+
+    def _open(self) -> None:
+        """Open the store, tell every service its ranks, and rendezvous (all sides block until everyone joined)."""
+        ranks = [self.client.health(url)["sync_ranks"] for url in self.client.urls]
+        world = 1 + sum(ranks)
+        store = listen(self.host, self.port, world, self.timeout_s)
+        offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
+        futures = [
+            self._pool.submit(self._post, url, "/init_weight_sync", self._init_body(store.port, off, world))
+            for url, off in zip(self.client.urls, offsets, strict=True)
+        ]
+        try:
+            self.group = SyncGroup(store, 0, world, self.backend, self.timeout_s)
+        finally:
+            errors = [f.exception() for f in futures]
+        if any(errors):
+            self.close_group()
+            raise ServiceError(
+                f"a rollout service could not join the weight-sync group: {next(e for e in errors if e)}"
+            )
+
+    def _init_body(self, port: int, rank_offset: int, world: int) -> dict:
+        return P.init_sync_body(self.host, port, rank_offset, world, self.backend, self.timeout_s)
+
+    def _post(self, url: str, route: str, body: dict) -> dict:
+        # no retries: a re-sent group call would wait for a rendezvous or broadcast that never comes
+        return self.client.request("POST", url, route, body, timeout=self.timeout_s + 30, retries=0)
+
+    def push(self, weights: Weights, version: int) -> int:
+        with self._lock:
+            if self.group is None:
+                self._open()
+            named = _named(weights)
+            body = P.nccl_update_body([tensor_spec(n, t) for n, t in named], self.bucket_bytes, version)
+            futures = [self._pool.submit(self._post, url, "/update_weights", body) for url in self.client.urls]
+            try:
+                send_weights(self.group, named, self.bucket_bytes)
+                answers = [f.result() for f in futures]
+            except Exception:
+                self.close_group()  # a half-done broadcast leaves the group unusable; the next push reopens it
+                raise
+            self._last = (weights, version)
+            self.client.mark_synced(None, version, answers)
+            return version
+
+    def resync(self, url: str) -> None:
+        """A service restarted: rebuild the group with it and broadcast the last pushed weights to everyone."""
+        with self._lock:
+            if self._last is None:
+                return
+            self.close_group()
+            self.push(*self._last)
+
+    def close_group(self) -> None:
+        with self._lock:
+            for url in self.client.urls:
+                try:
+                    self.client.request("POST", url, "/close_weight_sync", timeout=30.0, retries=0)
+                except ServiceError:
+                    pass  # a dead service has no group to close
+            if self.group is not None:
+                self.group.close()
+                self.group = None
+
+    def close(self) -> None:
+        self.close_group()
+        self._pool.shutdown(wait=False)
+
+
+def make_weight_sync(cfg: Any, engine: RolloutEngine) -> WeightSync:
+    """The sync that `cfg.train.weight_sync` names, for the engine that rollout_factory made."""
+    from trainer.config import ConfigError
+
+    t = cfg.train
+    remote = isinstance(engine, HTTPRolloutClient)
+    if t.weight_sync == "inprocess":
+        if remote:
+            raise ConfigError("train.weight_sync=inprocess cannot reach rollout services: use disk or nccl")
+        return InProcessSync(engine)
+    if t.weight_sync == "disk":
+        return DiskSync(engine, cfg.exp_dir / "weights", keep=t.weight_sync_keep)
+    if not remote:
+        raise ConfigError("train.weight_sync=nccl needs rollout.backend=http (rollout services to broadcast to)")
+    return NcclSync(
+        engine,
+        host=t.weight_sync_host,
+        port=t.weight_sync_port,
+        backend=t.weight_sync_backend,
+        bucket_bytes=t.weight_sync_bucket_mb << 20,
+        timeout_s=t.weight_sync_timeout_s,
+    )
