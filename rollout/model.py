@@ -1,0 +1,358 @@
+"""A compact decoder for the Llama / Qwen2 / Qwen3 families with a static, batched KV cache.
+
+Parameter names match transformers' (`model.layers.0.self_attn.q_proj.weight`, ...), so HF state dicts load as they
+are and the trainer's live `nn.Parameter`s can be shared with no copy (`alias_parameters`). Numerics follow the HF
+reference: RMSNorm in fp32, RoPE tables in fp32 cast to the model dtype, softmax inside SDPA.
+
+Attention is grouped-query without repeating K/V: the G query heads that share a KV head are stacked along the query
+axis, so one SDPA call over [B, kv_heads, G*Lq, d] reads each cached K/V once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_ROPE = ("default", "linear", "llama3")
+# wrappers that prefix parameter names: torch.compile, DDP / FSDP1, PEFT-free model parallel wrappers
+_NAME_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, Any], ...]  # rope_type and its parameters, hashable
+    max_position_embeddings: int
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Read an HF `config.json` dict (transformers 4.x `rope_theta/rope_scaling` or 5.x `rope_parameters`)."""
+        cfg = cfg.get("text_config", cfg)
+        mtype = cfg.get("model_type", "")
+        if mtype not in SUPPORTED_TYPES:
+            raise ValueError(
+                f"model_type {mtype!r} is not supported by the embedded engine ({', '.join(SUPPORTED_TYPES)})"
+            )
+        if cfg.get("use_sliding_window") or (mtype == "mistral" and cfg.get("sliding_window")):
+            raise ValueError("sliding-window attention is not supported by the embedded engine")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported (silu only)")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        if rope_type not in SUPPORTED_ROPE:
+            raise ValueError(f"rope_type {rope_type!r} is not supported ({', '.join(SUPPORTED_ROPE)})")
+        heads = cfg["num_attention_heads"]
+        attn_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            model_type=mtype,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate_size=cfg["intermediate_size"],
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=tuple(sorted({"rope_type": rope_type, **rope}.items())),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            qkv_bias=True if mtype == "qwen2" else attn_bias,
+            o_bias=False if mtype == "qwen2" else attn_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=mtype == "qwen3",
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> ModelConfig:
+        return cls.from_hf(json.loads((Path(path) / "config.json").read_text()))
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | str) -> torch.Tensor:
+    """Inverse frequencies (fp32) with the config's scaling applied, as transformers computes them."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    rs = dict(cfg.rope_scaling)
+    if rs["rope_type"] == "linear":
+        inv = inv / rs["factor"]
+    elif rs["rope_type"] == "llama3":
+        inv = _llama3_scale(inv, rs)
+    return inv
+
+
+def _llama3_scale(inv: torch.Tensor, rs: dict[str, Any]) -> torch.Tensor:
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_len = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@dataclass
+class Step:
+    """Everything one forward needs besides token ids; shared by all layers.
+
+    `slots` [Lq]: cache slots the new tokens are written to (the same for every row: prompts are left-padded);
+    `kv_len`: how many cache slots attention reads (≥ slots[-1] + 1); `cos/sin` [B, 1, Lq, d]; `mask` [B, 1, G*Lq, kv_len].
+    """
+
+    slots: torch.Tensor
+    kv_len: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.h, self.kv, self.d, self.qk_norm = h, kv, d, cfg.qk_norm
+
+    def forward(self, x: torch.Tensor, st: Step, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        b, lq, _ = x.shape
+        q = self.q_proj(x).view(b, lq, self.h, self.d).transpose(1, 2)
+        k = self.k_proj(x).view(b, lq, self.kv, self.d).transpose(1, 2)
+        v = self.v_proj(x).view(b, lq, self.kv, self.d).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * st.cos + _rotate_half(q) * st.sin
+        k = k * st.cos + _rotate_half(k) * st.sin
+        k_cache.index_copy_(2, st.slots, k)
+        v_cache.index_copy_(2, st.slots, v)
+        g = self.h // self.kv
+        # query head j*g + i uses KV head j (HF's repeat_kv order): stack the g heads along the query axis
+        q = q.reshape(b, self.kv, g * lq, self.d)
+        out = F.scaled_dot_product_attention(
+            q, k_cache[:, :, : st.kv_len], v_cache[:, :, : st.kv_len], attn_mask=st.mask, scale=self.d**-0.5
+        )
+        out = out.view(b, self.h, lq, self.d).transpose(1, 2).reshape(b, lq, self.h * self.d)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, st: Step, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), st, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM over a caller-owned KV cache `k_cache, v_cache`: [layers, B, kv_heads, T, head_dim]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = _Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.inv_freq: torch.Tensor | None = None  # fp32, set by `materialize`
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> CausalLM:
+        """Allocate uninitialised weights on `device` (no random init: weights are loaded right after)."""
+        with torch.device("meta"):
+            m = cls(cfg)
+        m = m.to(dtype).to_empty(device=device)
+        if cfg.tie_word_embeddings:  # to_empty re-creates parameters one by one, breaking the tie
+            m.lm_head.weight = m.model.embed_tokens.weight
+        m.init_rope(device)
+        return m.eval().requires_grad_(False)
+
+    def init_rope(self, device: torch.device | str) -> None:
+        self.inv_freq = rope_inv_freq(self.cfg, device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        shape = (c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim)
+        return tuple(torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(2))
+
+    def make_step(self, slots: torch.Tensor, pad_len: torch.Tensor, kv_len: int) -> Step:
+        """Positions, RoPE tables and the attention mask for writing `slots` in a left-padded batch.
+
+        Row b's real tokens start at slot pad_len[b]; its position ids count from there. A key is visible when it is
+        a real token at or before the query's slot; each query also sees its own slot, so padding queries stay finite.
+        """
+        pos = (slots[None, :] - pad_len[:, None]).clamp_min(0)  # [B, Lq]
+        freqs = pos[..., None].float() * self.inv_freq  # [B, Lq, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, Lq, d]
+        j = torch.arange(kv_len, device=slots.device)
+        causal = j[None, :] <= slots[:, None]  # [Lq, kv_len]
+        real = j[None, :] >= pad_len[:, None]  # [B, kv_len]
+        mask = (causal[None] & real[:, None]) | (j[None, :] == slots[:, None])[None]  # [B, Lq, kv_len]
+        g = self.cfg.num_heads // self.cfg.num_kv_heads
+        b, lq = mask.shape[:2]
+        mask = mask[:, None, None].expand(b, 1, g, lq, kv_len).reshape(b, 1, g * lq, kv_len)
+        return Step(slots, kv_len, emb.cos().to(self.dtype), emb.sin().to(self.dtype), mask)
+
+    def forward(
+        self, ids: torch.Tensor, st: Step, k_cache: torch.Tensor, v_cache: torch.Tensor, last_only: bool = True
+    ) -> torch.Tensor:
+        """Logits (fp32) of the last position [B, V], or of every position [B, Lq, V] when `last_only=False`."""
+        x = self.model.embed_tokens(ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, st, k_cache[i], v_cache[i])
+        if last_only:
+            x = x[:, -1]
+        return self.lm_head(self.model.norm(x)).float()
+
+
+def strip_prefixes(name: str) -> str:
+    for p in _NAME_PREFIXES:
+        name = name.replace(p, "")
+    return name
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a DTensor (FSDP2 shard: gathers, every rank must call in the same order) or a tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def load_state(model: CausalLM, state: dict[str, torch.Tensor]) -> None:
+    """Copy an HF-named state dict into `model` in place (dtype/device converted); checks that nothing is missing."""
+    params = dict(model.named_parameters())
+    got = set()
+    for name, tensor in state.items():
+        name = strip_prefixes(name)
+        if name in params:
+            params[name].copy_(full_tensor(tensor).detach())
+            got.add(name)
+    missing = sorted(set(params) - got - ({"lm_head.weight"} if model.cfg.tie_word_embeddings else set()))
+    if missing:
+        raise ValueError(f"weights are missing {len(missing)} parameters, e.g. {missing[:3]}")
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of an HF folder: the shards named in `model.safetensors.index.json`, or `*.safetensors`."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors in {folder}")
+    return files
+
+
+def load_folder(model: CausalLM, folder: str | Path) -> None:
+    """Stream the weights of an HF safetensors folder into `model`, one tensor at a time (low peak memory)."""
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())
+    got: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(folder):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key in params:
+                    params[key].copy_(f.get_tensor(key))
+                    got[key] = params[key]
+    load_state(model, got)  # only checks completeness: the tensors are already in place
+
+
+def alias_parameters(model: CausalLM, hf_model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    """Make `model` use `hf_model`'s Parameter objects (no copy). Returns False, changing nothing, when any of them
+    is not on `device` in `dtype`, has another shape, or is sharded (DTensor)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    theirs = {strip_prefixes(n): p for n, p in hf_model.named_parameters(remove_duplicate=False)}
+    for name, p in ours.items():
+        src = theirs.get(name)
+        if src is None and name == "lm_head.weight" and model.cfg.tie_word_embeddings:
+            continue
+        if src is None or hasattr(src, "full_tensor") or (src.dtype, src.device, src.shape) != (dtype, device, p.shape):
+            return False
+    for name in ours:
+        if name in theirs:
+            mod_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(mod_name), attr, theirs[name])
+    if model.cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return True
