@@ -14,6 +14,8 @@ PROFILES ?= rollout env
 ALL_PROFILES := build train rollout env scripts model-merger formatter eval
 LOGS_DIR ?= logs
 SERVICE ?=
+# `compose run` allocates a TTY unless told not to; CI runners and pipes have none.
+NO_TTY := $(shell test -t 0 || echo -T)
 # Containers run as you, so files they write into models/ saves/ data/ stay yours.
 export HOST_UID ?= $(shell id -u)
 export HOST_GID ?= $(shell id -g)
@@ -82,11 +84,11 @@ docker-build-eval: ## Build rldock/eval: slim Python, no CUDA, no torch
 
 .PHONY: docker-train-shell
 docker-train-shell: ## Open a shell in the train image, with the GPUs and volumes
-	$(COMPOSE) --profile train run --rm train bash
+	$(COMPOSE) --profile train run --rm $(NO_TTY) train bash
 
 .PHONY: docker-train
 docker-train: ## Train in the train image (CONFIG=configs/gsm8k_tiny.yaml ARGS="train.lr=1e-6")
-	$(if $(ARGS),TRAIN_ARGS='$(ARGS)') $(COMPOSE) --profile train run --rm train
+	$(if $(ARGS),TRAIN_ARGS='$(ARGS)') $(COMPOSE) --profile train run --rm $(NO_TTY) --use-aliases train
 
 .PHONY: docker-rollout
 docker-rollout: ## Start the rollout service on 127.0.0.1:8000, wait until healthy (MODEL=… ROLLOUT_BACKEND=vllm)
@@ -98,16 +100,16 @@ docker-env: ## Start an env server, wait until healthy (ENV=gsm8k ENV_PORT=36001
 
 .PHONY: docker-eval
 docker-eval: ## Evaluate MODEL on ENV; starts the rollout and env services (ENV=gsm8k MODEL=…)
-	$(COMPOSE) --profile eval run --rm eval
+	$(COMPOSE) --profile eval run --rm $(NO_TTY) eval
 
 .PHONY: docker-merge
 docker-merge: ## Merge a checkpoint into an HF folder (LOCAL_DIR=saves/<exp>/global_step_N [SAVE_DIR=…] [HF_UPLOAD_PATH=…])
 	@test -n "$(LOCAL_DIR)" || { echo "docker-merge: set LOCAL_DIR, e.g. make docker-merge LOCAL_DIR=saves/gsm8k_tiny/global_step_10"; exit 2; }
-	$(COMPOSE) --profile model-merger run --rm model-merger
+	$(COMPOSE) --profile model-merger run --rm $(NO_TTY) model-merger
 
 .PHONY: docker-format
 docker-format: ## Format the code inside the scripts image (ruff format + ruff check --fix)
-	$(COMPOSE) --profile formatter run --rm formatter
+	$(COMPOSE) --profile formatter run --rm $(NO_TTY) formatter
 
 .PHONY: docker-up
 docker-up: ## Start the PROFILES' services in the background (PROFILES="rollout env")

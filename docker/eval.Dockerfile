@@ -12,8 +12,10 @@ ENV PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     RLDOCK_MODELS_DIR=/workspace/models
 
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends tini \
+# Java runs ScienceWorld's simulator (the sciworld env); the JRE's post-install step expects man1/ on slim images.
+RUN mkdir -p /usr/share/man/man1 \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends tini default-jre-headless \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid "${USER_UID}" --shell /bin/bash rldock \
     && mkdir -p /workspace/models /workspace/saves /workspace/data \
