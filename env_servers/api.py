@@ -58,5 +58,9 @@ class Env(abc.ABC):
         """The current observation text (AgentGym's GET /observation)."""
         raise EnvError("no observation: call reset first")
 
+    def available_actions(self) -> list[str]:
+        """Actions valid now, where the env can list them (AgentGym's /available_actions)."""
+        raise EnvError(f"{self.name} does not list its actions")
+
     def close(self) -> None:
         """Free resources held by this slot."""

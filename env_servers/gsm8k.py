@@ -131,6 +131,13 @@ def load_gsm8k(path: str | Path, split: str | None = None) -> list[dict[str, str
     return items
 
 
+def check_index(idx: object, size: int) -> int:
+    """`idx` if it is a valid dataset index, else EnvError (the server's 400)."""
+    if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < size:
+        raise EnvError(f"data index must be an integer in [0, {size}), got {str(idx)[:50]!r}")
+    return idx
+
+
 class GSM8KEnv(Env):
     """Single turn: `reset(idx)` shows question `idx`; `step(completion)` scores it and ends the episode."""
 
@@ -145,13 +152,8 @@ class GSM8KEnv(Env):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _check_idx(self, idx: int) -> int:
-        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(self.items):
-            raise EnvError(f"data index must be an integer in [0, {len(self.items)}), got {idx!r}")
-        return idx
-
     def reset(self, idx: int) -> Observation:
-        self._idx, self._done = self._check_idx(idx), False
+        self._idx, self._done = check_index(idx, len(self.items)), False
         return Observation(self.items[idx]["question"], {"data_idx": idx})
 
     def step(self, action: str) -> StepResult:

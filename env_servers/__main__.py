@@ -1,0 +1,63 @@
+"""`python -m env_servers --env NAME [--host H] [--port P] [--ttl S] [--max-envs N] [--data PATH]`: serve one env."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from env_servers.registry import ENVS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m env_servers",
+        description="Serve one environment over AgentGym's HTTP protocol (/create /reset /step /observation /close).",
+    )
+    p.add_argument("--env", required=True, help=f"environment: {', '.join(ENVS)}")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 inside a container)")
+    p.add_argument("--port", type=int, default=36001, help="port (AgentGym's default 36001)")
+    p.add_argument("--ttl", type=float, default=900.0, help="seconds an env may sit idle before it is closed")
+    p.add_argument("--max-envs", type=int, default=256, help="cap on live envs; /create answers 429 beyond it")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="dataset override: gsm8k/gsm8k_tools a JSONL file or folder; searchqa a folder with corpus.jsonl and "
+        "questions.jsonl; babyai comma-separated BabyAI level ids; sciworld comma-separated task names",
+    )
+    p.add_argument("--format-reward", type=float, default=None, help="gsm8k, gsm8k_tools: bonus for a \\boxed{} answer")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    return p.parse_args(argv)
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.env not in ENVS:
+        _fail(f"unknown env {args.env!r}; valid names: {', '.join(ENVS)}")
+    if args.ttl <= 0 or args.max_envs < 1 or not 0 < args.port < 65536:
+        _fail("--ttl must be > 0, --max-envs >= 1 and --port in 1..65535")
+
+    import logging
+
+    import uvicorn
+
+    from env_servers.api import EnvError
+    from env_servers.app import create_app
+    from env_servers.registry import make_factory, protocol_of
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        factory = make_factory(args.env, args.data, format_reward=args.format_reward)
+    except (EnvError, OSError, ValueError) as e:
+        _fail(f"cannot start env {args.env!r}: {e}")
+    app = create_app(factory, name=args.env, protocol=protocol_of(args.env), ttl=args.ttl, max_envs=args.max_envs)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+
+
+if __name__ == "__main__":
+    main()

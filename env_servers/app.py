@@ -1,0 +1,166 @@
+"""One FastAPI app over any `Env`, speaking AgentGym's protocol (paths and bodies in `env_servers.protocol`).
+
+Routes: `GET /` ("ok"), `GET /health`, `GET /list_envs`, `POST /create`, `POST /reset`, `POST /step`,
+`GET /observation`, `GET /available_actions`, `POST /close`. Bodies are parsed by hand (size-capped, type-checked) so
+that any malformed request gets a 4xx with a message; env code runs in the threadpool under a per-env lock
+(`env_servers.pool`); a background task closes envs idle longer than the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from env_servers.api import Env, EnvError
+from env_servers.pool import EnvNotFound, EnvPool, EpisodeDone, PoolFull
+from env_servers.protocol import (
+    MAX_BODY_BYTES,
+    BadRequest,
+    TooLarge,
+    action_of,
+    close_payload,
+    create_data_idx,
+    create_payload,
+    data_idx_of,
+    env_id_of,
+    reset_payload,
+    step_payload,
+)
+from env_servers.registry import EnvUnavailable
+
+log = logging.getLogger("env_servers")
+
+_STATUS = {BadRequest: 400, TooLarge: 413, EnvNotFound: 404, EpisodeDone: 409, PoolFull: 429, EnvUnavailable: 503}
+
+
+def _status_of(err: EnvError) -> int:
+    return next((_STATUS[t] for t in type(err).__mro__ if t in _STATUS), 400)
+
+
+async def _read_json(request: Request, required: bool = True) -> dict[str, Any]:
+    """The request's JSON object body, at most MAX_BODY_BYTES; {} for an empty body when not `required`."""
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise TooLarge(f"request body over {MAX_BODY_BYTES} bytes")
+    if not raw.strip():
+        if required:
+            raise BadRequest("expected a JSON object body")
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; deep nesting → RecursionError
+        raise BadRequest(f"body is not valid JSON: {str(e)[:100]}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+async def _reaper(pool: EnvPool) -> None:
+    period = max(0.05, min(pool.ttl / 4, 30.0))
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await run_in_threadpool(pool.evict_idle)
+        except Exception:  # keep reaping whatever one close did
+            log.exception("expiring idle envs failed")
+
+
+def create_app(
+    factory: Callable[[], Env],
+    *,
+    name: str = "env",
+    protocol: str = "agentgym",
+    ttl: float = 900.0,
+    max_envs: int = 256,
+) -> FastAPI:
+    """The server app for slots built by `factory` (see `env_servers.registry.make_factory`)."""
+    pool = EnvPool(factory, ttl=ttl, max_envs=max_envs)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        reaper = asyncio.create_task(_reaper(pool))
+        yield
+        reaper.cancel()
+        await run_in_threadpool(pool.close_all)
+
+    app = FastAPI(title=f"rldock env server: {name}", lifespan=lifespan)
+    app.state.pool = pool
+
+    @app.exception_handler(EnvError)
+    async def env_error(request: Request, err: EnvError) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=_status_of(err))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error in env {name}: {type(err).__name__}: {err}"}, status_code=500)
+
+    @app.get("/")
+    async def root() -> str:
+        return "ok"
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "env": name,
+            "protocol": protocol,
+            "live": len(pool),
+            "max_envs": max_envs,
+            "ttl": ttl,
+            "size": pool.size,
+        }
+
+    @app.get("/list_envs")
+    async def list_envs() -> list[int]:
+        return pool.ids()
+
+    @app.post("/create")
+    async def create(request: Request) -> Any:
+        data_idx = create_data_idx(await _read_json(request, required=False))
+        env_id = await run_in_threadpool(pool.create)
+        if data_idx is not None:
+            try:
+                await run_in_threadpool(pool.reset, env_id, data_idx)
+            except EnvError:
+                await run_in_threadpool(pool.close, env_id)
+                raise
+        return create_payload(protocol, env_id)
+
+    @app.post("/reset")
+    async def reset(request: Request) -> Any:
+        body = await _read_json(request)
+        env_id, data_idx = env_id_of(body), data_idx_of(body)
+        return reset_payload(protocol, await run_in_threadpool(pool.reset, env_id, data_idx))
+
+    @app.post("/step")
+    async def step(request: Request) -> dict[str, Any]:
+        body = await _read_json(request)
+        env_id, action = env_id_of(body), action_of(body)
+        return step_payload(*await run_in_threadpool(pool.step, env_id, action))
+
+    @app.get("/observation")
+    async def observation(request: Request) -> str:
+        return await run_in_threadpool(pool.observation, env_id_of(dict(request.query_params)))
+
+    @app.get("/available_actions")
+    async def available_actions(request: Request) -> list[str]:
+        return await run_in_threadpool(pool.available_actions, env_id_of(dict(request.query_params)))
+
+    @app.post("/close")
+    async def close(request: Request) -> Any:
+        env_id = env_id_of(await _read_json(request))
+        await run_in_threadpool(pool.close, env_id)
+        return close_payload(protocol, env_id)
+
+    return app

@@ -1,0 +1,211 @@
+"""Clients of env servers (httpx, no torch), and the same interface in-process.
+
+- `EnvClient(base_url)`: AgentGym's paths and bodies (works against rldock's servers and upstream AgentGym ones).
+  Babyai/sciworld-style and searchqa-style servers are told apart by what `/create` returns.
+- `LocalEnvClient(factory)`: the same methods over an in-process `EnvPool`, no HTTP.
+- `RemoteEnv`: an `Env` whose slot lives on a server, so code written against `Env` runs unchanged over HTTP.
+- `env_factory(name, url=None, ...)`: what the trainer calls: in-process envs, or `RemoteEnv`s when a URL is given.
+
+Both clients return the same normalised dicts: reset/step → {observation, reward, score, done, info}.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from env_servers.api import Env, EnvError, Observation, StepResult
+from env_servers.pool import EnvNotFound, EnvPool, EpisodeDone, PoolFull
+from env_servers.protocol import create_payload, reset_payload, step_payload
+
+_ERRORS = {404: EnvNotFound, 409: EpisodeDone, 429: PoolFull}
+
+
+class EnvServerError(RuntimeError):
+    """The server failed (5xx) or could not be reached."""
+
+
+def _normalise(payload: Any) -> dict[str, Any]:
+    """A reset/step response of either flavour as {observation, reward, score, done, info}."""
+    if isinstance(payload, str):  # searchqa's reset returns the observation itself
+        payload = {"observation": payload}
+    if not isinstance(payload, dict):
+        raise EnvServerError(f"unexpected response: {str(payload)[:200]}")
+    out = dict(payload)
+    out["observation"] = str(payload.get("observation", payload.get("state", "")))
+    out["reward"] = float(payload.get("reward", 0.0))
+    out["score"] = float(payload.get("score", out["reward"]))
+    out["done"] = bool(payload.get("done", False))
+    out["info"] = payload.get("info") or {}
+    return out
+
+
+class EnvClient:
+    """AgentGym-protocol client of one env server. Thread-safe; 4xx → EnvError (with the server's message)."""
+
+    def __init__(self, base_url: str, timeout: float = 300.0, retries: int = 3):
+        self.base_url = base_url.rstrip("/")
+        self.timeout, self.retries = timeout, retries
+        self.bare: bool | None = None  # searchqa-style server (bare int/str responses); known after create
+        self._http = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0))
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                resp = self._http.request(method, path, **kwargs)
+                break
+            except httpx.ConnectError as e:  # nothing was sent: safe to retry any call
+                if attempt == self.retries:
+                    raise EnvServerError(f"cannot reach env server {self.base_url}: {e}") from None
+                time.sleep(0.5 * 2**attempt)
+            except httpx.HTTPError as e:
+                raise EnvServerError(f"{method} {self.base_url}{path} failed: {e}") from None
+        if resp.status_code >= 500:
+            raise EnvServerError(f"{method} {path}: server error {resp.status_code}: {resp.text[:300]}")
+        if resp.status_code >= 400:
+            try:
+                detail = resp.json().get("detail", resp.text)
+            except ValueError:
+                detail = resp.text
+            raise _ERRORS.get(resp.status_code, EnvError)(f"{path}: {detail}")
+        return resp.json()
+
+    def _id_key(self) -> str:
+        return "env_idx" if self.bare else "id"
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "/health")
+
+    def list_envs(self) -> list[int]:
+        return self._call("GET", "/list_envs")
+
+    def create(self, data_idx: int | None = None) -> int:
+        """A new env id. Waits (until the timeout) while the server is at its cap (429)."""
+        deadline, wait = time.monotonic() + self.timeout, 0.25
+        body = {"id": data_idx} if data_idx is not None else None
+        while True:
+            try:
+                out = self._call("POST", "/create", json=body)
+                break
+            except PoolFull:
+                if time.monotonic() + wait > deadline:
+                    raise
+                time.sleep(wait)
+                wait = min(wait * 2, 5.0)
+        self.bare = isinstance(out, int)
+        return out if self.bare else int(out["id"])
+
+    def reset(self, env_id: int, data_idx: int = 0) -> dict[str, Any]:
+        body = {"env_idx": env_id, "id": data_idx} if self.bare else {"id": env_id, "data_idx": data_idx}
+        return _normalise(self._call("POST", "/reset", json=body))
+
+    def step(self, env_id: int, action: str) -> dict[str, Any]:
+        return _normalise(self._call("POST", "/step", json={self._id_key(): env_id, "action": action}))
+
+    def observation(self, env_id: int) -> str:
+        return self._call("GET", "/observation", params={self._id_key(): env_id})
+
+    def available_actions(self, env_id: int) -> list[str]:
+        return self._call("GET", "/available_actions", params={self._id_key(): env_id})
+
+    def close(self, env_id: int) -> None:
+        self._call("POST", "/close", json={self._id_key(): env_id})
+
+    def shutdown(self) -> None:
+        """Close the HTTP connections (the server's envs are untouched)."""
+        self._http.close()
+
+
+class LocalEnvClient:
+    """`EnvClient`'s methods over an in-process pool of envs built by `factory`: no server, same results."""
+
+    bare = False
+
+    def __init__(self, factory: Callable[[], Env], ttl: float = 900.0, max_envs: int = 256):
+        self.pool = EnvPool(factory, ttl=ttl, max_envs=max_envs)
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "live": len(self.pool), "max_envs": self.pool.max_envs, "size": self.pool.size}
+
+    def list_envs(self) -> list[int]:
+        return self.pool.ids()
+
+    def create(self, data_idx: int | None = None) -> int:
+        env_id = create_payload("agentgym", self.pool.create())["id"]
+        if data_idx is not None:
+            self.pool.reset(env_id, data_idx)
+        return env_id
+
+    def reset(self, env_id: int, data_idx: int = 0) -> dict[str, Any]:
+        return _normalise(reset_payload("agentgym", self.pool.reset(env_id, data_idx)))
+
+    def step(self, env_id: int, action: str) -> dict[str, Any]:
+        return _normalise(step_payload(*self.pool.step(env_id, action)))
+
+    def observation(self, env_id: int) -> str:
+        return self.pool.observation(env_id)
+
+    def available_actions(self, env_id: int) -> list[str]:
+        return self.pool.available_actions(env_id)
+
+    def close(self, env_id: int) -> None:
+        self.pool.close(env_id)
+
+    def shutdown(self) -> None:
+        self.pool.close_all()
+
+
+class RemoteEnv(Env):
+    """An `Env` backed by one slot of a server (or of a `LocalEnvClient`): created on construction."""
+
+    def __init__(self, client: EnvClient | LocalEnvClient):
+        self.client = client
+        self.env_id = client.create()
+        self._closed = False
+
+    def __len__(self) -> int:
+        size = self.client.health().get("size")
+        if size is None:
+            raise EnvError("the server does not report its dataset size")
+        return int(size)
+
+    def reset(self, idx: int) -> Observation:
+        out = self.client.reset(self.env_id, idx)
+        text, task = out.pop("observation"), out.get("task_description")
+        if isinstance(task, str):
+            text = f"{task}\n{text}"  # the in-process env's text holds both (see protocol.reset_payload)
+        return Observation(text, out["info"])
+
+    def step(self, action: str) -> StepResult:
+        out = self.client.step(self.env_id, action)
+        return StepResult(out["observation"], out["reward"], out["done"], out["info"])
+
+    def observation(self) -> str:
+        return self.client.observation(self.env_id)
+
+    def available_actions(self) -> list[str]:
+        return self.client.available_actions(self.env_id)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.client.close(self.env_id)
+        except EnvNotFound:
+            pass  # already expired on the server: nothing left to free
+
+
+def env_factory(
+    name: str, url: str | None = None, data: str | None = None, timeout: float = 300.0, **options: Any
+) -> Callable[[], Env]:
+    """Slot constructor for env `name`: in-process when `url` is None, else `RemoteEnv`s on the server at `url`."""
+    if url is None:
+        from env_servers.registry import make_factory
+
+        return make_factory(name, data, **options)
+    client = EnvClient(url, timeout=timeout)
+    return lambda: RemoteEnv(client)

@@ -1,0 +1,103 @@
+"""ScienceWorld (the `scienceworld` package, which runs a Java simulator): optional.
+
+Needs `pip install scienceworld` and a Java runtime (Debian: default-jre-headless). Without them the factory raises
+`EnvUnavailable` with one line saying what is missing.
+
+Dataset item `idx` enumerates (task, variation) pairs: all variations of the first task, then of the next, in the
+simulator's task order (restricted to the tasks `--data` names). Each slot runs its own JVM (a few seconds to start,
+a few hundred MB), so keep `--max-envs` modest. Step reward = the change of the game score (0–100) / 100, so an
+episode's rewards sum to its final score in [0, 1]; a failed task (score < 0) ends the episode.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+from env_servers.api import Env, EnvError, Observation, StepResult
+from env_servers.gsm8k import check_index
+from env_servers.registry import EnvUnavailable
+
+STEP_LIMIT = 100
+
+
+def _import_scienceworld() -> Any:
+    if shutil.which("java") is None:
+        raise EnvUnavailable("sciworld needs Java on PATH (Debian: apt-get install default-jre-headless)")
+    try:
+        from scienceworld import ScienceWorldEnv
+    except ImportError:
+        raise EnvUnavailable("sciworld needs the scienceworld package (pip install 'scienceworld>=1.2,<2')") from None
+    return ScienceWorldEnv
+
+
+def list_variations(tasks: list[str] | None = None) -> list[tuple[str, int]]:
+    """All (task, variation) pairs, using one short-lived simulator."""
+    sim = _import_scienceworld()("", envStepLimit=STEP_LIMIT)
+    try:
+        names = list(sim.get_task_names())
+        unknown = sorted(set(tasks or []) - set(names))
+        if unknown:
+            raise EnvError(f"unknown ScienceWorld task(s) {', '.join(unknown)}; known: {', '.join(names)}")
+        return [(t, v) for t in (tasks or names) for v in range(sim.get_max_variations(t))]
+    finally:
+        sim.close()
+
+
+class SciWorldEnv(Env):
+    """One ScienceWorld simulator (a JVM) per slot."""
+
+    name = "sciworld"
+
+    def __init__(self, variations: list[tuple[str, int]], simplification: str = "easy"):
+        self.variations, self.simplification = variations, simplification
+        self._sim = _import_scienceworld()("", envStepLimit=STEP_LIMIT)
+        self._task: str | None = None
+        self._obs = ""
+        self._score = 0
+        self._done = False
+
+    def __len__(self) -> int:
+        return len(self.variations)
+
+    def reset(self, idx: int) -> Observation:
+        task, variation = self.variations[check_index(idx, len(self.variations))]
+        self._sim.load(task, variation, self.simplification)
+        look, _ = self._sim.reset()
+        self._task, self._score, self._done = self._sim.get_task_description(), 0, False
+        self._obs = f"{self._task}\n{look}"
+        return Observation(self._obs, {"task_description": self._task, "task": task, "variation": variation})
+
+    def step(self, action: str) -> StepResult:
+        if self._task is None:
+            raise EnvError("call reset before step")
+        if self._done:
+            raise EnvError("episode is done: call reset to start another")
+        text = action.rsplit("Action:", 1)[-1].strip()  # AgentGym replies end with "Action:\n<action>"
+        action = text.splitlines()[0] if text else ""
+        self._obs, _, completed, info = self._sim.step(action)
+        score = int(info["score"])
+        reward = (max(score, 0) - max(self._score, 0)) / 100.0
+        self._score, self._done = score, bool(completed)
+        return StepResult(self._obs, reward, self._done, {"game_score": score, "moves": int(info["moves"])})
+
+    def observation(self) -> str:
+        if self._task is None:
+            raise EnvError("no observation: call reset first")
+        return self._obs
+
+    def available_actions(self) -> list[str]:
+        if self._task is None:
+            raise EnvError("no actions: call reset first")
+        return list(self._sim.get_valid_action_object_combinations())
+
+    def close(self) -> None:
+        self._sim.close()
+
+
+def factory(data: str | None = None) -> Callable[[], Env]:
+    """`data`: comma-separated ScienceWorld task names (default: all 30 tasks)."""
+    tasks = [t.strip() for t in data.split(",") if t.strip()] if data else None
+    variations = list_variations(tasks)
+    return lambda: SciWorldEnv(variations)

@@ -1,0 +1,292 @@
+"""Env servers over real HTTP on 127.0.0.1: AgentGym client flows, our clients, fuzzing, TTL and the cap, the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from env_servers.api import Env, EnvError, Observation, StepResult
+from env_servers.client import EnvClient, LocalEnvClient, RemoteEnv, env_factory
+from env_servers.pool import EnvNotFound, EnvPool, EpisodeDone, PoolFull
+from env_servers.registry import make_factory
+from tests.conftest import ROOT, free_port, start_server, stop_server
+
+
+def _serve(tmp_path_factory, env: str, *extra: str):
+    port = free_port()
+    log = tmp_path_factory.mktemp(f"env_{env}") / "server.log"
+    args = ["-m", "env_servers", "--env", env, "--host", "127.0.0.1", "--port", str(port), *extra]
+    return start_server(args, f"http://127.0.0.1:{port}/health", log, timeout=60), f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def searchqa_url(tmp_path_factory):
+    proc, url = _serve(tmp_path_factory, "searchqa")
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def babyai_url(tmp_path_factory):
+    proc, url = _serve(tmp_path_factory, "babyai")
+    yield url
+    stop_server(proc)
+
+
+def test_agentgym_babyai_client_flow(babyai_url):
+    """The calls AgentGym's BabyAIEnvClient makes (requests, `id` in every body, `score` as reward)."""
+    requests = pytest.importorskip("requests")
+    assert requests.get(f"{babyai_url}/", timeout=10).json() == "ok"
+    created = requests.post(f"{babyai_url}/create", timeout=10)
+    assert created.status_code == 200
+    env_id = created.json()["id"]
+
+    def post(path, data):
+        res = requests.post(f"{babyai_url}/{path}", json={**data, "id": env_id}, timeout=10)
+        assert res.status_code == 200, res.text
+        return res.json()
+
+    first = post("reset", {"data_idx": 3})
+    assert {"observation", "reward", "score", "done"} <= first.keys()
+    assert "Your mission: go to the" in first["observation"] and first["done"] is False
+    out = post("step", {"action": "Thought:\nI should look around.\n\nAction:\nturn left"})
+    assert {"observation", "reward", "score", "done"} <= out.keys()
+    assert out["observation"].startswith("You see") and out["done"] is False
+    res = requests.get(f"{babyai_url}/observation?id={env_id}", timeout=10)
+    assert res.status_code == 200 and res.json() == out["observation"]
+    assert post("close", {}) == {"id": env_id, "closed": True}
+    assert requests.post(f"{babyai_url}/step", json={"id": env_id, "action": "done"}, timeout=10).status_code == 404
+
+
+def test_agentgym_searchqa_client_flow(searchqa_url):
+    """The calls AgentGym-RL's SearchQAEnvClient makes: bare-int create, `env_idx` bodies, `id` = dataset item."""
+    requests = pytest.importorskip("requests")
+    created = requests.post(f"{searchqa_url}/create", json={"id": 0}, timeout=10)
+    assert created.status_code == 200
+    env_id = created.json()
+    assert isinstance(env_id, int)
+    reset = requests.post(f"{searchqa_url}/reset", json={"id": 1, "env_idx": env_id}, timeout=10)
+    assert reset.status_code == 200 and "White Nile and the Blue Nile join" in reset.json()
+    question = requests.get(f"{searchqa_url}/observation?env_idx={env_id}", timeout=10).json()
+    assert question == reset.json()
+    step = requests.post(
+        f"{searchqa_url}/step", json={"action": "<search>White Nile Blue Nile</search>", "env_idx": env_id}, timeout=10
+    ).json()
+    assert step["observation"].startswith("<information>") and "Khartoum" in step["observation"]
+    assert (step["reward"], step["done"]) == (0.0, False)
+    step = requests.post(
+        f"{searchqa_url}/step", json={"action": "<answer> Khartoum </answer>", "env_idx": env_id}, timeout=10
+    ).json()
+    assert (step["reward"], step["done"]) == (1.0, True)
+    assert requests.post(f"{searchqa_url}/close", json={"env_idx": env_id}, timeout=10).json() is True
+
+
+def test_env_client_and_remote_env_match_in_process(searchqa_url):
+    """EnvClient over HTTP, LocalEnvClient in-process and a plain in-process Env give the same episode."""
+    actions = ["search[deepest lake]", "no action here", "answer[Baikal]"]
+    http, local = EnvClient(searchqa_url, timeout=30), LocalEnvClient(make_factory("searchqa"))
+    runs = []
+    for client in (http, local):
+        env_id = client.create()
+        trace = [client.reset(env_id, 24)["observation"]]
+        trace += [(s["observation"], s["reward"], s["done"]) for s in (client.step(env_id, a) for a in actions)]
+        with pytest.raises(EpisodeDone):
+            client.step(env_id, "answer[x]")
+        client.close(env_id)
+        with pytest.raises(EnvNotFound):
+            client.observation(env_id)
+        runs.append(trace)
+    remote, plain = env_factory("searchqa", url=searchqa_url)(), env_factory("searchqa")()
+    for env in (remote, plain):
+        trace = [env.reset(24).text]
+        trace += [(r.observation, r.reward, r.done) for r in (env.step(a) for a in actions)]
+        env.close()
+        runs.append(trace)
+    assert runs[0] == runs[1] == runs[2] == runs[3]
+    assert runs[0][-1] == ("", 1.0, True)
+    assert len(remote) == 28
+    with pytest.raises(EnvError, match="data index"):
+        http.reset(http.create(), 10_000)
+    http.shutdown()
+
+
+def _fuzz_request(rng: random.Random, client: httpx.Client, ids: list[int]) -> httpx.Response:
+    gets = ["/", "/health", "/observation", "/available_actions", "/list_envs"]
+    path = rng.choice([*gets, "/create", "/reset", "/step", "/step", "/close", "/nope", "/step/x", "//create"])
+    method = ("GET" if path in gets else "POST") if rng.random() < 0.8 else rng.choice(["PUT", "DELETE", "PATCH"])
+    keys = ["id", "env_idx", "data_idx", "action", "extra"]
+    values = [
+        lambda: rng.choice(ids) if ids else 0,
+        lambda: rng.randint(-(2**70), 2**70),
+        lambda: rng.random() * 1e6,
+        lambda: rng.choice([True, False, None, [], {}, "", "0", "-1", "1e3", "١"]),
+        lambda: "".join(chr(rng.randint(0, 0x2FFF)) for _ in range(rng.randint(0, 50))),
+        lambda: rng.choice(["search[moon]", "answer[Athens]", "turn left", "go forward", "pick up", "toggle"]),
+        lambda: "x" * rng.choice([70_000, 10]),
+        lambda: {"nested": [1, {"a": None}]},
+    ]
+    shape = rng.randrange(8)
+    if shape == 0:
+        body = None
+    elif shape == 1:
+        body = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    elif shape == 2:
+        body = rng.choice([b"{", b"[1,", b'{"id": }', b"nul", b"[" * 5000, b'"str"', b"12", b"\xff\xfe"])
+    elif shape == 3:
+        body = b"{" + b'"a":' * 1 + b'"' + b"y" * (1 << 20) + b'"}'  # over the 1 MiB limit
+    else:
+        body = json.dumps({k: rng.choice(values)() for k in rng.sample(keys, rng.randint(0, len(keys)))}).encode()
+    params = {rng.choice(["id", "env_idx", "q"]): str(rng.choice(values)())[:200]} if rng.random() < 0.7 else None
+    headers = {"content-type": rng.choice(["application/json", "text/plain", "application/x-www-form-urlencoded"])}
+    return client.request(method, path, content=body, params=params, headers=headers)
+
+
+@pytest.mark.parametrize("env", ["searchqa", "babyai"])
+def test_fuzzed_requests_never_5xx(env, searchqa_url, babyai_url):
+    """300 seeded random requests per server (600 in all): each answers < 500, and the server still works after."""
+    url = searchqa_url if env == "searchqa" else babyai_url
+    rng = random.Random(1234)
+    statuses: dict[int, int] = {}
+    with httpx.Client(base_url=url, timeout=30) as client:
+        ids = [EnvClient(url).create() for _ in range(3)]
+        for _ in range(300):
+            resp = _fuzz_request(rng, client, ids)
+            statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+            assert resp.status_code < 500, f"{resp.request.method} {resp.request.url}: {resp.text[:300]}"
+            if resp.status_code >= 400:
+                assert "detail" in resp.json()
+            if resp.request.url.path == "/create" and resp.status_code == 200:
+                ids.append(resp.json() if env == "searchqa" else resp.json()["id"])
+        assert client.get("/health").status_code == 200
+    assert len([s for s in statuses if s >= 400]) >= 4  # the fuzz did reach several error paths
+    assert statuses.get(200, 0) >= 20  # ... and valid ones
+    env_client = EnvClient(url)
+    env_id = env_client.create()
+    assert env_client.reset(env_id, 0)["done"] is False
+    env_client.close(env_id)
+
+
+def test_ttl_eviction_and_cap(tmp_path_factory):
+    proc, url = _serve(tmp_path_factory, "gsm8k", "--ttl", "1", "--max-envs", "3")
+    try:
+        client = EnvClient(url, timeout=0.5)  # a short timeout: create gives up waiting on the cap quickly
+        ids = [client.create() for _ in range(3)]
+        resp = httpx.post(f"{url}/create")
+        assert resp.status_code == 429 and "cap" in resp.json()["detail"]
+        with pytest.raises(PoolFull):
+            client.create()
+        deadline = time.monotonic() + 10
+        while client.list_envs() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.list_envs() == []
+        with pytest.raises(EnvNotFound, match="expired"):
+            client.reset(ids[0], 0)
+        fresh = client.create()
+        assert client.reset(fresh, 0)["observation"].startswith("Janet")
+        assert client.health()["live"] == 1
+    finally:
+        stop_server(proc)
+
+
+class _SlowEnv(Env):
+    """A real Env that records how many calls ever overlapped (the pool's per-env lock must prevent it)."""
+
+    def __init__(self):
+        self.inside, self.max_inside, self.steps = 0, 0, 0
+        self._guard = threading.Lock()
+
+    def __len__(self):
+        return 1
+
+    def reset(self, idx):
+        return Observation("start")
+
+    def step(self, action):
+        with self._guard:
+            self.inside += 1
+            self.max_inside = max(self.max_inside, self.inside)
+        time.sleep(0.01)
+        self.steps += 1
+        with self._guard:
+            self.inside -= 1
+        return StepResult("ok", 1.0, False)
+
+
+def test_pool_lock_per_env_and_idle_clock():
+    envs: list[_SlowEnv] = []
+
+    def make() -> _SlowEnv:
+        envs.append(_SlowEnv())
+        return envs[-1]
+
+    pool = EnvPool(make, ttl=0.3, max_envs=2)
+    a, b = pool.create(), pool.create()
+    pool.reset(a, 0)
+    pool.reset(b, 0)
+    threads = [threading.Thread(target=pool.step, args=(env_id, "x")) for env_id in (a, b) * 8]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [e.max_inside for e in envs] == [1, 1] and [e.steps for e in envs] == [8, 8]
+    assert pool.step(a, "x")[1] == 9.0  # score: the episode's summed reward
+    for _ in range(4):  # a is used every 0.1 s, b is not
+        time.sleep(0.12)
+        pool.step(a, "x")
+    assert pool.evict_idle() == [b] and pool.ids() == [a]
+
+
+def test_cli_help_and_errors():
+    run = [sys.executable, "-m", "env_servers"]
+    out = subprocess.run([*run, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--env" in out.stdout and "--max-envs" in out.stdout
+    for args, needle in [
+        (["--env", "nope"], "valid names: gsm8k, gsm8k_tools, babyai, sciworld, searchqa"),
+        (["--env", "searchqa", "--data", "/does/not/exist"], "/does/not/exist"),
+        (["--env", "gsm8k", "--ttl", "0"], "--ttl"),
+        (["--env", "babyai", "--format-reward", "0.1"], "format_reward"),
+    ]:
+        out = subprocess.run([*run, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and needle in lines[0], out.stderr
+
+
+def test_env_servers_import_no_torch():
+    code = (
+        "import sys\n"
+        "import env_servers, env_servers.app, env_servers.client, env_servers.__main__\n"
+        "import env_servers.gsm8k, env_servers.gsm8k_tools, env_servers.babyai, env_servers.sciworld\n"
+        "import env_servers.searchqa, env_servers.bm25\n"
+        "from env_servers.registry import make_factory\n"
+        "for name in ('gsm8k', 'gsm8k_tools', 'babyai', 'searchqa'):\n"
+        "    make_factory(name)().reset(0)\n"
+        "from env_servers.gsm8k import score\n"
+        "score('\\\\boxed{\\\\frac{36}{2}}', '#### 18')\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "HEAVY []" in out.stdout, out.stdout
+
+
+def test_remote_env_survives_server_side_expiry(tmp_path_factory):
+    """Closing a RemoteEnv whose slot already expired is not an error (the trainer closes every episode)."""
+    proc, url = _serve(tmp_path_factory, "gsm8k_tools", "--ttl", "0.5")
+    try:
+        env = RemoteEnv(EnvClient(url))
+        assert "<calc>" in env.reset(0).text
+        assert env.step("<calc>16-3-4</calc>").observation == "<result>9</result>"
+        time.sleep(1.5)
+        env.close()
+        with pytest.raises(EnvNotFound):
+            env.step("\\boxed{18}")
+    finally:
+        stop_server(proc)
