@@ -47,7 +47,7 @@ def _import_minigrid():
     except ImportError as e:
         from env_servers.registry import EnvUnavailable
 
-        raise EnvUnavailable(f"babyai needs the minigrid package (pip install 'minigrid>=3,<4'): {e}") from None
+        raise EnvUnavailable(f"babyai needs the minigrid package (pip install 'minigrid>=3.0,<4'): {e}") from None
     return gymnasium
 
 
