@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.conftest import ROOT
 from trainer.config import ConfigError, DataConfig, load_config
 from trainer.data import (
     DataCursor,
@@ -37,7 +38,7 @@ def test_gold_answer_strips_thousands_separators_and_is_idempotent():
 
 
 def test_shipped_splits_load_through_datasets_and_every_gold_is_a_number():
-    test = load_split("data/gsm8k/test.jsonl", "test")
+    test = load_split(str(ROOT / "data/gsm8k/test.jsonl"), "test")
     assert len(test) == 1319 and set(test.column_names) == {"question", "answer"}
     for row in test:
         float(gold_answer(row))
