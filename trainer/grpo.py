@@ -133,25 +133,27 @@ def policy_loss(
     """
     m = mask.bool()
     high = clip_eps if clip_eps_high is None else clip_eps_high
+    logp = logp.float()  # ratios in bf16 would be too coarse for a 0.2 clip
     # padded positions may hold anything (even -inf); zero their log-ratio so they stay finite
-    log_ratio = torch.where(m, logp - old_logp, torch.zeros_like(logp))
+    log_ratio = torch.where(m, logp - old_logp.float(), torch.zeros_like(logp))
     ratio = torch.exp(log_ratio)
-    adv = advantages.to(logp.dtype).unsqueeze(-1)
+    adv = advantages.float().unsqueeze(-1)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - clip_eps, 1 + high)
     token_loss = torch.maximum(unclipped, clipped)
-    metrics = {
-        "clip_frac": masked_mean((clipped > unclipped).float(), m).item(),
-        "approx_kl": masked_mean((ratio - 1 - log_ratio).detach(), m).item(),
-        "ratio_mean": masked_mean(ratio.detach(), m).item(),
-        "ratio_max": ratio.detach()[m].max().item() if m.any() else 0.0,
-        "num_tokens": float(m.sum().item()),
-    }
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean((clipped > unclipped).float(), m),
+            "approx_kl": masked_mean(ratio - 1 - log_ratio, m),
+            "ratio_mean": masked_mean(ratio, m),
+            "ratio_max": ratio.masked_fill(~m, 0.0).max(),
+            "num_tokens": m.sum().float(),
+        }
     if ref_logp is not None:
-        safe_ref = torch.where(m, ref_logp, logp.detach())
-        kl = kl_k3(logp, safe_ref)
-        metrics["kl_ref"] = masked_mean(kl.detach(), m).item()
+        kl = kl_k3(logp, torch.where(m, ref_logp.float(), logp.detach()))
+        stats["kl_ref"] = masked_mean(kl.detach(), m)
         if beta:
             token_loss = token_loss + beta * kl
     loss = aggregate(token_loss, m, agg, norm_tokens, norm_seqs)
-    return loss, metrics
+    # one device sync for all the metrics instead of one per value
+    return loss, dict(zip(stats, torch.stack(list(stats.values())).tolist(), strict=True))
