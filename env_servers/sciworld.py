@@ -15,6 +15,7 @@ each move, which takes ~1 s of the ~1.07 s a step costs there (measured on a 2-c
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -35,9 +36,38 @@ def _import_scienceworld() -> Any:
     return ScienceWorldEnv
 
 
-def list_variations(tasks: list[str] | None = None) -> list[tuple[str, int]]:
-    """All (task, variation) pairs, using one short-lived simulator."""
-    sim = _import_scienceworld()("", envStepLimit=STEP_LIMIT)
+class Simulators:
+    """Idle simulators kept for reuse (up to `keep`): a JVM takes seconds to start, and the trainer opens one env per
+    episode. `load` resets everything a simulator holds, so a reused one is as good as new."""
+
+    def __init__(self, keep: int = 0):
+        self.keep = keep
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> Any:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return _import_scienceworld()("", envStepLimit=STEP_LIMIT)
+
+    def give(self, sim: Any) -> None:
+        with self._lock:
+            if len(self._idle) < self.keep:
+                self._idle.append(sim)
+                return
+        sim.close()
+
+    def close_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sim in idle:
+            sim.close()
+
+
+def list_variations(sims: Simulators, tasks: list[str] | None = None) -> list[tuple[str, int]]:
+    """All (task, variation) pairs of `tasks` (default: every task)."""
+    sim = sims.take()
     try:
         names = list(sim.get_task_names())
         unknown = sorted(set(tasks or []) - set(names))
@@ -45,17 +75,18 @@ def list_variations(tasks: list[str] | None = None) -> list[tuple[str, int]]:
             raise EnvError(f"unknown ScienceWorld task(s) {', '.join(unknown)}; known: {', '.join(names)}")
         return [(t, v) for t in (tasks or names) for v in range(sim.get_max_variations(t))]
     finally:
-        sim.close()
+        sims.give(sim)
 
 
 class SciWorldEnv(Env):
-    """One ScienceWorld simulator (a JVM) per slot."""
+    """One ScienceWorld simulator (a JVM) per slot, taken from `sims` and given back on close."""
 
     name = "sciworld"
 
-    def __init__(self, variations: list[tuple[str, int]], simplification: str = "easy"):
+    def __init__(self, variations: list[tuple[str, int]], simplification: str = "easy", sims: Simulators | None = None):
         self.variations, self.simplification = variations, simplification
-        self._sim = _import_scienceworld()("", envStepLimit=STEP_LIMIT)
+        self._sims = sims or Simulators()
+        self._sim = self._sims.take()
         self._task: str | None = None
         self._obs = ""
         self._score = 0
@@ -65,6 +96,8 @@ class SciWorldEnv(Env):
         return len(self.variations)
 
     def reset(self, idx: int) -> Observation:
+        if self._sim is None:
+            raise EnvError("this env is closed")
         task, variation = self.variations[check_index(idx, len(self.variations))]
         self._sim.load(task, variation, self.simplification)
         self._sim.server.reset()
@@ -102,11 +135,14 @@ class SciWorldEnv(Env):
         return list(self._sim.get_valid_action_object_combinations())
 
     def close(self) -> None:
-        self._sim.close()
+        sim, self._sim, self._task = self._sim, None, None
+        if sim is not None:
+            self._sims.give(sim)
 
 
-def factory(data: str | None = None) -> Callable[[], Env]:
+def factory(data: str | None = None, keep_simulators: int = 8) -> Callable[[], Env]:
     """`data`: comma-separated ScienceWorld task names (default: all 30 tasks)."""
     tasks = [t.strip() for t in data.split(",") if t.strip()] if data else None
-    variations = list_variations(tasks)
-    return lambda: SciWorldEnv(variations)
+    sims = Simulators(keep_simulators)
+    variations = list_variations(sims, tasks)
+    return lambda: SciWorldEnv(variations, sims=sims)

@@ -150,19 +150,21 @@ def test_babyai_unknown_level():
 
 
 @pytest.fixture(scope="module")
-def sciworld_env():
-    from env_servers.sciworld import SciWorldEnv
+def sciworld():
+    """(make, simulators): envs over the first task's variations; one JVM, recycled between envs."""
+    from env_servers.sciworld import SciWorldEnv, Simulators, list_variations
 
+    sims = Simulators(keep=1)
     try:
-        env = SciWorldEnv([("find-living-thing", 0), ("find-living-thing", 1)])
+        variations = list_variations(sims, ["find-living-thing"])
     except EnvUnavailable as e:
         pytest.skip(str(e))
-    yield env
-    env.close()
+    yield (lambda: SciWorldEnv(variations, sims=sims)), sims
+    sims.close_idle()
 
 
-def test_sciworld_gold_path_scores_one(sciworld_env):
-    env = sciworld_env
+def test_sciworld_gold_path_scores_one(sciworld):
+    env = sciworld[0]()
     env._sim.load("find-living-thing", 0, env.simplification, generateGoldPath=True)
     gold = env._sim.get_gold_action_sequence()
     obs = env.reset(0)
@@ -177,15 +179,25 @@ def test_sciworld_gold_path_scores_one(sciworld_env):
             break
     assert step.done and step.info["game_score"] == 100
     assert sum(rewards) == pytest.approx(1.0) and min(rewards) >= 0
+    env.close()
 
 
-def test_sciworld_failure_ends_with_zero(sciworld_env):
-    env = sciworld_env
+def test_sciworld_failure_ends_with_zero_and_simulators_are_reused(sciworld):
+    make, _ = sciworld
+    env = make()
+    sim = env._sim
     env.reset(1)
     step = env.step("focus on agent")  # focusing on the wrong thing fails the task
     assert step.done and step.reward == 0.0 and step.info["game_score"] < 0
     with pytest.raises(EnvError):
         env.step("look around")
+    env.close()
+    with pytest.raises(EnvError):
+        env.reset(0)
+    again = make()
+    assert again._sim is sim  # no second JVM
+    assert again.reset(1).info["variation"] == 1
+    again.close()
 
 
 # ---------------------------------------------------------------- searchqa
