@@ -102,6 +102,8 @@ class SciWorldEnv(Env):
         self._sim.load(task, variation, self.simplification)
         self._sim.server.reset()
         look, _, _ = self._move("look around")
+        # score 0, not the starting score: some variations start with credit (e.g. 8), which the first step's reward
+        # then includes, so an episode's rewards always sum to its final score / 100
         self._task, self._score, self._done = self._sim.get_task_description(), 0, False
         self._obs = f"{self._task}\n{look}"
         return Observation(self._obs, {"task_description": self._task, "task": task, "variation": variation})
