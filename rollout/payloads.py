@@ -78,7 +78,7 @@ class CompletionsRequest(BaseModel):
 
     @model_validator(mode="after")
     def _non_empty(self) -> CompletionsRequest:
-        prompts = self.prompt if isinstance(self.prompt, list) else [self.prompt]
+        prompts = self.prompt_list()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompt must be a non-empty string, list of strings or list of token ids")
         if any(s == "" for s in self.stop_strings()):

@@ -1,0 +1,194 @@
+"""VLLMEngine: the RolloutEngine contract over vLLM's offline `LLM` class. Written for vLLM 0.10.x and 0.11.x (the V1
+engine; pyproject's `vllm` extra pins `>=0.10,<0.12`).
+
+Imported only when selected (`--backend vllm`, `rollout.backend=vllm`): importing this module does not import vllm.
+
+vLLM API used, all documented for 0.10/0.11:
+- `LLM(model, dtype, seed, max_num_seqs, gpu_memory_utilization, tensor_parallel_size, enable_prefix_caching,
+  worker_extension_cls)`; `LLM.generate([TokensPrompt(prompt_token_ids=...)], SamplingParams, use_tqdm=False)`.
+- `SamplingParams(n, temperature, top_p, top_k, max_tokens, stop_token_ids, seed, logprobs=0)`: logprobs=0 returns
+  the sampled token's logprob only; V1 computes it from the raw logits (logprobs_mode "raw_logprobs", the default),
+  i.e. before temperature/top-p/top-k, which is the behaviour policy our Completion contract asks for.
+- Weights: `LLM.collective_rpc(name, args=...)` runs a method of `WorkerExtension` (mixed into every worker by
+  `worker_extension_cls`) next to the model, which calls the model's own `load_weights(iterable of (name, tensor))`
+  (HF names; vLLM fuses q/k/v and gate/up itself). Then `LLM.reset_prefix_cache()`, so no KV computed by the old
+  weights is reused. The NCCL path joins the trainer's group from inside each worker (rollout/weight_transfer.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rollout.api import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, RolloutEngine, SamplingParams
+from rollout.payloads import WeightSyncError
+
+SUPPORTED_VLLM = ((0, 10), (0, 12))  # [low, high) of (major, minor)
+
+
+def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """Keyword arguments of vllm.SamplingParams for our SamplingParams (top_k 0 → -1: "off" in every version)."""
+    return {
+        "n": params.n,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k if params.top_k > 0 else -1,
+        "max_tokens": params.max_new_tokens,
+        "stop_token_ids": list(params.stop_token_ids),
+        "seed": params.seed,
+        "logprobs": 0,
+    }
+
+
+def completions_from_outputs(outputs: list[Any], prompts: list[list[int]], version: int) -> list[Completion]:
+    """Our Completions from vLLM RequestOutputs (in prompt order; each holds n CompletionOutputs)."""
+    finish = {"stop": FINISH_STOP, "length": FINISH_LENGTH}
+    out = []
+    for i, (request, prompt) in enumerate(zip(outputs, prompts, strict=True)):
+        for seq in sorted(request.outputs, key=lambda s: s.index):
+            ids = list(seq.token_ids)
+            logprobs = [float(step[tok].logprob) for step, tok in zip(seq.logprobs, ids, strict=True)]
+            reason = finish.get(seq.finish_reason, FINISH_ABORT)
+            out.append(Completion(list(prompt), ids, logprobs, reason, version, i))
+    return out
+
+
+def _check_version(version: str) -> None:
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    low, high = SUPPORTED_VLLM
+    if len(parts) == 2 and not low <= parts < high:
+        raise ImportError(f"vllm {version} is installed; the vllm backend was written for vLLM 0.10.x-0.11.x")
+
+
+class VLLMEngine(RolloutEngine):
+    """A vLLM `LLM` on this machine's GPU(s). Not thread-safe: the rollout server calls it from one thread."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "auto",
+        seed: int = 0,
+        max_batch_size: int = 256,
+        gpu_memory_utilization: float = 0.9,
+        tensor_parallel_size: int = 1,
+        enable_prefix_caching: bool = True,
+    ):
+        try:
+            import vllm
+        except ImportError as err:
+            raise ImportError(
+                f"the vllm backend needs vLLM 0.10-0.11 on a CUDA machine (pip install 'rldock[vllm]'): {err}"
+            ) from None
+        _check_version(vllm.__version__)
+        self.llm = vllm.LLM(
+            model=model_path,
+            dtype=dtype,
+            seed=seed,
+            max_num_seqs=max_batch_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_prefix_caching=enable_prefix_caching,
+            worker_extension_cls=f"{__name__}.WorkerExtension",
+        )
+        self.sync_ranks = tensor_parallel_size  # one weight-sync rank per worker
+        self._version = 0
+        self._joined = False
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        sampling = VLLMSamplingParams(**vllm_sampling_kwargs(params))
+        inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        outputs = self.llm.generate(inputs, sampling, use_tqdm=False)
+        return completions_from_outputs(outputs, prompts, self._version)
+
+    def _rpc(self, method: str, *args: Any) -> list[Any]:
+        return self.llm.collective_rpc(method, args=args)
+
+    def _loaded(self, version: int | None) -> int:
+        self.llm.reset_prefix_cache()
+        self._version = self._version + 1 if version is None else int(version)
+        return self._version
+
+    def update_weights(self, source: Any, version: int | None = None) -> int:
+        """An HF safetensors folder (read by every worker), or a state dict / nn.Module (pickled to the workers:
+        fine for small models; use disk or nccl sync for big ones)."""
+        if isinstance(source, str | Path):
+            self._rpc("rldock_load_folder", str(source))
+        else:
+            state = source.state_dict() if hasattr(source, "state_dict") else source
+            self._rpc("rldock_load_tensors", [(n, t.detach().cpu()) for n, t in state.items()])
+        return self._loaded(version)
+
+    # weight-sync hooks the rollout server calls (the workers, not this process, join the trainer's group)
+    def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int, backend: str, timeout_s: float):
+        self.close_weight_sync()
+        self._rpc("rldock_join_group", host, port, rank_offset, world_size, backend, timeout_s)
+        self._joined = True
+
+    def receive_weights(self, manifest: list[dict], bucket_bytes: int, version: int | None) -> int:
+        if not self._joined:
+            raise WeightSyncError("no weight-sync group: POST /init_weight_sync first")
+        self._rpc("rldock_receive", manifest, bucket_bytes)
+        return self._loaded(version)
+
+    def close_weight_sync(self) -> None:
+        if self._joined:
+            self._rpc("rldock_close_group")
+            self._joined = False
+
+    def weights_checksum(self) -> str:
+        """Checksum of worker 0's parameters (vLLM's fused names, so it differs from the trainer's checksum; equal
+        checksums still mean equal weights between two loads)."""
+        return self._rpc("rldock_checksum")[0]
+
+    def close(self) -> None:
+        del self.llm
+
+
+class WorkerExtension:
+    """Methods mixed into each vLLM worker (`worker_extension_cls`); they run in the worker's process."""
+
+    def rldock_load_folder(self, path: str) -> None:
+        from safetensors import safe_open
+
+        def tensors():
+            for file in sorted(Path(path).glob("*.safetensors")):
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    for key in f.keys():
+                        yield key, f.get_tensor(key)
+
+        self.model_runner.model.load_weights(weights=tensors())
+
+    def rldock_load_tensors(self, named: list) -> None:
+        self.model_runner.model.load_weights(weights=iter(named))
+
+    def rldock_join_group(self, host, port, rank_offset, world_size, backend, timeout_s) -> None:
+        from vllm.distributed.parallel_state import get_world_group
+
+        from rollout.weight_transfer import SyncGroup
+
+        rank = rank_offset + get_world_group().rank
+        self.rldock_group = SyncGroup.join(host, port, rank, world_size, backend, timeout_s)
+
+    def rldock_receive(self, manifest: list[dict], bucket_bytes: int) -> None:
+        from rollout.weight_transfer import receive_weights
+
+        self.model_runner.model.load_weights(weights=receive_weights(self.rldock_group, manifest, bucket_bytes))
+
+    def rldock_close_group(self) -> None:
+        self.rldock_group.close()
+        self.rldock_group = None
+
+    def rldock_checksum(self) -> str:
+        from rollout.weight_transfer import checksum
+
+        return checksum(self.model_runner.model.named_parameters())

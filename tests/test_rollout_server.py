@@ -1,0 +1,258 @@
+"""The rollout service over HTTP: a real `python -m rollout.server` with the real SmolLM2 on 127.0.0.1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from safetensors.torch import save_file
+
+from tests.conftest import ROOT, free_port, start_server, stop_server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("rollout") / "server.log"
+    args = ["-m", "rollout.server", "--model", model_path, "--port", str(port), "--threads", "1"]
+    proc = start_server(args + ["--max-batch-size", "16", "--served-model-name", "smol"], url + "/health", log)
+    yield url
+    stop_server(proc)
+
+
+def post(url: str, route: str, body, timeout: float = 120.0) -> httpx.Response:
+    return httpx.post(url + route, json=body, timeout=timeout)
+
+
+def get(url: str, route: str) -> dict:
+    r = httpx.get(url + route, timeout=60.0)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_health_and_models(server):
+    health = get(server, "/health")
+    assert health["status"] == "ok" and health["weight_version"] == 0 and not health["paused"]
+    assert len(health["boot_id"]) == 32 and health["sync_ranks"] == 1
+    models = get(server, "/v1/models")
+    assert [m["id"] for m in models["data"]] == ["smol"]
+    assert models["data"][0]["max_model_len"] == 8192
+
+
+def test_generate_counts_logprobs_and_version(server):
+    prompts = [[1, 504, 3458, 282], [1, 2683]]
+    r = post(server, "/generate", {"prompts": prompts, "n": 3, "max_new_tokens": 6, "temperature": 1.0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    comps = body["completions"]
+    assert len(comps) == 6 and body["weight_version"] == 0
+    assert [c["prompt_index"] for c in comps] == [0, 0, 0, 1, 1, 1]
+    for c in comps:
+        assert c["prompt_ids"] == prompts[c["prompt_index"]]
+        assert 1 <= len(c["token_ids"]) == len(c["logprobs"]) <= 6
+        assert all(lp <= 0 for lp in c["logprobs"])
+        assert c["weight_version"] == 0
+        ended_on_eos = c["token_ids"][-1] == 2
+        assert c["finish_reason"] == ("stop" if ended_on_eos else "length")
+        assert ended_on_eos or len(c["token_ids"]) == 6
+
+
+def test_stop_token_ends_with_stop_reason(server):
+    greedy = post(server, "/generate", {"prompts": [[1, 504, 3458]], "temperature": 0, "max_new_tokens": 4}).json()
+    first = greedy["completions"][0]["token_ids"][0]
+    body = {"prompts": [[1, 504, 3458]], "temperature": 0, "max_new_tokens": 4, "stop_token_ids": [first]}
+    comp = post(server, "/generate", body).json()["completions"][0]
+    assert comp["token_ids"] == [first] and comp["finish_reason"] == "stop"
+
+
+def test_seed_makes_sampling_reproducible(server):
+    body = {"prompts": [[1, 504, 3458]], "n": 2, "max_new_tokens": 5, "seed": 1234}
+    a = post(server, "/generate", body).json()["completions"]
+    b = post(server, "/generate", body).json()["completions"]
+    assert [c["token_ids"] for c in a] == [c["token_ids"] for c in b]
+
+
+def test_openai_completions(server, tokenizer):
+    text = "The capital of France is"
+    body = {"model": "smol", "prompt": [text, "2 + 2 ="], "max_tokens": 5, "n": 2, "logprobs": 1, "temperature": 0}
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "text_completion" and out["model"] == "smol"
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    used = 0
+    for c in out["choices"]:
+        lp = c["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) <= 5
+        assert c["finish_reason"] in ("stop", "length")
+        used += len(lp["tokens"])
+    prompt_tokens = len(tokenizer(text)["input_ids"]) + len(tokenizer("2 + 2 =")["input_ids"])
+    assert out["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": used,
+        "total_tokens": prompt_tokens + used,
+    }
+    # the same greedy request through /generate gives the same tokens and logprobs
+    ids = tokenizer(text)["input_ids"]
+    gen = post(server, "/generate", {"prompts": [ids], "max_new_tokens": 5, "temperature": 0}).json()["completions"][0]
+    first = out["choices"][0]
+    assert first["text"] == tokenizer.decode(gen["token_ids"], skip_special_tokens=True)
+    assert first["logprobs"]["token_logprobs"] == pytest.approx(gen["logprobs"], abs=1e-5)
+
+
+def test_openai_stop_string_cuts_text(server):
+    base = {"prompt": [1, 504, 3458, 282], "max_tokens": 12, "temperature": 0, "logprobs": 0}
+    full = post(server, "/v1/completions", base).json()["choices"][0]
+    text = full["text"]
+    assert len(text) > 4
+    stop = text[3:5]
+    cut = post(server, "/v1/completions", {**base, "stop": [stop]}).json()["choices"][0]
+    assert cut["text"] == text[: text.find(stop)] and cut["finish_reason"] == "stop"
+    assert len(cut["logprobs"]["tokens"]) < len(full["logprobs"]["tokens"])
+
+
+BAD_GENERATE = [
+    {"prompts": []},
+    {"prompts": [[]]},
+    {"prompts": [[-1]]},
+    {"prompts": "abc"},
+    {"prompts": [[1, 2]], "n": 0},
+    {"prompts": [[1, 2]], "temperature": -1},
+    {"prompts": [[1, 2]], "top_p": 0},
+    {"prompts": [[1, 2]], "max_new_tokens": 0},
+    {"prompts": [[1, 2]], "max_new_tokens": 10**6},
+    {"prompts": [[1, 99999999]]},
+    {"prompts": [[1, 2]], "stop_token_ids": [10**9]},
+    {"prompts": [[1, 2]], "unknown_field": 1},
+    [1, 2, 3],
+    None,
+]
+BAD_COMPLETIONS = [
+    {"prompt": ""},
+    {"prompt": []},
+    {"prompt": "hi", "stream": True},
+    {"prompt": "hi", "echo": True},
+    {"prompt": "hi", "logprobs": -1},
+    {"prompt": "hi", "stop": [""]},
+    {"prompt": "hi", "model": "not-served"},
+    {"prompt": ["hi", [1, 2]]},
+    {},
+]
+BAD_ADMIN = [
+    ("/update_weights", {"path": "/definitely/not/here"}),
+    ("/update_weights", {"method": "disk"}),
+    ("/update_weights", {"method": "nccl", "version": 1}),
+    (
+        "/update_weights",
+        {"method": "nccl", "manifest": [{"name": "w", "shape": [2], "dtype": "float32"}], "bucket_bytes": 8},
+    ),
+    ("/update_weights", {"path": "x", "version": -1}),
+    ("/init_weight_sync", {"host": "127.0.0.1", "port": 0, "rank_offset": 1, "world_size": 2}),
+    ("/init_weight_sync", {"host": "127.0.0.1", "port": 1234, "rank_offset": 2, "world_size": 2}),
+]
+
+
+@pytest.mark.parametrize("body", BAD_GENERATE)
+def test_bad_generate_is_4xx(server, body):
+    r = post(server, "/generate", body)
+    assert 400 <= r.status_code < 500 and r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("body", BAD_COMPLETIONS)
+def test_bad_completions_is_4xx(server, body):
+    r = post(server, "/v1/completions", body)
+    assert 400 <= r.status_code < 500 and r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize(("route", "body"), BAD_ADMIN)
+def test_bad_admin_is_4xx(server, route, body):
+    r = post(server, route, body)
+    assert 400 <= r.status_code < 500 and r.json()["detail"], r.text
+
+
+def test_non_json_body_is_4xx(server):
+    r = httpx.post(server + "/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_broken_checkpoint_is_400_and_weights_survive(server, tmp_path):
+    import torch
+
+    before = get(server, "/weights_checksum")
+    save_file({"model.embed_tokens.weight": torch.zeros(3, 3)}, str(tmp_path / "model.safetensors"))
+    r = post(server, "/update_weights", {"path": str(tmp_path), "version": 7})
+    assert r.status_code == 400 and "could not load" in r.json()["detail"]
+    assert get(server, "/weights_checksum") == before
+    assert get(server, "/health")["weight_version"] == 0
+
+
+def _wait_for(pred, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_pause_holds_requests_until_resume(server):
+    assert post(server, "/pause", None).json()["paused"] is True
+    assert get(server, "/health")["paused"] is True
+    results = []
+    t = threading.Thread(
+        target=lambda: results.append(post(server, "/generate", {"prompts": [[1, 2]], "max_new_tokens": 2}))
+    )
+    t.start()
+    _wait_for(lambda: get(server, "/metrics")["queue_requests"] == 1)
+    assert t.is_alive() and not results  # waiting, not refused
+    assert post(server, "/resume", None).json()["paused"] is False
+    t.join(60)
+    assert results[0].status_code == 200 and len(results[0].json()["completions"]) == 1
+
+
+def test_concurrent_requests_share_one_engine_call(server):
+    before = get(server, "/metrics")
+    post(server, "/pause", None)
+    results = []
+    body = {"prompts": [[1, 504]], "n": 2, "max_new_tokens": 3}
+    threads = [threading.Thread(target=lambda: results.append(post(server, "/generate", body))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    _wait_for(lambda: get(server, "/metrics")["queue_requests"] == 3)
+    post(server, "/resume", None)
+    for t in threads:
+        t.join(60)
+    after = get(server, "/metrics")
+    assert [len(r.json()["completions"]) for r in results] == [2, 2, 2]
+    assert all(c["prompt_index"] == 0 for r in results for c in r.json()["completions"])
+    assert after["engine_calls"] - before["engine_calls"] == 1
+    assert after["merged_requests"] - before["merged_requests"] == 3
+
+
+def test_metrics_count_requests_and_tokens(server):
+    before = get(server, "/metrics")
+    comps = post(server, "/generate", {"prompts": [[1, 2, 3]], "n": 2, "max_new_tokens": 4}).json()["completions"]
+    after = get(server, "/metrics")
+    assert after["requests"] == before["requests"] + 1
+    assert after["tokens_generated"] - before["tokens_generated"] == sum(len(c["token_ids"]) for c in comps)
+    assert after["tokens_per_s"] > 0 and after["queue_requests"] == 0 and after["weight_version"] == 0
+
+
+def test_cli_help_is_fast_and_torch_free():
+    code = "import sys, rollout.server; assert 'torch' not in sys.modules and 'vllm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    out = subprocess.run([sys.executable, "-m", "rollout.server", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "--backend" in out.stdout
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "rollout.server", "--model", str(tmp_path / "nope"), "--port", str(free_port())]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rollout.server: error:") and "not found" in lines[0]
