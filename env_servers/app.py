@@ -95,7 +95,13 @@ def create_app(
 
     app = FastAPI(title=f"rldock env server: {name}", lifespan=lifespan)
     app.state.pool = pool
+    _add_error_handlers(app, name)
+    _add_info_routes(app, pool, name, protocol)
+    _add_env_routes(app, pool, protocol)
+    return app
 
+
+def _add_error_handlers(app: FastAPI, name: str) -> None:
     @app.exception_handler(EnvError)
     async def env_error(request: Request, err: EnvError) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=_status_of(err))
@@ -105,6 +111,8 @@ def create_app(
         log.exception("%s %s failed", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error in env {name}: {type(err).__name__}: {err}"}, status_code=500)
 
+
+def _add_info_routes(app: FastAPI, pool: EnvPool, name: str, protocol: str) -> None:
     @app.get("/")
     async def root() -> str:
         return "ok"
@@ -116,8 +124,8 @@ def create_app(
             "env": name,
             "protocol": protocol,
             "live": len(pool),
-            "max_envs": max_envs,
-            "ttl": ttl,
+            "max_envs": pool.max_envs,
+            "ttl": pool.ttl,
             "size": pool.size,
         }
 
@@ -125,6 +133,8 @@ def create_app(
     async def list_envs() -> list[int]:
         return pool.ids()
 
+
+def _add_env_routes(app: FastAPI, pool: EnvPool, protocol: str) -> None:
     @app.post("/create")
     async def create(request: Request) -> Any:
         data_idx = create_data_idx(await _read_json(request, required=False))
@@ -162,5 +172,3 @@ def create_app(
         env_id = env_id_of(await _read_json(request))
         await run_in_threadpool(pool.close, env_id)
         return close_payload(protocol, env_id)
-
-    return app

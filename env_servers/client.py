@@ -202,7 +202,8 @@ class RemoteEnv(Env):
 def env_factory(
     name: str, url: str | None = None, data: str | None = None, timeout: float = 300.0, **options: Any
 ) -> Callable[[], Env]:
-    """Slot constructor for env `name`: in-process when `url` is None, else `RemoteEnv`s on the server at `url`."""
+    """Slot constructor for env `name`: in-process when `url` is None, else `RemoteEnv`s on the server at `url`
+    (then `data` and `options` are the server's business: its command line sets them, and they are ignored here)."""
     if url is None:
         from env_servers.registry import make_factory
 
