@@ -67,9 +67,10 @@ class EnvClient:
             raise EnvServerError(f"{method} {path}: server error {resp.status_code}: {resp.text[:300]}")
         if resp.status_code >= 400:
             try:
-                detail = resp.json().get("detail", resp.text)
+                body = resp.json()
             except ValueError:
-                detail = resp.text
+                body = None
+            detail = body.get("detail", resp.text) if isinstance(body, dict) else resp.text
             raise _ERRORS.get(resp.status_code, EnvError)(f"{path}: {detail}")
         return resp.json()
 
