@@ -1,0 +1,57 @@
+"""`python -m trainer CONFIG [key=value ...]`: GRPO training (one process, or one per rank under torchrun).
+
+Arguments are parsed and the config validated before torch is imported, so `--help` and config mistakes are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EPILOG = """examples:
+  python -m trainer configs/gsm8k_tiny.yaml
+  python -m trainer configs/gsm8k_fast.yaml train.lr=1e-6 experiment_name=lr1e-6
+  torchrun --nproc_per_node 2 -m trainer configs/gsm8k_fast.yaml
+The run writes saves/<experiment_name>/ (config.yaml, metrics.jsonl, curves.png, global_step_N/, latest) and resumes
+from `latest` when started again; checkpoint.resume=false starts fresh. Every key is documented in DOCS.md."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description="GRPO fine-tuning: rollout → reward → update → weight sync → eval → checkpoint.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="YAML preset, e.g. configs/gsm8k_tiny.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-6")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from trainer.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from trainer.loop import train  # imports torch
+
+    try:
+        result = train(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the newest complete checkpoint is kept; run the same command to resume", file=sys.stderr)
+        return 130
+    if os.environ.get("RANK", "0") == "0":
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,481 @@
+"""The GRPO loop: data cursor → workflow rollout → reward → group advantages → micro-batched update → weight sync →
+log → periodic eval → periodic checkpoint. `train(cfg)` is the whole run; each stage is one function below.
+
+Precision: master weights and optimizer state are float32; `model.dtype` (auto: bfloat16 on GPU, float32 on CPU) is
+the compute dtype of the forward pass (autocast, or FSDP2's param dtype) and of the rollout engine.
+Several ranks (torchrun): every rank walks the same data cursor and rolls out its own slice of each batch (whole
+groups, so advantages need no communication); losses are normalised by the global token/sequence count.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rollout.api import SamplingParams
+from trainer import checkpoint, dist
+from trainer.api import Trajectory
+from trainer.config import Config, ConfigError, save_config
+from trainer.data import DataCursor, load_eval_items, load_train_items, num_steps
+from trainer.dist import Dist
+from trainer.grpo import entropy_from_logits, group_advantages, loss_norms, masked_mean, policy_loss
+from trainer.metrics import MetricsLogger, bar_postfix, progress_bar
+from trainer.rollout_factory import compute_dtype, make_engine, sync_weights
+from trainer.workflow import SingleTurnWorkflow
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; `step` is the number of optimizer steps taken."""
+
+    cfg: Config
+    d: Dist
+    model: nn.Module
+    tokenizer: Any
+    engine: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    cursor: DataCursor
+    eval_items: list[dict]
+    total_steps: int
+    dtype: torch.dtype
+    ref_model: nn.Module | None = None
+    workflow: SingleTurnWorkflow | None = None
+    eval_workflow: SingleTurnWorkflow | None = None
+    logger: MetricsLogger | None = None
+    source: Any = None
+    step: int = 0
+    served: list[int] = field(default_factory=list)  # item indices of this rank's latest sampled batch
+    last_eval: int = -1
+    last_save: int = -1
+
+    @property
+    def exp_dir(self) -> Path:
+        return self.cfg.exp_dir
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) the experiment `cfg.experiment_name`; returns a summary of the final state."""
+    d = dist.init(cfg.train.device)
+    run = None
+    try:
+        run = build(cfg, d)
+        resumed = restore(run)
+        start_logging(run, resumed)
+        run.source = make_rollout_source(run)
+        if run.step == 0 and cfg.eval.every and cfg.eval.at_start:
+            record_eval(run)
+        bar = progress_bar(run.total_steps, run.step, cfg.logging.progress, d.rank)
+        with bar:
+            while run.step < run.total_steps:
+                stats = train_step(run)
+                after_step(run, stats, bar)
+        finish(run)
+        return summary(run)
+    finally:
+        shutdown(run)
+        dist.close(d)
+
+
+# ---------------------------------------------------------------------------------------------------------- setup
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build(cfg: Config, d: Dist) -> Run:
+    """Model, engine, optimizer, data and workflows for this rank; the resolved config is saved first."""
+    if d.is_main:
+        cfg.exp_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.exp_dir / "config.yaml")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    dtype = compute_dtype(cfg, d.device)
+    model, tokenizer, path = load_policy(cfg, d)
+    engine = make_engine(cfg, model, tokenizer, d, path)  # before sharding: it may alias the full parameters
+    if d.distributed:
+        dist.shard(model, d, param_dtype=None if dtype == torch.float32 else dtype)
+    optimizer, scheduler = make_optimizer(cfg, model)
+    items = load_train_items(cfg, tokenizer)
+    eval_items = load_eval_items(cfg, tokenizer) if cfg.eval.every else []
+    cursor = DataCursor(items, cfg.train.seed, cfg.data.shuffle, d.rank, d.world_size)
+    total = cfg.train.total_steps or num_steps(len(items), cfg.train.batch_size, cfg.data.epochs)
+    run = Run(cfg, d, model, tokenizer, engine, optimizer, scheduler, cursor, eval_items, total, dtype)
+    run.ref_model = load_reference(cfg, path, d, dtype) if cfg.grpo.beta > 0 else None
+    run.workflow, run.eval_workflow = make_workflows(cfg, tokenizer)
+    return run
+
+
+def load_policy(cfg: Config, d: Dist):
+    """The trainable HF model (float32 master weights on this rank's device) and its tokenizer."""
+    from transformers.utils import logging as hf_logging
+
+    from rollout.loading import ModelNotFoundError, load_model, load_tokenizer, resolve_model_path
+
+    hf_logging.disable_progress_bar()  # the step bar is the one progress bar of a run
+
+    try:
+        path = resolve_model_path(cfg.model.path, cfg.model.models_dir)
+    except ModelNotFoundError as err:
+        raise ConfigError(f"model.path: {err}") from None
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, dtype=torch.float32, device=str(d.device))
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model.train(), tokenizer, path
+
+
+def load_reference(cfg: Config, path: str, d: Dist, dtype: torch.dtype) -> nn.Module:
+    """The frozen reference policy for the KL term (a full copy per rank, compute dtype)."""
+    from rollout.loading import load_model
+
+    ref = load_model(path, dtype=dtype, device=str(d.device))
+    ref.requires_grad_(False)
+    return ref
+
+
+def make_optimizer(cfg: Config, model: nn.Module):
+    """AdamW + linear warm-up to `train.lr` over `train.warmup_steps`, constant afterwards."""
+    t = cfg.train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    warmup = max(t.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    return optimizer, scheduler
+
+
+def make_workflows(cfg: Config, tokenizer) -> tuple[SingleTurnWorkflow, SingleTurnWorkflow]:
+    """Training rollouts (n samples per prompt) and greedy eval, both scored by the GSM8K reward."""
+    if cfg.env.name != "gsm8k" or cfg.env.url is not None:
+        raise ConfigError(f"env.name={cfg.env.name!r} (env.url={cfg.env.url!r}): this trainer runs gsm8k in-process")
+    r = cfg.rollout
+    train_params = SamplingParams(
+        n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens
+    )
+    eval_params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
+    return (
+        SingleTurnWorkflow(tokenizer, train_params, cfg.env.format_reward),
+        SingleTurnWorkflow(tokenizer, eval_params, cfg.env.format_reward),
+    )
+
+
+def restore(run: Run) -> bool:
+    """Resume from the experiment's newest complete checkpoint (unless checkpoint.resume=false)."""
+    if run.d.is_main:
+        checkpoint.clean_partial(run.exp_dir)
+    dist.barrier(run.d)
+    ckpt = checkpoint.find_latest(run.exp_dir) if run.cfg.checkpoint.resume else None
+    if ckpt is None:
+        return False
+    state = checkpoint.load(ckpt, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, d=run.d)
+    try:
+        run.cursor.load_state_dict(state["data"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    run.step = run.last_save = state["step"]
+    sync_weights(run.engine, run.model, run.d, state["weight_version"])  # the engine samples the restored policy
+    return True
+
+
+def start_logging(run: Run, resumed: bool) -> None:
+    cfg = run.cfg
+    resume_step = run.step if resumed else None
+    run.logger = MetricsLogger(
+        run.exp_dir, cfg.model_dump(mode="json"), cfg.logging.wandb, run.d.rank, resume_step, cfg.logging.wandb_project
+    )
+    if run.d.is_main:
+        how = f"resumed at step {run.step}" if resumed else "fresh start"
+        print(
+            f"[rldock] {cfg.experiment_name}: {how}, {run.total_steps} steps, {run.d.world_size} rank(s), "
+            f"device {run.d.device}, outputs in {run.exp_dir}",
+            flush=True,
+        )
+
+
+def make_rollout_source(run: Run):
+    """The per-step batch source; sampling seeds follow the step so a resumed run samples as an unbroken one."""
+    from trainer.async_rollout import make_source
+
+    calls = itertools.count(run.step)
+
+    def sample() -> tuple[list[dict], list[int]]:
+        call = next(calls)
+        items = run.cursor.next_batch(run.cfg.train.batch_size)
+        run.served = [item["index"] for item in items]
+        run.workflow.reseed(int(np.random.SeedSequence([run.cfg.train.seed, call, run.d.rank]).generate_state(1)[0]))
+        return items, [call * run.cfg.train.batch_size + i for i in range(len(items))]
+
+    return make_source(run.engine, run.workflow, sample, run.cfg.train.batch_size, run.cfg.rollout.max_staleness)
+
+
+# ---------------------------------------------------------------------------------------------------------- a step
+
+
+def train_step(run: Run) -> dict[str, Any]:
+    """One GRPO step: rollout, update, weight sync. Returns the step's metrics (already reduced over ranks)."""
+    t0 = time.perf_counter()
+    trajectories = [t for t in run.source.next_batch(run.engine.weight_version) if t is not None]
+    t1 = time.perf_counter()
+    stats = rollout_stats(run, trajectories)
+    stats.update(update_policy(run, trajectories))
+    run.step += 1
+    t2 = time.perf_counter()
+    stats["weight_version"] = sync_weights(run.engine, run.model, run.d, run.engine.weight_version + 1)
+    t3 = time.perf_counter()
+    stats.update({"time/rollout": t1 - t0, "time/update": t2 - t1, "time/sync": t3 - t2, "time/step": t3 - t0})
+    stats["item_ids"] = [i for part in dist.all_gather_object(run.d, run.served) for i in part]
+    return stats
+
+
+def rollout_stats(run: Run, trajectories: list[Trajectory]) -> dict[str, float]:
+    """Reward, correctness, format, length and learning-signal fractions over every rank's trajectories."""
+    groups: dict[int, list[float]] = {}
+    for t in trajectories:
+        groups.setdefault(t.group_id, []).append(t.reward)
+    sums = [
+        len(trajectories),
+        sum(t.reward for t in trajectories),
+        sum(bool(t.info.get("correct")) for t in trajectories),
+        sum(bool(t.info.get("format_ok")) for t in trajectories),
+        sum(t.num_model_tokens for t in trajectories),
+        sum(t.info.get("finish_reason") == "length" for t in trajectories),
+        len(groups),
+        sum(max(r) > min(r) for r in groups.values()),
+    ]
+    n, reward, correct, fmt, tokens, cut, num_groups, signal = dist.all_reduce_sum(run.d, sums)
+    n, num_groups = max(n, 1), max(num_groups, 1)
+    stats = {"reward": reward / n, "accuracy": correct / n, "response_length": tokens / n}
+    stats.update({"truncated": cut / n, "groups_with_signal": signal / num_groups, "trajectories": n})
+    if run.cfg.env.format_reward > 0:
+        stats["format"] = fmt / n
+    return stats
+
+
+def update_policy(run: Run, trajectories: list[Trajectory]) -> dict[str, float]:
+    """Advantages → micro-batched PPO-clip loss with gradient accumulation → clip → AdamW step."""
+    cfg, d = run.cfg, run.d
+    trajectories, adv = advantages(cfg, trajectories)
+    lengths = [n for part in dist.all_gather_object(d, [t.num_model_tokens for t in trajectories]) for n in part]
+    if not lengths:  # nothing left on any rank (every group dropped): no step, same on all ranks
+        return {"skipped_update": 1.0}
+    norms = loss_norms(lengths, cfg.grpo.loss_agg, cfg.rollout.max_new_tokens)
+    mbs = cfg.train.micro_batch_size
+    count = max_chunks(d, len(trajectories), mbs)
+    run.model.train()
+    run.optimizer.zero_grad(set_to_none=True)
+    parts = []
+    for i in range(count):
+        chunk = trajectories[i * mbs : (i + 1) * mbs] or [padding_trajectory(run.tokenizer)]
+        parts.append(micro_step(run, chunk, adv[i * mbs : (i + 1) * mbs], norms))
+    grad_norm = dist.clip_grad_norm(run.model, cfg.train.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    return {**combine(d, parts), "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0]}
+
+
+def max_chunks(d: Dist, n: int, mbs: int) -> int:
+    """Micro-batches every rank runs: the most any rank needs (FSDP collectives must match across ranks)."""
+    mine = -(-n // mbs)
+    return int(max(dist.all_gather_object(d, mine)))
+
+
+def advantages(cfg: Config, trajectories: list[Trajectory]) -> tuple[list[Trajectory], torch.Tensor]:
+    """Group-normalised advantages; groups with no reward spread are dropped when grpo.drop_zero_adv_groups."""
+    if cfg.grpo.drop_zero_adv_groups:
+        spread: dict[int, set[float]] = {}
+        for t in trajectories:
+            spread.setdefault(t.group_id, set()).add(t.reward)
+        trajectories = [t for t in trajectories if len(spread[t.group_id]) > 1]
+    if not trajectories:
+        return [], torch.zeros(0)
+    rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
+    gids = torch.tensor([t.group_id for t in trajectories])
+    return trajectories, group_advantages(rewards, gids, scale=cfg.grpo.scale_rewards)
+
+
+def padding_trajectory(tokenizer) -> Trajectory:
+    """A no-token stand-in for a rank with fewer micro-batches: it contributes zero loss but joins the collectives."""
+    pad = tokenizer.pad_token_id
+    return Trajectory([pad, pad], [0, 0], [0.0, 0.0], 0.0, 0)
+
+
+def collate(trajectories: list[Trajectory], adv: torch.Tensor, pad_id: int, device) -> dict[str, Any]:
+    """Right-padded tensors, cut to the positions from the earliest model token on (the only logits we need)."""
+    length = max(len(t.token_ids) for t in trajectories)
+
+    def padded(key: str, fill) -> torch.Tensor:
+        return torch.tensor([getattr(t, key) + [fill] * (length - len(t.token_ids)) for t in trajectories])
+
+    ids, mask, old = padded("token_ids", pad_id), padded("loss_mask", 0), padded("logprobs", 0.0)
+    attn = torch.tensor([[1] * len(t.token_ids) + [0] * (length - len(t.token_ids)) for t in trajectories])
+    first = min((t.loss_mask.index(1) if 1 in t.loss_mask else length - 1) for t in trajectories)
+    first = max(first, 1)
+    adv = adv if len(adv) == len(trajectories) else torch.zeros(len(trajectories))
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": attn.to(device),
+        "keep": length - first + 1,  # logits at positions first-1 .. length-1; the last one is dropped
+        "targets": ids[:, first:].to(device),
+        "mask": mask[:, first:].to(device),
+        "old_logp": old[:, first:].to(device, torch.float32),
+        "adv": adv.to(device, torch.float32),
+    }
+
+
+def token_logprobs(model: nn.Module, batch: dict[str, Any], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(target) at each kept position, and the logits (float32) they came from."""
+    device = batch["input_ids"].device
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=batch["keep"])
+    logits = out.logits[:, :-1].float()
+    picked = logits.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1), logits
+
+
+def micro_step(run: Run, chunk: list[Trajectory], adv: torch.Tensor, norms: dict[str, float]) -> dict[str, float]:
+    """Forward + loss + backward on one micro-batch; gradients accumulate (the normaliser is the whole batch's)."""
+    g = run.cfg.grpo
+    batch = collate(chunk, adv, run.tokenizer.pad_token_id, run.d.device)
+    logp, logits = token_logprobs(run.model, batch, run.dtype)
+    ref_logp = None
+    if run.ref_model is not None:
+        with torch.no_grad():
+            ref_logp = token_logprobs(run.ref_model, batch, run.dtype)[0]
+    loss, metrics = policy_loss(
+        logp,
+        batch["old_logp"],
+        batch["adv"],
+        batch["mask"],
+        g.clip_eps,
+        g.clip_eps_high,
+        g.loss_agg,
+        ref_logp,
+        g.beta,
+        **norms,
+    )
+    (loss * run.d.loss_scale).backward()
+    with torch.no_grad():
+        metrics["entropy"] = masked_mean(entropy_from_logits(logits), batch["mask"].bool()).item()
+    metrics["loss"] = loss.item()
+    return metrics
+
+
+def combine(d: Dist, parts: list[dict[str, float]]) -> dict[str, float]:
+    """Micro-batch metrics → step metrics over all ranks: token-weighted means, max of maxima, sum of losses."""
+    everything = [m for rank_parts in dist.all_gather_object(d, parts) for m in rank_parts]
+    tokens = sum(m["num_tokens"] for m in everything) or 1.0
+    out = {"loss": sum(m["loss"] for m in everything)}  # each part is normalised by the global batch already
+    out["ratio_max"] = max(m["ratio_max"] for m in everything)
+    for key in ("clip_frac", "approx_kl", "ratio_mean", "entropy", "kl_ref"):
+        if key in everything[0]:
+            out[key] = sum(m[key] * m["num_tokens"] for m in everything) / tokens
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- logs, eval, saves
+
+
+def after_step(run: Run, stats: dict[str, Any], bar) -> None:
+    cfg = run.cfg
+    run.logger.log(run.step, stats)
+    if cfg.eval.every and run.step % cfg.eval.every == 0:
+        record_eval(run)
+    if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0:
+        save(run)
+    bar.update(1)
+    bar.set_postfix(bar_postfix(run.logger.latest))
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """Greedy accuracy on the eval subset, every rank answering its share."""
+    items = run.eval_items[run.d.rank :: run.d.world_size]
+    trajectories = [t for t in run.eval_workflow.run(run.engine, items, list(range(len(items)))) if t is not None]
+    sums = [
+        len(items),
+        sum(bool(t.info.get("correct")) for t in trajectories),
+        sum(bool(t.info.get("strict")) for t in trajectories),
+        sum(bool(t.info.get("format_ok")) for t in trajectories),
+        sum(t.num_model_tokens for t in trajectories),
+    ]
+    n, correct, strict, fmt, tokens = dist.all_reduce_sum(run.d, sums)
+    n = max(n, 1)
+    return {
+        "eval/accuracy": correct / n,
+        "eval/strict_accuracy": strict / n,
+        "eval/format": fmt / n,
+        "eval/response_length": tokens / n,
+    }
+
+
+def record_eval(run: Run) -> None:
+    t0 = time.perf_counter()
+    result = evaluate(run)
+    result["time/eval"] = time.perf_counter() - t0
+    run.logger.log(run.step, result)
+    run.logger.plot()
+    run.last_eval = run.step
+
+
+def save(run: Run) -> Path:
+    state = {
+        "step": run.step,
+        "weight_version": run.engine.weight_version,
+        "data": run.cursor.state_dict(),
+        "world_size": run.d.world_size,
+        "total_steps": run.total_steps,
+        "experiment_name": run.cfg.experiment_name,
+    }
+    path = checkpoint.save(
+        run.exp_dir,
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        tokenizer=run.tokenizer,
+        trainer_state=state,
+        d=run.d,
+        keep_last=run.cfg.checkpoint.keep_last,
+    )
+    run.last_save = run.step
+    return path
+
+
+def finish(run: Run) -> None:
+    """Final eval and checkpoint (unless this very step already had them), then the final plot."""
+    if run.cfg.eval.every and run.last_eval != run.step:
+        record_eval(run)
+    if run.last_save != run.step:
+        save(run)
+    run.logger.plot()
+
+
+def summary(run: Run) -> dict[str, Any]:
+    latest = dict(run.logger.latest) if run.logger else {}
+    return {
+        "step": run.step,
+        "weight_version": run.engine.weight_version,
+        "exp_dir": str(run.exp_dir),
+        "checkpoint": str(checkpoint.find_latest(run.exp_dir)),
+        **{k: latest[k] for k in ("reward", "accuracy", "eval/accuracy") if k in latest},
+    }
+
+
+def shutdown(run: Run | None) -> None:
+    if run is None:
+        return
+    if run.source is not None:
+        run.source.close()
+    if run.logger is not None:
+        run.logger.close()
+    run.engine.close()

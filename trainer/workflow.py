@@ -1,0 +1,67 @@
+"""Single-turn RLVR: chat prompt → n sampled answers → a verifiable reward each → trajectories.
+
+The trajectory is exactly what the engine saw and produced: prompt ids as given, completion ids as sampled (never
+re-tokenised from text), the engine's behaviour logprobs on the completion and 0 on the prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from rollout.api import Completion, RolloutEngine, SamplingParams
+from trainer.api import Trajectory, Workflow
+
+ScoreFn = Callable[[str, str, float], dict[str, Any]]
+
+
+def _default_score() -> ScoreFn:
+    from env_servers.gsm8k import score
+
+    return score
+
+
+class SingleTurnWorkflow(Workflow):
+    """Items carry `prompt_ids` and a gold `answer`; `score(text, gold, format_reward)` returns at least `reward`.
+
+    Every other key the scorer returns (correct, format_ok, ...) lands in `Trajectory.info`.
+    """
+
+    def __init__(self, tokenizer, params: SamplingParams, format_reward: float = 0.0, score: ScoreFn | None = None):
+        self.tokenizer = tokenizer
+        self.params = params
+        self.format_reward = format_reward
+        self.score = score or _default_score()
+
+    def reseed(self, seed: int) -> None:
+        """Sampling seed for the next `run` (the loop derives it from the step, so a resumed run samples alike)."""
+        self.params = replace(self.params, seed=seed)
+
+    def run(self, engine: RolloutEngine, items: list[dict[str, Any]], group_ids: list[int]) -> list[Trajectory | None]:
+        if not items:
+            return []
+        completions = engine.generate([item["prompt_ids"] for item in items], self.params)
+        texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+        return [
+            self._trajectory(c, text, items[c.prompt_index], group_ids[c.prompt_index])
+            for c, text in zip(completions, texts, strict=True)
+        ]
+
+    def _trajectory(self, c: Completion, text: str, item: dict[str, Any], group_id: int) -> Trajectory | None:
+        if not c.token_ids:
+            return None
+        result = dict(self.score(text, item["answer"], self.format_reward))
+        reward = float(result.pop("reward"))
+        info = {**result, "finish_reason": c.finish_reason, "index": item.get("index"), "text": text}
+        prompt = list(c.prompt_ids or item["prompt_ids"])
+        prompt_len = len(prompt)
+        return Trajectory(
+            token_ids=prompt + list(c.token_ids),
+            loss_mask=[0] * prompt_len + [1] * len(c.token_ids),
+            logprobs=[0.0] * prompt_len + list(c.logprobs),
+            reward=reward,
+            weight_version=c.weight_version,
+            group_id=group_id,
+            info=info,
+        )
