@@ -6,8 +6,8 @@
 - Several URLs: each `generate` splits its prompts into contiguous chunks, one per service, sent concurrently; the
   service that gets the first chunk rotates from call to call (round-robin).
 - Restarts: every answer names the service's boot id and weight version. A new boot id, or a version older than
-  the last one synced, means the service restarted or missed an update: the client re-syncs it (the trainer's
-  `resync(url)` callback, else a re-post of the last synced safetensors folder) and asks again.
+  the last one synced, means the service restarted or missed an update: the client re-syncs it (a re-post of the
+  last synced safetensors folder, or after a broadcast the trainer's `resync(url)` callback) and asks again.
 """
 
 from __future__ import annotations
@@ -141,11 +141,11 @@ class HTTPRolloutClient(RolloutEngine):
 
     def resync_service(self, url: str) -> None:
         """Bring a restarted or lagging service to the last synced weights, then trust its new boot id."""
-        if self.resync is not None:
-            self.resync(url)
-        elif self._synced is not None and self._synced[0] is not None:
+        if self._synced is not None and self._synced[0] is not None:
             path, version = self._synced
             self.request("POST", url, "/update_weights", P.disk_update_body(path, version), timeout=self.update_timeout)
+        elif self.resync is not None:
+            self.resync(url)
         self._boot_ids[url] = self.health(url)["boot_id"]
 
     # ---- weights and admin ----------------------------------------------------------------------------------------
