@@ -8,6 +8,7 @@ crash mid-write leaves the previous checkpoint in charge and the `.tmp` folder i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -22,9 +23,6 @@ import torch
 from torch import nn
 
 from trainer.dist import Dist, barrier
-
-# DCP warns on every call made without a process group; saving from one process is intended here
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
 LATEST = "latest"
@@ -64,6 +62,14 @@ def clean_partial(exp_dir: Path) -> list[Path]:
     for p in removed:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     return removed
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns on every call made without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _rng_state() -> dict[str, Any]:
@@ -130,8 +136,9 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "actor").mkdir(parents=True)
     barrier(d)
-    dcp.save(get_model_state_dict(model), checkpoint_id=tmp / "actor" / "model")
-    dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=tmp / "actor" / "optim")
+    with _single_process_ok():
+        dcp.save(get_model_state_dict(model), checkpoint_id=tmp / "actor" / "model")
+        dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=tmp / "actor" / "optim")
     torch.save(_rng_state(), tmp / f"rng_rank_{d.rank}.pt")
     barrier(d)
     if d.is_main:
@@ -153,12 +160,13 @@ def load(ckpt: Path, *, model, optimizer, scheduler, d: Dist) -> dict:
     )
 
     ckpt = Path(ckpt)
-    model_sd = get_model_state_dict(model)
-    dcp.load(model_sd, checkpoint_id=ckpt / "actor" / "model")
-    set_model_state_dict(model, model_sd)
-    optim_sd = get_optimizer_state_dict(model, optimizer)
-    dcp.load(optim_sd, checkpoint_id=ckpt / "actor" / "optim")
-    set_optimizer_state_dict(model, optimizer, optim_sd)
+    with _single_process_ok():
+        model_sd = get_model_state_dict(model)
+        dcp.load(model_sd, checkpoint_id=ckpt / "actor" / "model")
+        set_model_state_dict(model, model_sd)
+        optim_sd = get_optimizer_state_dict(model, optimizer)
+        dcp.load(optim_sd, checkpoint_id=ckpt / "actor" / "optim")
+        set_optimizer_state_dict(model, optimizer, optim_sd)
     scheduler.load_state_dict(torch.load(ckpt / "actor" / "scheduler.pt", weights_only=True))
     rng = ckpt / f"rng_rank_{d.rank}.pt"
     if rng.is_file():  # absent when resuming on more ranks than wrote the checkpoint
