@@ -22,9 +22,11 @@ RUN mkdir -p /usr/share/man/man1 \
     && chown -R rldock:rldock /workspace
 
 # ---------------------------------------------------------------- dependencies (manifests only)
-COPY docker/eval-requirements.txt /tmp/rldock-build/
+COPY pyproject.toml docker/requirements.py docker/eval-requirements.txt /tmp/rldock-build/
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install -r /tmp/rldock-build/eval-requirements.txt
+    python /tmp/rldock-build/requirements.py eval --pyproject /tmp/rldock-build/pyproject.toml \
+        > /tmp/rldock-build/requirements.txt \
+    && pip install -r /tmp/rldock-build/requirements.txt
 
 # ---------------------------------------------------------------- sources
 COPY docker/entrypoint.sh /usr/local/bin/rldock-entrypoint

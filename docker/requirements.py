@@ -4,7 +4,8 @@ import-isolation tests both read, so an image's dependency list cannot drift fro
     python docker/requirements.py train|scripts|eval [--pyproject pyproject.toml]
 
 train and scripts take `[project].dependencies` from pyproject.toml (plus the vllm extra for train, ruff for
-scripts); torch and flash-attn come from the base image. eval is slim: docker/eval-requirements.txt, no torch.
+scripts); torch and flash-attn come from the base image. eval is slim, no torch: docker/eval-requirements.txt plus
+the sciworld extra (its image has the Java runtime ScienceWorld needs).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tomllib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-EXTRAS = {"train": ["vllm"], "scripts": [], "eval": []}
+EXTRAS = {"train": ["vllm"], "scripts": [], "eval": ["sciworld"]}
 DEV_PICKS = {"train": [], "scripts": ["ruff"], "eval": []}
 
 
@@ -33,11 +34,9 @@ def eval_requirements() -> list[str]:
 
 
 def requirements(image: str, pyproject: Path = HERE.parent / "pyproject.toml") -> list[str]:
-    if image == "eval":
-        return eval_requirements()
     project = tomllib.loads(pyproject.read_text())["project"]
     optional = project.get("optional-dependencies", {})
-    reqs = list(project["dependencies"])
+    reqs = eval_requirements() if image == "eval" else list(project["dependencies"])
     for extra in EXTRAS[image]:
         reqs += optional.get(extra, [])
     reqs += [r for r in optional.get("dev", []) if _name(r) in DEV_PICKS[image]]

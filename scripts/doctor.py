@@ -44,6 +44,8 @@ def setting(name: str, default: str) -> str:
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
+        # Like the servers themselves: connections lingering in TIME_WAIT do not make a port busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -248,6 +248,8 @@ def _group_alive(pgid: int) -> bool:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        # Like the servers themselves: connections lingering in TIME_WAIT do not make a port busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
