@@ -84,7 +84,9 @@ def test_wandb_offline_by_default_in_the_experiment_dir_with_the_key_file(tmp_pa
     exp = tmp_path / "saves" / "exp"
     with MetricsLogger(exp, {"train": {"lr": 1e-6}}, use_wandb=True) as logger:
         assert logger.wandb_run is not None
-        logger.log(1, {"reward": 0.5})
+        logger.log(1, {"reward": 0.5, "item_ids": [3, 1, 2], "note": "x"})
+        logger.log(2, {"reward": 0.75})
+        assert logger.wandb_run is not None  # the list and the string did not disable wandb
     assert os.environ["WANDB_API_KEY"] == "0123456789abcdef0123456789abcdef01234567"
     run_id = (exp / "wandb_id").read_text()
     runs = list((exp / "wandb").glob("offline-run-*"))

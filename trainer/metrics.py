@@ -125,7 +125,9 @@ class MetricsLogger:
         self.latest.update(row)
         if self.wandb_run is not None:
             try:
-                self.wandb_run.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=step)
+                # scalars only: a list (e.g. the step's item ids) stays in metrics.jsonl
+                scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and k not in ("step", "time")}
+                self.wandb_run.log(scalars, step=step)
             except Exception as err:
                 warnings.warn(f"wandb disabled: {type(err).__name__}: {err}", stacklevel=2)
                 self.wandb_run = None
