@@ -56,15 +56,14 @@ class GenerateRequest(Strict):
         return SamplingParams(**self.model_dump(exclude={"prompts"}))
 
 
-class CompletionsRequest(BaseModel):
-    """POST /v1/completions, the OpenAI legacy completions body. Unknown OpenAI fields are ignored (as vLLM does);
-    the ones that would change the answer and are not supported (stream, echo, best_of > n) are refused."""
+class OpenAISampling(BaseModel):
+    """Sampling fields shared by the OpenAI routes. Unknown OpenAI fields are ignored (as vLLM does); those that
+    would change the answer and are not supported (stream) are refused."""
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str | list[str] | list[TokenId] | list[Prompt]
     model: str | None = None
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
@@ -72,8 +71,36 @@ class CompletionsRequest(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] = Field(default_factory=list)
     seed: int | None = None
-    logprobs: int | None = Field(None, ge=0, le=20)
     stream: Literal[False] = False
+
+    @model_validator(mode="after")
+    def _stops(self):
+        if any(s == "" for s in self.stop_strings()):
+            raise ValueError("stop strings must be non-empty")
+        return self
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_tokens or default_max_tokens,
+            stop_token_ids=list(self.stop_token_ids),
+            seed=self.seed,
+        )
+
+
+class CompletionsRequest(OpenAISampling):
+    """POST /v1/completions, the OpenAI legacy completions body (max_tokens defaults to 16, as OpenAI's)."""
+
+    prompt: str | list[str] | list[TokenId] | list[Prompt]
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: Literal[False] = False
 
     @model_validator(mode="after")
@@ -81,8 +108,6 @@ class CompletionsRequest(BaseModel):
         prompts = self.prompt_list()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompt must be a non-empty string, list of strings or list of token ids")
-        if any(s == "" for s in self.stop_strings()):
-            raise ValueError("stop strings must be non-empty")
         return self
 
     def prompt_list(self) -> list[str | list[int]]:
@@ -93,21 +118,38 @@ class CompletionsRequest(BaseModel):
             return [list(self.prompt)]
         return list(self.prompt)
 
-    def stop_strings(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            n=self.n,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            max_new_tokens=self.max_tokens,
-            stop_token_ids=list(self.stop_token_ids),
-            seed=self.seed,
-        )
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str = Field(min_length=1)
+    content: str | list[TextPart] | None = None
+
+    def as_template_input(self) -> dict[str, str]:
+        content = self.content or ""
+        if not isinstance(content, str):
+            content = "".join(part.text for part in content)
+        return {"role": self.role, "content": content}
+
+
+class ChatCompletionsRequest(OpenAISampling):
+    """POST /v1/chat/completions: the model's chat template renders `messages` with a generation prompt.
+    max_tokens (or max_completion_tokens) defaults to 512 here."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> ChatCompletionsRequest:
+        self.max_tokens = self.max_tokens or self.max_completion_tokens
+        return self
 
 
 class TensorSpec(Strict):
@@ -220,9 +262,10 @@ def completion_choice(
 def completions_response(
     request_id: str, created: int, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
+    """The body of both OpenAI routes: the object is "chat.completion" when the choices are chat choices."""
     return {
         "id": request_id,
-        "object": "text_completion",
+        "object": "chat.completion" if choices and "message" in choices[0] else "text_completion",
         "created": created,
         "model": model,
         "choices": choices,
@@ -232,6 +275,19 @@ def completions_response(
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
+
+
+def chat_choice(index: int, text: str, finish_reason: str, tokens: list[str] | None, logprobs: list[float]) -> dict:
+    """One chat choice; `tokens=None` when the request asked for no logprobs (no alternatives: top_logprobs is [])."""
+    lp = None
+    if tokens is not None:
+        content = [
+            {"token": t, "logprob": p, "bytes": list(t.encode()), "top_logprobs": []}
+            for t, p in zip(tokens, logprobs, strict=True)
+        ]
+        lp = {"content": content}
+    message = {"role": "assistant", "content": text}
+    return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": lp}
 
 
 # ---- weight manifests ----------------------------------------------------------------------------------------------

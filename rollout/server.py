@@ -4,6 +4,7 @@ Routes (bodies in rollout/payloads.py):
   GET  /health             200 {"status", "boot_id", "weight_version", "paused", "model", "backend", "sync_ranks"}
   GET  /v1/models          OpenAI model list
   POST /v1/completions     OpenAI legacy completions (prompt: string, strings, token ids or lists of them)
+  POST /v1/chat/completions  OpenAI chat completions (the model's chat template renders the messages)
   POST /generate           token ids in → completions with token ids, logprobs, finish reason and weight version
   POST /update_weights     {"path", "version"} loads an HF safetensors folder; {"method": "nccl", ...} receives a
                            broadcast in the group opened by POST /init_weight_sync (closed by /close_weight_sync)
@@ -29,6 +30,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +275,15 @@ def _tokenize(service: Service, req: P.CompletionsRequest) -> list[list[int]]:
     return prompts
 
 
+def _render_chat(service: Service, req: P.ChatCompletionsRequest) -> list[int]:
+    messages = [m.as_template_input() for m in req.messages]
+    try:
+        text = service.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # jinja raises for roles or orders the template refuses: the caller's input
+        raise HTTPException(400, f"the chat template refused these messages: {err}") from None
+    return service.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def _cut_at_stop(tokenizer, ids: list[int], stops: list[str]) -> int:
     """Fewest leading tokens whose text contains a stop string (the text grows with the prefix, so bisect)."""
     lo, hi = 1, len(ids)
@@ -285,34 +296,34 @@ def _cut_at_stop(tokenizer, ids: list[int], stops: list[str]) -> int:
     return lo
 
 
-def _choice(tokenizer, index: int, c: Completion, stops: list[str], want_logprobs: bool) -> tuple[dict, int]:
-    ids, logprobs, finish = c.token_ids, c.logprobs, c.finish_reason
+def _finish(tokenizer, c: Completion, stops: list[str]) -> tuple[str, str, list[int], list[float]]:
+    """(text, finish reason, token ids, logprobs) of a completion, cut before the first stop string."""
+    ids, logprobs, finish = c.token_ids, list(c.logprobs), c.finish_reason
     text = tokenizer.decode(ids, skip_special_tokens=True)
     cut = P.first_stop(text, stops) if stops else None
     if cut is not None:
         keep = _cut_at_stop(tokenizer, ids, stops)
         ids, logprobs, text, finish = ids[:keep], logprobs[:keep], text[:cut], "stop"
-    tokens, offsets = None, []
-    if want_logprobs:
-        tokens = [tokenizer.decode([t]) for t in ids]
-        pos = 0
-        for piece in tokens:
-            offsets.append(pos)
-            pos += len(piece)
-    return P.completion_choice(index, text, finish, tokens, list(logprobs), offsets), len(ids)
+    return text, finish, ids, logprobs
 
 
-def _completions_body(service: Service, req: P.CompletionsRequest, prompts, completions) -> dict:
-    stops, want = req.stop_strings(), req.logprobs is not None
-    choices, used = [], 0
+def _openai_body(service: Service, req: P.OpenAISampling, prompts: list[list[int]], completions) -> dict:
+    """The answer of /v1/completions or (for a ChatCompletionsRequest) /v1/chat/completions."""
+    chat = isinstance(req, P.ChatCompletionsRequest)
+    want = req.logprobs if chat else req.logprobs is not None
+    tok, choices, used = service.tokenizer, [], 0
     for i, c in enumerate(completions):
-        choice, n = _choice(service.tokenizer, i, c, stops, want)
-        choices.append(choice)
-        used += n
+        text, finish, ids, logprobs = _finish(tok, c, req.stop_strings())
+        pieces = [tok.decode([t]) for t in ids] if want else None
+        used += len(ids)
+        if chat:
+            choices.append(P.chat_choice(i, text, finish, pieces, logprobs))
+        else:
+            offsets = list(accumulate((len(p) for p in pieces[:-1]), initial=0)) if pieces else []
+            choices.append(P.completion_choice(i, text, finish, pieces, logprobs, offsets))
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     prompt_tokens = sum(len(p) for p in prompts)
-    return P.completions_response(
-        f"cmpl-{uuid.uuid4().hex}", int(time.time()), service.name, choices, prompt_tokens, used
-    )
+    return P.completions_response(request_id, int(time.time()), service.name, choices, prompt_tokens, used)
 
 
 # ---- the app -------------------------------------------------------------------------------------------------------
@@ -335,11 +346,18 @@ def _generation_routes(app: FastAPI, svc: Service) -> None:
 
     @app.post("/v1/completions")
     async def completions(req: P.CompletionsRequest):
-        if req.model not in (None, svc.name):
-            raise HTTPException(404, f"model {req.model!r} is not served here; this service serves {svc.name!r}")
-        prompts = _tokenize(svc, req)
-        out = await svc.generate(prompts, req.sampling_params())
-        return await asyncio.to_thread(_completions_body, svc, req, prompts, out)
+        return await _openai(svc, req, _tokenize(svc, req), default_max_tokens=16)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: P.ChatCompletionsRequest):
+        return await _openai(svc, req, [_render_chat(svc, req)], default_max_tokens=512)
+
+
+async def _openai(svc: Service, req: P.OpenAISampling, prompts: list[list[int]], default_max_tokens: int) -> dict:
+    if req.model not in (None, svc.name):
+        raise HTTPException(404, f"model {req.model!r} is not served here; this service serves {svc.name!r}")
+    out = await svc.generate(prompts, req.sampling_params(default_max_tokens))
+    return await asyncio.to_thread(_openai_body, svc, req, prompts, out)
 
 
 def _admin_routes(app: FastAPI, svc: Service) -> None:

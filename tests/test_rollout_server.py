@@ -107,8 +107,27 @@ def test_openai_completions(server, tokenizer):
     assert first["logprobs"]["token_logprobs"] == pytest.approx(gen["logprobs"], abs=1e-5)
 
 
+def test_openai_chat_completions(server, tokenizer):
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    body = {"model": "smol", "messages": messages, "max_tokens": 6, "temperature": 0, "logprobs": True}
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "chat.completion" and len(out["choices"]) == 1
+    choice = out["choices"][0]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    gen = post(server, "/generate", {"prompts": [ids], "max_new_tokens": 6, "temperature": 0}).json()["completions"][0]
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": tokenizer.decode(gen["token_ids"], skip_special_tokens=True),
+    }
+    assert [t["logprob"] for t in choice["logprobs"]["content"]] == pytest.approx(gen["logprobs"], abs=1e-5)
+    assert out["usage"]["prompt_tokens"] == len(ids) and out["usage"]["completion_tokens"] == len(gen["token_ids"])
+
+
 def test_openai_stop_string_cuts_text(server):
-    base = {"prompt": [1, 504, 3458, 282], "max_tokens": 12, "temperature": 0, "logprobs": 0}
+    base = {"prompt": [1, 504, 3458, 282], "max_tokens": 8, "temperature": 0, "logprobs": 0}
     full = post(server, "/v1/completions", base).json()["choices"][0]
     text = full["text"]
     assert len(text) > 4
@@ -145,6 +164,13 @@ BAD_COMPLETIONS = [
     {"prompt": ["hi", [1, 2]]},
     {},
 ]
+BAD_CHAT = [
+    {"messages": []},
+    {"messages": "hi"},
+    {"messages": [{"content": "no role"}]},
+    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "url": "x"}]}]},
+]
 BAD_ADMIN = [
     ("/update_weights", {"path": "/definitely/not/here"}),
     ("/update_weights", {"method": "disk"}),
@@ -168,6 +194,12 @@ def test_bad_generate_is_4xx(server, body):
 @pytest.mark.parametrize("body", BAD_COMPLETIONS)
 def test_bad_completions_is_4xx(server, body):
     r = post(server, "/v1/completions", body)
+    assert 400 <= r.status_code < 500 and r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("body", BAD_CHAT)
+def test_bad_chat_is_4xx(server, body):
+    r = post(server, "/v1/chat/completions", body)
     assert 400 <= r.status_code < 500 and r.json()["detail"], r.text
 
 
