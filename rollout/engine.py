@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import operator
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch import nn
 
 from rollout.api import FINISH_LENGTH, FINISH_STOP, Completion, RolloutEngine, SamplingParams
 from rollout.model import CausalLM, ModelConfig, alias_parameters, load_folder, load_state
-from rollout.sampling import sample
+from rollout.sampling import sample, truncate
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -50,65 +51,155 @@ def _module_eos_ids(hf_model: nn.Module) -> list[int]:
     return []
 
 
-class _Batch:
-    """Device state of one decoding batch: KV cache, last tokens, outputs, stop flags.
+def _fused_ok(device: torch.device, cfg: ModelConfig, fused: bool) -> bool:
+    """The fused Triton decode path: CUDA, Triton importable, no per-head q/k norm (Qwen3 decodes unfused)."""
+    if not fused or device.type != "cuda" or cfg.qk_norm:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    `step()` is the unit a CUDA graph captures: it reads only tensors held here, so replays see new values.
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+class _Runner:
+    """Device state of one decoding batch of capacity (b_cap rows, t_cap cache slots): KV cache, last tokens,
+    outputs, stop flags, and the counters `ctr = [slot of the next input, column of the next output]`.
+
+    On CUDA a runner outlives the call: `load` refills its buffers in place, so the decode step captured as a CUDA
+    graph (`capture`) replays for any later batch of the same capacity and sampling mode. `step` reads only tensors
+    held here. On CPU the step runs eagerly and attention reads only the slots written so far.
     """
 
-    def __init__(self, engine: EmbeddedEngine, prompts: list[list[int]], params: SamplingParams, stop: list[int]):
-        model, dev = engine.model, engine.device
-        self.model, self.params = model, params
-        self.b, self.p, self.n = len(prompts), max(map(len, prompts)), params.max_new_tokens
-        self.pad = stop[0]
-        ids = torch.full((self.b, self.p), self.pad, dtype=torch.long)
+    def __init__(self, engine: EmbeddedEngine, b_cap: int, t_cap: int, mode: tuple, nstop: int):
+        self.model, self.mode, self.b_cap, self.t_cap = engine.model, mode, b_cap, t_cap
+        self.fast, self.cuda = engine.fast, engine.device.type == "cuda"
+        dev = engine.device
+        self.k_cache, self.v_cache = self.model.new_cache(b_cap, t_cap)
+        self.ids: torch.Tensor | None = None
+        self.pad_len = torch.zeros(b_cap, dtype=torch.long, device=dev)
+        self.tokens = torch.zeros((b_cap, t_cap), dtype=torch.long, device=dev)
+        self.logprobs = torch.zeros((b_cap, t_cap), dtype=torch.float32, device=dev)
+        self.done = torch.zeros(b_cap, dtype=torch.int8 if self.cuda else torch.bool, device=dev)
+        self.last = torch.zeros(b_cap, dtype=torch.long, device=dev)
+        self.ctr = torch.zeros(2, dtype=torch.long, device=dev)
+        self.stop = torch.full((nstop,), -1, dtype=torch.long, device=dev)
+        self.temperature = torch.ones((), device=dev)
+        self.top_p = torch.ones((), device=dev)
+        self.one = torch.ones((), device=dev)
+        self.seed = torch.zeros((), dtype=torch.long, device=dev)
+        self.generator = torch.Generator(dev)
+        self.cos, self.sin = self.model.rope_tables(t_cap) if self.fast else (None, None)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.pad, self.p, self.rows = 0, 1, 0
+
+    def load(self, prompts: list[list[int]], params: SamplingParams, stop: list[int], seed: int) -> None:
+        """Left-pad `prompts` into the batch (rows beyond them are idle: done from the start) and reset the state."""
+        self.rows, self.p, self.pad = len(prompts), max(map(len, prompts)), stop[0]
+        ids = torch.full((self.b_cap, self.p), self.pad, dtype=torch.long)
+        pad_len = torch.full((self.b_cap,), self.p - 1, dtype=torch.long)
         for i, prompt in enumerate(prompts):
             ids[i, self.p - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        self.ids = ids.to(dev)
-        self.pad_len = torch.tensor([self.p - len(x) for x in prompts], device=dev)
-        self.k_cache, self.v_cache = model.new_cache(self.b, self.p + self.n)
-        self.stop = torch.tensor(stop, device=dev)
-        self.tokens = torch.full((self.b, self.n), self.pad, dtype=torch.long, device=dev)
-        self.logprobs = torch.zeros((self.b, self.n), dtype=torch.float32, device=dev)
-        self.done = torch.zeros(self.b, dtype=torch.bool, device=dev)
-        self.last = torch.zeros((self.b, 1), dtype=torch.long, device=dev)
-        self.slot = torch.tensor([self.p - 1], device=dev)  # cache slot of `last`
-        self.col = torch.zeros(1, dtype=torch.long, device=dev)  # output column the next token goes to
-        self.temperature = torch.tensor(max(params.temperature, 1e-6), device=dev)
-        self.top_p = torch.tensor(params.top_p, device=dev)
-        self.generator: torch.Generator | None = None
+            pad_len[i] = self.p - len(prompt)
+        dev = self.pad_len.device
+        self.ids = ids.to(dev, non_blocking=True)
+        self.pad_len.copy_(pad_len)
+        self.done.copy_(torch.arange(self.b_cap) >= self.rows)
+        self.stop.fill_(-1)
+        self.stop[: len(stop)] = torch.tensor(stop)
+        self.tokens.fill_(self.pad)
+        self.temperature.fill_(max(params.temperature, 1e-6))
+        self.top_p.fill_(params.top_p)
+        self.seed.fill_(seed)
+        self.generator.manual_seed(seed)
+        self.params = params
 
-    def prefill(self) -> None:
-        """Run the prompts in one pass and draw the first token."""
-        st = self.model.make_step(torch.arange(self.p, device=self.ids.device), self.pad_len, self.p)
-        self.record(self.model(self.ids, st, self.k_cache, self.v_cache))
+    def prefill(self, max_tokens: int = 32768) -> None:
+        """Run the prompts (row chunks of at most `max_tokens` tokens) and draw the first token."""
+        dev, p = self.pad_len.device, self.p
+        slots = torch.arange(p, device=dev)
+        rows = max(1, max_tokens // p)
+        logits = []
+        for r in range(0, self.b_cap, rows):
+            st = self.model.make_step(slots, self.pad_len[r : r + rows], p)
+            kc, vc = self.k_cache[:, r : r + rows], self.v_cache[:, r : r + rows]
+            logits.append(self.model(self.ids[r : r + rows], st, kc, vc))
+        self.ctr.copy_(torch.tensor([p, 0]))
+        self.record(torch.cat(logits))
+        self.ctr[1] += 1
 
-    def step(self, kv_len: int) -> None:
-        """Feed the last drawn token (at slot+1), draw the next one. Rows already stopped draw pad tokens."""
-        self.slot += 1
-        st = self.model.make_step(self.slot, self.pad_len, kv_len)
-        self.record(self.model(self.last, st, self.k_cache, self.v_cache))
+    def step(self) -> None:
+        """Feed the last drawn tokens at slot ctr[0], draw the next ones into column ctr[1], bump both."""
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if self.fast:
+            logits = self.model.decode_fast(
+                self.last, self.ctr, self.pad_len, self.k_cache, self.v_cache, self.cos, self.sin
+            )
+        else:
+            kv_len = self.t_cap if self.cuda else int(self.ctr[0]) + 1  # CPU: only the slots written so far
+            st = self.model.make_step(self.ctr[:1], self.pad_len, kv_len)
+            logits = self.model(self.last[:, None], st, self.k_cache, self.v_cache)
+        self.record(logits)
+        self.ctr += 1
 
     def record(self, logits: torch.Tensor) -> None:
-        prm = self.params
-        top_p = self.top_p if prm.top_p < 1.0 else 1.0
-        tok, lp = sample(logits, self.temperature, top_p, prm.top_k, prm.greedy, self.generator)
-        tok = tok.masked_fill(self.done, self.pad)
-        self.tokens.index_copy_(1, self.col, tok[:, None])
-        self.logprobs.index_copy_(1, self.col, lp.masked_fill(self.done, 0.0)[:, None])
-        self.done |= torch.isin(tok, self.stop)
-        self.last.copy_(tok[:, None])
-        self.col += 1
+        greedy, top_k, truncated = self.mode
+        if self.cuda:
+            from rollout.kernels import sample_rows
 
-    def results(self) -> list[tuple[list[int], list[float], str]]:
-        """Per row: tokens up to and including the first stop token, their logprobs, the finish reason."""
-        is_stop = torch.isin(self.tokens, self.stop)
+            draw = truncate(logits.float() / self.temperature, self.top_p, top_k) if truncated else None
+            temp = self.one if truncated else self.temperature
+            sample_rows(
+                logits, draw, temp, self.seed, self.ctr, self.done, self.stop,
+                self.tokens, self.logprobs, self.last, self.pad, greedy,
+            )  # fmt: skip
+        else:
+            top_p = self.top_p if self.params.top_p < 1.0 else 1.0
+            tok, lp = sample(logits, self.temperature, top_p, top_k, greedy, self.generator)
+            tok = tok.masked_fill(self.done, self.pad)
+            col = self.ctr[1:]
+            self.tokens.index_copy_(1, col, tok[:, None])
+            self.logprobs.index_copy_(1, col, lp.masked_fill(self.done, 0.0)[:, None])
+            self.done |= torch.isin(tok, self.stop)
+            self.last.copy_(tok)
+
+    def capture(self) -> None:
+        """Record `step` (forward + sampling + bookkeeping + counter bump) as a CUDA graph, after two warm-up runs
+        on the idle state (they compile the kernels). `load` resets everything the warm-up touched."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step()
+        self.graph = graph
+
+    def decode(self, n: int, check_every: int) -> None:
+        """Decode until every row stopped or `n` tokens; a host sync only every `check_every` steps."""
+        for s in range(1, n):
+            if s % check_every == 0 and bool(self.done.all()):
+                break
+            self.step()
+
+    def results(self, n: int) -> list[tuple[list[int], list[float], str]]:
+        """Per loaded row: tokens up to and including the first stop token, their logprobs, the finish reason."""
+        tokens, logprobs = self.tokens[: self.rows, :n], self.logprobs[: self.rows, :n]
+        is_stop = torch.isin(tokens, self.stop)
         has_stop = is_stop.any(1)
-        lengths = torch.where(has_stop, is_stop.int().argmax(1) + 1, self.n).tolist()
-        tokens, logprobs, has_stop = self.tokens.tolist(), self.logprobs.tolist(), has_stop.tolist()
+        lengths = torch.where(has_stop, is_stop.int().argmax(1) + 1, n).tolist()
+        tokens, logprobs, has_stop = tokens.tolist(), logprobs.tolist(), has_stop.tolist()
         return [
-            (tokens[i][:n], logprobs[i][:n], FINISH_STOP if has_stop[i] else FINISH_LENGTH)
-            for i, n in enumerate(lengths)
+            (tokens[i][:k], logprobs[i][:k], FINISH_STOP if has_stop[i] else FINISH_LENGTH)
+            for i, k in enumerate(lengths)
         ]
 
 
@@ -131,13 +222,14 @@ class EmbeddedEngine(RolloutEngine):
         eos_token_ids: list[int] | None = None,
         cuda_graphs: bool = True,
         seed: int = 0,
+        fused: bool = True,
     ):
         dtype = dtype or default_dtype(device)
         cfg = ModelConfig.from_folder(model_path)
         model = CausalLM.empty(cfg, device, dtype)
         load_folder(model, model_path)
         eos = read_eos_ids(model_path) if eos_token_ids is None else eos_token_ids
-        self._setup(model, eos, max_batch_size, cuda_graphs, seed)
+        self._setup(model, eos, max_batch_size, cuda_graphs, seed, fused)
 
     @classmethod
     def from_module(
@@ -150,16 +242,17 @@ class EmbeddedEngine(RolloutEngine):
         max_batch_size: int = 64,
         cuda_graphs: bool = True,
         seed: int = 0,
+        fused: bool = True,
     ) -> EmbeddedEngine:
         """An engine over an HF causal LM's weights: aliased (no copy) when `dtype`/`device` match the module's
-        parameters, else a copy (refresh it with `update_weights(hf_model)` after each optimizer step).
-        `engine.aliased` says which. dtype default: bfloat16 on CUDA, float32 on CPU."""
+        parameters and the fused CUDA path is off, else a copy (refresh it with `update_weights(hf_model)` after
+        each optimizer step). `engine.aliased` says which. dtype default: bfloat16 on CUDA, float32 on CPU."""
         device = torch.device(device or next(hf_model.parameters()).device)
         dtype = dtype or default_dtype(device)
         cfg = ModelConfig.from_hf(hf_model.config.to_dict())
         with torch.device("meta"):
             model = CausalLM(cfg)
-        aliased = alias_parameters(model, hf_model, device, dtype)
+        aliased = not _fused_ok(device, cfg, fused) and alias_parameters(model, hf_model, device, dtype)
         if not aliased:
             model = CausalLM.empty(cfg, device, dtype)
             with torch.no_grad():
@@ -167,11 +260,13 @@ class EmbeddedEngine(RolloutEngine):
         model.init_rope(device)
         self = cls.__new__(cls)
         eos = _module_eos_ids(hf_model) if eos_token_ids is None else eos_token_ids
-        self._setup(model.eval(), eos, max_batch_size, cuda_graphs, seed)
+        self._setup(model.eval(), eos, max_batch_size, cuda_graphs, seed, fused)
         self._source = hf_model if aliased else None
         return self
 
-    def _setup(self, model: CausalLM, eos: list[int], max_batch_size: int, cuda_graphs: bool, seed: int) -> None:
+    def _setup(
+        self, model: CausalLM, eos: list[int], max_batch_size: int, cuda_graphs: bool, seed: int, fused: bool
+    ) -> None:
         if not eos:
             raise ValueError("no EOS token id: pass eos_token_ids (the model config names none)")
         if max_batch_size < 1:
@@ -181,8 +276,12 @@ class EmbeddedEngine(RolloutEngine):
         self.eos_token_ids = [int(e) for e in eos]
         self.max_batch_size = max_batch_size
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.fast = _fused_ok(self.device, self.cfg, fused)
+        if self.fast:
+            model.pack_()
         self.seed = seed
-        self._generator = torch.Generator(self.device).manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(seed)  # draws each call's seed when params.seed is None
+        self._runners: OrderedDict[tuple, _Runner] = OrderedDict()
         self._lock = threading.RLock()
         self._version = 0
         self._source: nn.Module | None = None
@@ -213,28 +312,45 @@ class EmbeddedEngine(RolloutEngine):
         rows = [i for i in range(len(prompts)) for _ in range(params.n)]
         out: list[Completion] = []
         with self._lock, torch.inference_mode():
-            generator = self._generator if params.seed is None else self._seeded(params.seed)
+            seeds = torch.Generator().manual_seed(self._call_seed(params))
             for start in range(0, len(rows), self.max_batch_size):
                 idx = rows[start : start + self.max_batch_size]
-                batch = _Batch(self, [prompts[i] for i in idx], params, stop)
-                batch.generator = generator
-                results = self._decode(batch)
+                chunk = [prompts[i] for i in idx]
+                runner = self._runner(len(chunk), max(map(len, chunk)) + params.max_new_tokens, params, len(stop))
+                runner.load(chunk, params, stop, int(torch.randint(2**62, (1,), generator=seeds)))
+                runner.prefill()
+                runner.decode(params.max_new_tokens, check_every=16 if runner.cuda else 1)
                 out += [
                     Completion(prompts[i], tok, lp, fin, self._version, i)
-                    for i, (tok, lp, fin) in zip(idx, results, strict=True)
+                    for i, (tok, lp, fin) in zip(idx, runner.results(params.max_new_tokens), strict=True)
                 ]
         return out
 
-    def _decode(self, batch: _Batch) -> list[tuple[list[int], list[float], str]]:
-        batch.prefill()
-        for s in range(1, batch.n):
-            if batch.done.all():
-                break
-            batch.step(kv_len=batch.p + s)
-        return batch.results()
+    def _call_seed(self, params: SamplingParams) -> int:
+        if params.seed is not None:
+            return params.seed
+        return int(torch.randint(2**62, (1,), generator=self._generator))
 
-    def _seeded(self, seed: int) -> torch.Generator:
-        return torch.Generator(self.device).manual_seed(seed)
+    def _runner(self, rows: int, length: int, params: SamplingParams, nstop: int) -> _Runner:
+        """A runner for this batch. On CUDA runners are kept (at most 2, most recent first) with their captured
+        graphs and reused by later batches of the same row capacity and sampling mode with room for `length`."""
+        mode = (params.greedy, params.top_k, params.top_p < 1.0)
+        if self.device.type != "cuda":
+            return _Runner(self, rows, length, mode, nstop)
+        b_cap, nstop = _round_up(rows, 8), max(16, nstop)
+        for key, runner in self._runners.items():
+            if key[0] == b_cap and key[2:] == (mode, nstop) and key[1] >= length:
+                self._runners.move_to_end(key, last=False)
+                return runner
+        while len(self._runners) >= 2:
+            self._runners.popitem()
+            torch.cuda.empty_cache()
+        runner = _Runner(self, b_cap, _round_up(length, 64), mode, nstop)
+        if self.cuda_graphs:
+            runner.capture()
+        self._runners[(b_cap, runner.t_cap, mode, nstop)] = runner
+        self._runners.move_to_end((b_cap, runner.t_cap, mode, nstop), last=False)
+        return runner
 
     def _check_prompts(self, prompts: list[list[int]]) -> list[list[int]]:
         if not prompts:
@@ -299,6 +415,7 @@ class EmbeddedEngine(RolloutEngine):
 
     def close(self) -> None:
         with self._lock:
+            self._runners.clear()
             self.model = None  # type: ignore[assignment]
             self._source = None
             if self.device.type == "cuda":

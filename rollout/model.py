@@ -270,6 +270,48 @@ class CausalLM(nn.Module):
         mask = mask[:, None, None].expand(b, 1, g, lq, kv_len).reshape(b, 1, g * lq, kv_len)
         return Step(slots, kv_len, emb.cos().to(self.dtype), emb.sin().to(self.dtype), mask)
 
+    def pack_(self) -> None:
+        """Keep each layer's q/k/v and gate/up weights in one buffer (one GEMM each on the fast path) and make the
+        HF-named parameters views into it, so loading weights by name fills the packed buffers: no repacking."""
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            a.qkv_weight = _pack(a, ("q_proj", "k_proj", "v_proj"), "weight")
+            a.qkv_bias = _pack(a, ("q_proj", "k_proj", "v_proj"), "bias") if self.cfg.qkv_bias else None
+            m.gate_up_weight = _pack(m, ("gate_proj", "up_proj"), "weight")
+            m.gate_up_bias = _pack(m, ("gate_proj", "up_proj"), "bias") if self.cfg.mlp_bias else None
+
+    def decode_fast(
+        self,
+        last: torch.Tensor,
+        ctr: torch.Tensor,
+        pad_len: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode step on CUDA through the fused Triton kernels (needs `pack_()`): feed `last` [B] at cache slot
+        ctr[0] and return the logits [B, V] in the model dtype. No host syncs: capturable as a CUDA graph."""
+        from rollout import kernels as K
+
+        c = self.cfg
+        x = self.model.embed_tokens(last)
+        delta = None
+        for i, layer in enumerate(self.model.layers):
+            a, m = layer.self_attn, layer.mlp
+            h = K.add_rmsnorm(x, delta, layer.input_layernorm.weight, c.rms_norm_eps)
+            qkv = F.linear(h, a.qkv_weight, a.qkv_bias)
+            q = K.rope_cache(qkv, k_cache[i], v_cache[i], cos, sin, ctr, pad_len, c.num_heads, c.num_kv_heads)
+            delta = a.o_proj(K.decode_attention(q, k_cache[i], v_cache[i], ctr, pad_len))
+            h = K.add_rmsnorm(x, delta, layer.post_attention_layernorm.weight, c.rms_norm_eps)
+            delta = m.down_proj(K.silu_mul(F.linear(h, m.gate_up_weight, m.gate_up_bias)))
+        return self.lm_head(K.add_rmsnorm(x, delta, self.model.norm.weight, c.rms_norm_eps))
+
+    def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, d/2] in the model dtype for positions 0..length-1 (fp32 math, as `make_step`)."""
+        freqs = torch.arange(length, device=self.device).float()[:, None] * self.inv_freq
+        return freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
+
     def forward(
         self, ids: torch.Tensor, st: Step, k_cache: torch.Tensor, v_cache: torch.Tensor, last_only: bool = True
     ) -> torch.Tensor:
@@ -280,6 +322,17 @@ class CausalLM(nn.Module):
         if last_only:
             x = x[:, -1]
         return self.lm_head(self.model.norm(x)).float()
+
+
+def _pack(module: nn.Module, names: tuple[str, ...], attr: str) -> torch.Tensor:
+    parts = [getattr(getattr(module, n), attr) for n in names]
+    buf = torch.cat([p.detach() for p in parts])
+    offset = 0
+    for name, p in zip(names, parts, strict=True):
+        view = nn.Parameter(buf[offset : offset + p.shape[0]], requires_grad=False)
+        setattr(getattr(module, name), attr, view)
+        offset += p.shape[0]
+    return buf
 
 
 def strip_prefixes(name: str) -> str:

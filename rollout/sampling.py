@@ -26,18 +26,22 @@ def sample(
     if greedy:
         tokens = logits.argmax(-1)
     else:
-        scaled = logits / temperature
-        if top_k > 0:
-            kth = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        if not isinstance(top_p, float) or top_p < 1.0:
-            scaled = _top_p(scaled, top_p)
-        probs = torch.softmax(scaled, dim=-1)
+        probs = torch.softmax(truncate(logits / temperature, top_p, top_k), dim=-1)
         # exponential race (Gumbel-max): argmax p_i / E_i with E_i ~ Exp(1) is a draw from p, with no host sync
         noise = torch.empty_like(probs).exponential_(generator=generator)
         tokens = (probs / noise).argmax(-1)
     logprobs = logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
     return tokens, logprobs
+
+
+def truncate(scaled: torch.Tensor, top_p: torch.Tensor | float, top_k: int) -> torch.Tensor:
+    """Temperature-scaled logits with everything outside the top-k / top-p set at -inf (no-op when both are off)."""
+    if top_k > 0:
+        kth = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if not isinstance(top_p, float) or top_p < 1.0:
+        scaled = _top_p(scaled, top_p)
+    return scaled
 
 
 def _top_p(scaled: torch.Tensor, top_p: torch.Tensor | float) -> torch.Tensor:
