@@ -13,6 +13,7 @@ COMPOSE ?= docker compose
 PROFILES ?= rollout env
 ALL_PROFILES := build train rollout env scripts model-merger formatter eval
 LOGS_DIR ?= logs
+LINT_PATHS ?= .
 SERVICE ?=
 # `compose run` allocates a TTY unless told not to; CI runners and pipes have none.
 NO_TTY := $(shell test -t 0 || echo -T)
@@ -44,23 +45,23 @@ test: $(VENV)/.installed ## Run the test suite (CPU; GPU tests skip)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: format
-format: | $(VENV)/.installed ## Format the code (ruff format + ruff check --fix)
-	$(PY) -m ruff format . && $(PY) -m ruff check --fix .
+format: $(VENV)/.installed ## Format the code (ruff format + ruff check --fix, then format what the fixes touched)
+	$(PY) -m ruff format $(LINT_PATHS) && $(PY) -m ruff check --fix $(LINT_PATHS) && $(PY) -m ruff format -q $(LINT_PATHS)
 
 .PHONY: lint
-lint: | $(VENV)/.installed ## Check style without changing files (ruff check + ruff format --check); fails on violations
-	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+lint: $(VENV)/.installed ## Check style without changing files (ruff check + ruff format --check); fails on violations
+	$(PY) -m ruff check $(LINT_PATHS) && $(PY) -m ruff format --check $(LINT_PATHS)
 
 .PHONY: doctor
-doctor: | $(VENV)/.installed ## Check the Docker setup: daemon, NVIDIA runtime, GPUs, images, ports, volumes
+doctor: $(VENV)/.installed ## Check the Docker setup: daemon, NVIDIA runtime, GPUs, images, ports, volumes
 	@$(PY) -m scripts.doctor
 
 .PHONY: local-up
-local-up: | $(VENV)/.installed ## Run the PROFILES' services as local processes, no Docker (PROFILES="rollout env")
+local-up: $(VENV)/.installed ## Run the PROFILES' services as local processes, no Docker (PROFILES="rollout env")
 	$(PY) -m scripts.local_stack up $(addprefix --profile ,$(PROFILES)) --logs $(LOGS_DIR)
 
 .PHONY: local-down
-local-down: | $(VENV)/.installed ## Stop exactly the processes local-up started
+local-down: $(VENV)/.installed ## Stop exactly the processes local-up started
 	$(PY) -m scripts.local_stack down --logs $(LOGS_DIR)
 
 .PHONY: docker-build

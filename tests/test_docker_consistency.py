@@ -224,3 +224,14 @@ def test_every_service_command_starts_and_accepts_its_flags():
         assert "usage" in out.stdout.lower() or "Usage" in out.stdout, f"{name}: no usage text"
         for flag in set(re.findall(r"(?<![\w-])--[a-z][\w-]*", text)) - {"--help"}:
             assert flag in out.stdout, f"{name}: {flag} is not an option of {text.split()[0:4]}"
+
+
+def test_make_lint_fails_on_violations_and_make_format_fixes_them(tmp_path):
+    (tmp_path / "bad.py").write_text("import os\nx=1\n")
+    make = ["make", "-s", "-C", str(ROOT), f"LINT_PATHS={tmp_path}"]
+    lint = subprocess.run([*make, "lint"], capture_output=True, text=True, timeout=60)
+    assert lint.returncode != 0 and "F401" in lint.stdout
+    fmt = subprocess.run([*make, "format"], capture_output=True, text=True, timeout=60)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+    assert (tmp_path / "bad.py").read_text() == "x = 1\n"
+    assert subprocess.run([*make, "lint"], capture_output=True, timeout=60).returncode == 0
