@@ -70,7 +70,13 @@ def test_completions_request_normalises_prompts_and_stops():
     assert as_list({"prompt": [4, 5]}).prompt_list() == [[4, 5]]
     assert as_list({"prompt": [[4], [5, 6]]}).prompt_list() == [[4], [5, 6]]
     req = as_list({"prompt": "x", "stop": "\n", "max_tokens": 7, "n": 2, "user": "ignored"})
-    assert req.stop_strings() == ["\n"] and req.sampling_params().max_new_tokens == 7
+    assert req.stop_strings() == ["\n"] and req.sampling_params(16).max_new_tokens == 7
+    assert as_list({"prompt": "x"}).sampling_params(16).max_new_tokens == 16
+    chat = P.ChatCompletionsRequest.model_validate(
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}], "max_completion_tokens": 9}
+    )
+    assert chat.sampling_params(512).max_new_tokens == 9
+    assert chat.messages[0].as_template_input() == {"role": "user", "content": "a"}
     assert P.first_stop("abc\ndef###", ["###", "\n"]) == 3 and P.first_stop("abc", ["x"]) is None
 
 
