@@ -4,10 +4,12 @@ docker-compose 1.29 and the compose-spec schema on docker-compose.yml, actionlin
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -148,3 +150,29 @@ def test_workflows_have_a_cpu_job_and_a_self_hosted_gpu_job():
     assert "make docker-build" in gpu_steps and "make docker-train" in gpu_steps
     cpu_steps = " ".join(s.get("run", "") for n in runs_on if n not in gpu for s in jobs[n]["steps"])
     assert "make lint" in cpu_steps and "make test" in cpu_steps
+
+
+@pytest.mark.skipif(
+    os.getuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to act as uid 65534"
+)
+def test_entrypoint_refuses_an_unwritable_mount_in_one_line():
+    # pytest's tmp_path sits under a root-only folder; uid 65534 must be able to reach these two.
+    top = Path(tempfile.mkdtemp(prefix="rldock-entrypoint-", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        mine, theirs = top / "saves", top / "models"
+        mine.mkdir()
+        theirs.mkdir(mode=0o755)
+        os.chown(mine, 65534, 65534)
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(ROOT / "docker/entrypoint.sh")]
+        env = dict(os.environ, RLDOCK_WRITABLE_DIRS=f"{mine} {theirs}")
+        refused = subprocess.run([*as_nobody, "echo", "ran"], env=env, capture_output=True, text=True, timeout=30)
+        env["RLDOCK_WRITABLE_DIRS"] = str(mine)
+        ran = subprocess.run([*as_nobody, "echo", "ran"], env=env, capture_output=True, text=True, timeout=30)
+    finally:
+        shutil.rmtree(top)
+    assert refused.returncode == 77 and refused.stdout == ""
+    assert (
+        refused.stderr.count("\n") == 1 and f"{theirs} is not writable by uid 65534; set HOST_UID=0" in refused.stderr
+    )
+    assert ran.returncode == 0 and ran.stdout == "ran\n"
