@@ -51,19 +51,9 @@ def max_diff(model, completions) -> float:
 
 def tiny_hf(model_type: str, seed: int = 0, **extra):
     """A random-init HF model of a supported family, small enough for CPU tests."""
-    cfg = AutoConfig.for_model(
-        model_type,
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        eos_token_id=95,
-        **extra,
-    )
+    sizes = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    sizes.update(num_key_value_heads=2, head_dim=16, max_position_embeddings=256, eos_token_id=95)
+    cfg = AutoConfig.for_model(model_type, **{**sizes, **extra})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
@@ -274,3 +264,80 @@ def test_unsupported_architecture_is_refused():
     cfg = AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=64)
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
         EmbeddedEngine.from_module(AutoModelForCausalLM.from_config(cfg), eos_token_ids=[0])
+
+
+# ---------------------------------------------------------------- GPU: fused kernels and CUDA graphs
+
+
+def gpu_model(dtype=torch.bfloat16):
+    """Random Qwen2 with Qwen2.5-0.5B's head layout (14 heads over 2 KV heads of 64) at a small width."""
+    model = tiny_hf(
+        "qwen2", vocab_size=1024, hidden_size=448, intermediate_size=1024, num_attention_heads=7,
+        num_key_value_heads=1, head_dim=64, num_hidden_layers=3,
+    )  # fmt: skip
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # peaked logits: greedy comparisons are not decided by rounding-level ties
+    return model.to("cuda", dtype)
+
+
+GPU_PROMPTS = [list(range(10, 40)), [7, 8, 9], list(range(100, 117))]
+
+
+@pytest.mark.gpu
+def test_gpu_graph_replay_equals_eager_kernels():
+    model = gpu_model()
+    graphed = EmbeddedEngine.from_module(model, cuda_graphs=True)
+    eager = EmbeddedEngine.from_module(model, cuda_graphs=False)
+    assert graphed.fast and not graphed.aliased
+    for params in (
+        SamplingParams(n=3, temperature=0, max_new_tokens=40),
+        SamplingParams(n=3, temperature=1.0, max_new_tokens=40, seed=5),
+        SamplingParams(n=2, temperature=0.7, top_k=50, top_p=0.9, max_new_tokens=20, seed=6),
+    ):
+        a, b = graphed.generate(GPU_PROMPTS, params), eager.generate(GPU_PROMPTS, params)
+        assert [c.token_ids for c in a] == [c.token_ids for c in b]
+        assert [c.logprobs for c in a] == [c.logprobs for c in b]
+
+
+@pytest.mark.gpu
+def test_gpu_fused_path_matches_hf_in_fp32():
+    model = gpu_model(torch.float32)
+    engine = EmbeddedEngine.from_module(model, dtype=torch.float32)
+    assert engine.fast
+    greedy = engine.generate(GPU_PROMPTS, SamplingParams(temperature=0, max_new_tokens=24))
+    for prompt, c in zip(GPU_PROMPTS, greedy, strict=True):
+        ids = torch.tensor([prompt], device="cuda")
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+        assert c.token_ids == ref[0, len(prompt) :].tolist()
+    sampled = engine.generate(GPU_PROMPTS, SamplingParams(n=2, max_new_tokens=24, seed=1))
+    model.cpu()
+    assert max_diff(model, sampled) < TOL
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_logprobs_close_to_hf_and_runner_reuse():
+    model = gpu_model()
+    engine = EmbeddedEngine.from_module(model)
+    params = SamplingParams(n=4, max_new_tokens=32, seed=2)
+    first = engine.generate(GPU_PROMPTS, params)
+    shorter = engine.generate([p[:5] for p in GPU_PROMPTS], params)  # same runner, other prompt lengths
+    fresh = EmbeddedEngine.from_module(model).generate([p[:5] for p in GPU_PROMPTS], params)
+    assert [c.token_ids for c in shorter] == [c.token_ids for c in fresh]
+    model.float().cpu()
+    diffs = torch.cat([hf_logprobs(model, c.prompt_ids, c.token_ids) - torch.tensor(c.logprobs) for c in first])
+    assert diffs.abs().mean() < 0.05 and diffs.abs().max() < 0.5  # bf16 rounding vs an fp32 forward
+
+
+@pytest.mark.gpu
+def test_gpu_update_weights_reaches_captured_graphs():
+    a, b = gpu_model(), gpu_model()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    engine = EmbeddedEngine.from_module(a)
+    params = SamplingParams(temperature=0, max_new_tokens=16)
+    before = engine.generate(GPU_PROMPTS, params)
+    engine.update_weights({k: v.float() for k, v in b.state_dict().items()})
+    after = engine.generate(GPU_PROMPTS, params)
+    want = EmbeddedEngine.from_module(b).generate(GPU_PROMPTS, params)
+    assert [c.logprobs for c in after] == [c.logprobs for c in want] != [c.logprobs for c in before]

@@ -1,0 +1,311 @@
+"""Workload W on one GPU: rldock's rollout engine and GRPO step against HF static-cache generate and TRL's GRPOTrainer.
+
+W (issue 3, ../shared/REFERENCE.md): Qwen2 at Qwen2.5-0.5B width/depth with vocab 49,152 (401.9 M params, random
+init), bf16 compute, 8 prompts x group 8 = 64 completions x 256 new tokens, prompts of 32 tokens.
+
+Measured in one process, each figure the median of --steps timed repetitions after --warmup untimed ones:
+- rollout alone: rldock engine (fused kernels + CUDA graphs; also without graphs, and unfused torch ops + graphs),
+  HF `generate` with a static cache; completion tokens / s and the ratio to HF;
+- weight sync: fp32 master state dict -> the engine's packed bf16 copy;
+- GRPO step: rldock (trainer.workflow rollout + GSM8K reward, trainer.loop.update_policy, trainer weight sync) vs
+  TRL GRPOTrainer (HF generate, no vLLM), same model folder, prompts, reward and batch; learner TFLOP/s = 6 N T / time
+  with N = 401.9 M and T = 64 x 288 tokens.
+
+TRL is not a project dependency. On the lent GPU it was brought in as wheels (pip download trl==1.16.0 datasets
+dill multiprocess --no-deps, installed with --target; see bench/RESULTS.md). Without TRL the TRL rows are skipped.
+
+    python bench/grpo_step.py [--steps 3] [--warmup 1] [--skip-hf] [--skip-trl] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEVICE = "cuda"
+W = dict(prompts=8, group=8, new_tokens=256, prompt_tokens=32)
+QWEN05_SHAPE = dict(
+    hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+    vocab_size=49152, max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+)  # fmt: skip
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3, help="timed repetitions per figure (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions before timing")
+    p.add_argument("--tokenizer", default="models/smollm2-135m-instruct", help="a 49,152-token tokenizer folder")
+    p.add_argument("--workdir", default="/tmp/rldock_w", help="where the random model folder is written")
+    p.add_argument("--micro-batch", type=int, default=16, help="rldock learner micro-batch (sequences)")
+    p.add_argument("--skip-hf", action="store_true", help="skip HF static-cache generate")
+    p.add_argument("--skip-trl", action="store_true", help="skip TRL GRPOTrainer")
+    p.add_argument("--json", help="write every figure here")
+    return p.parse_args()
+
+
+def timed(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def make_model_folder(args) -> tuple[str, object, int]:
+    """Random-init W model saved as an HF folder with the tokenizer; returns (path, tokenizer, param count)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(args.workdir) / "model"
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("qwen2", **QWEN05_SHAPE, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path), tok, params
+
+
+def w_items(tok) -> list[dict]:
+    """8 GSM8K test questions cut to exactly 32 tokens each, with their gold answers."""
+    from env_servers.gsm8k import load_gsm8k
+
+    items = []
+    for i, row in enumerate(load_gsm8k(ROOT / "data/gsm8k/test.jsonl")[: W["prompts"]]):
+        ids = tok(row["question"] * 4, add_special_tokens=False)["input_ids"][: W["prompt_tokens"]]
+        items.append({"prompt_ids": ids, "answer": row["answer"], "index": i, "text": tok.decode(ids)})
+    return items
+
+
+def bench_engine(model, items, eos: int, steps: int, warmup: int, **engine_kw) -> dict:
+    """Median time of one W rollout through the engine, and its completion tokens/s."""
+    import torch
+
+    from rollout.api import SamplingParams
+    from rollout.engine import EmbeddedEngine
+
+    engine = EmbeddedEngine.from_module(model, eos_token_ids=[eos], dtype=torch.bfloat16, **engine_kw)
+    prompts = [it["prompt_ids"] for it in items]
+    counter = iter(range(10**6))
+    out = {}
+
+    def once():
+        params = SamplingParams(n=W["group"], temperature=1.0, max_new_tokens=W["new_tokens"], seed=next(counter))
+        out["tokens"] = sum(len(c.token_ids) for c in engine.generate(prompts, params))
+
+    t0 = time.perf_counter()
+    once()  # first call: runner allocation, kernel compilation, graph capture
+    first = time.perf_counter() - t0
+    med, times = timed(once, steps, max(0, warmup - 1))
+    sync, _ = timed(lambda: engine.update_weights(model.state_dict()), steps, 1)
+    engine.close()
+    return {"time_s": med, "times": times, "tok_s": out["tokens"] / med, "tokens": out["tokens"], "first_call_s": first,
+            "sync_s": sync}  # fmt: skip
+
+
+def bench_hf_static(model, items, tok, steps: int, warmup: int) -> dict:
+    import torch
+
+    m16 = type(model).from_pretrained(model.name_or_path, dtype=torch.bfloat16).cuda().eval()
+    ids = torch.tensor([it["prompt_ids"] for it in items for _ in range(W["group"])], device="cuda")
+    kw = dict(max_new_tokens=W["new_tokens"], min_new_tokens=W["new_tokens"], do_sample=True, temperature=1.0,
+              top_p=1.0, top_k=0, cache_implementation="static", pad_token_id=tok.pad_token_id)  # fmt: skip
+    mask = torch.ones_like(ids)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        m16.generate(ids, attention_mask=mask, **kw)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        med, times = timed(lambda: m16.generate(ids, attention_mask=mask, **kw), steps, max(0, warmup - 1))
+    torch.cuda.empty_cache()
+    tokens = ids.shape[0] * W["new_tokens"]
+    return {"time_s": med, "times": times, "tok_s": tokens / med, "tokens": tokens, "first_call_s": first}
+
+
+def rldock_run(path: str, tok, micro_batch: int) -> SimpleNamespace:
+    """What trainer.loop.update_policy reads from a Run, built from the trainer's own pieces (config, engine
+    factory, optimizer, weight pusher, workflow)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rollout.api import SamplingParams
+    from trainer.config import Config
+    from trainer.dist import Dist
+    from trainer.loop import make_optimizer
+    from trainer.rollout_factory import WeightPusher, make_engine
+    from trainer.workflow import SingleTurnWorkflow
+
+    cfg = Config()
+    cfg.model.path, cfg.rollout.n, cfg.rollout.max_new_tokens = path, W["group"], W["new_tokens"]
+    cfg.train.batch_size, cfg.train.micro_batch_size = W["prompts"], micro_batch
+    d = Dist(device=torch.device(DEVICE))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEVICE).train()
+    engine = make_engine(cfg, model, tok, d, path)
+    optimizer, scheduler = make_optimizer(cfg, model)
+    params = SamplingParams(n=W["group"], temperature=1.0, max_new_tokens=W["new_tokens"])
+    return SimpleNamespace(
+        cfg=cfg, d=d, model=model, tokenizer=tok, engine=engine, optimizer=optimizer, scheduler=scheduler,
+        dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32, ref_model=None,
+        pusher=WeightPusher(cfg, engine, d), workflow=SingleTurnWorkflow(tok, params),
+    )  # fmt: skip
+
+
+def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batch: int) -> dict:
+    """One rldock GRPO step = workflow rollout (engine + GSM8K reward) + update_policy + weight push."""
+    import torch
+
+    from trainer.loop import update_policy
+
+    run = rldock_run(path, tok, micro_batch)
+    phases: list[tuple[float, float, float]] = []
+
+    def step():
+        t0 = time.perf_counter()
+        trajs = [t for t in run.workflow.run(run.engine, items, list(range(len(items)))) if t is not None]
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        update_policy(run, trajs)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        run.pusher.push(run.model, run.engine.weight_version + 1)
+        torch.cuda.synchronize()
+        phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+
+    med, times = timed(step, steps, warmup)
+    timed_phases = phases[-steps:]
+    out = {"time_s": med, "times": times, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    for i, name in enumerate(("rollout_s", "update_s", "sync_s")):
+        out[name] = statistics.median(p[i] for p in timed_phases)
+    run.engine.close()
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_trl_step(path: str, items, steps: int, warmup: int) -> dict:
+    """TRL GRPOTrainer on the same folder, prompts (as text), reward and batch: 8 prompts x 8 generations x 256."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from env_servers.gsm8k import score
+
+    answers = {it["text"]: it["answer"] for it in items}
+
+    def reward(prompts, completions, **_):
+        return [score(c, answers.get(p, "0"))["reward"] for p, c in zip(prompts, completions, strict=True)]
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    args = GRPOConfig(
+        output_dir="/tmp/rldock_w/trl", per_device_train_batch_size=W["prompts"] * W["group"],
+        num_generations=W["group"], max_completion_length=W["new_tokens"], bf16=DEVICE == "cuda", use_cpu=DEVICE == "cpu", beta=0.0,
+        learning_rate=1e-6, max_steps=warmup + steps, logging_steps=1, save_strategy="no", report_to=[],
+        generation_kwargs={"min_new_tokens": W["new_tokens"]}, seed=0,
+    )  # fmt: skip
+    data = Dataset.from_dict({"prompt": [it["text"] for it in items] * (warmup + steps)})
+    trainer = GRPOTrainer(model=path, reward_funcs=reward, args=args, train_dataset=data, callbacks=[Clock()])
+    trainer.train()
+    med = statistics.median(times[warmup:])
+    del trainer
+    torch.cuda.empty_cache()
+    import trl
+
+    return {"time_s": med, "times": times, "version": trl.__version__}
+
+
+def table(res: dict) -> str:
+    import torch
+
+    n_tok = W["prompts"] * W["group"] * (W["prompt_tokens"] + W["new_tokens"])
+    flops = 6 * res["params"] * n_tok
+    completions = W["prompts"] * W["group"] * W["new_tokens"]
+    rows = [
+        f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  workload W ({res['params'] / 1e6:.1f} M params)"
+    ]
+    rows.append(f"{'what':58s} {'time s':>8s} {'tok/s':>9s}  note")
+    hf = res.get("hf_static")
+    for key, label in (("engine", "rldock engine (fused kernels + CUDA graphs)"),
+                       ("engine_nograph", "rldock engine, fused kernels, no graphs"),
+                       ("engine_unfused", "rldock engine, torch ops + CUDA graphs"),
+                       ("hf_static", "HF generate, static cache")):  # fmt: skip
+        r = res.get(key)
+        if r:
+            note = f"x{r['tok_s'] / hf['tok_s']:.2f} vs HF static" if hf and key != "hf_static" else ""
+            note += f"  first call {r['first_call_s']:.1f} s"
+            rows.append(f"rollout: {label:49s} {r['time_s']:8.3f} {r['tok_s']:9.0f}  {note}")
+    if "engine" in res:
+        rows.append(f"weight sync fp32 master -> engine bf16 copy{'':15s} {res['engine']['sync_s']:8.4f}")
+    rd, trl = res.get("rldock_step"), res.get("trl_step")
+    if rd:
+        tflops = flops / rd["update_s"] / 1e12
+        rows.append(f"GRPO step: rldock{'':41s} {rd['time_s']:8.3f} {completions / rd['time_s']:9.0f}  "
+                    f"rollout {rd['rollout_s']:.3f} + learner {rd['update_s']:.3f} ({tflops:.0f} TFLOP/s) "
+                    f"+ sync {rd['sync_s']:.3f}; peak {rd['peak_gib']:.1f} GiB")  # fmt: skip
+    if trl:
+        rows.append(f"GRPO step: TRL {trl['version']} GRPOTrainer (HF generate){'':14s} {trl['time_s']:8.3f} "
+                    f"{completions / trl['time_s']:9.0f}")  # fmt: skip
+    if rd and trl:
+        rows.append(f"ratio TRL / rldock step time: x{trl['time_s'] / rd['time_s']:.1f}")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    path, tok, params = make_model_folder(args)
+    items = w_items(tok)
+    res: dict = {"params": params, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda()
+    eos = tok.eos_token_id
+    res["engine"] = bench_engine(model, items, eos, args.steps, args.warmup)
+    print("engine", json.dumps(res["engine"]), flush=True)
+    res["engine_nograph"] = bench_engine(model, items, eos, args.steps, 0, cuda_graphs=False)
+    res["engine_unfused"] = bench_engine(model, items, eos, args.steps, args.warmup, fused=False)
+    if not args.skip_hf:
+        res["hf_static"] = bench_hf_static(model, items, tok, args.steps, args.warmup + 1)
+    del model
+    torch.cuda.empty_cache()
+    res["rldock_step"] = bench_rldock_step(path, tok, items, args.steps, args.warmup + 1, args.micro_batch)
+    print("rldock_step", json.dumps(res["rldock_step"]), flush=True)
+    if not args.skip_trl:
+        try:
+            res["trl_step"] = bench_trl_step(path, items, args.steps, args.warmup + 1)
+        except ImportError as err:
+            print(f"TRL skipped: {err}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
