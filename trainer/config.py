@@ -172,6 +172,8 @@ class EnvConfig(Section):
     """Agent turns per episode (multi-turn envs)."""
     rounds_schedule: list[list[int]] = Field(default_factory=list)
     """ScalingInter-RL style [[step, max_rounds], ...]: max_rounds grows once training reaches each step."""
+    max_total_tokens: int = Field(4096, ge=1)
+    """Agent episodes whose tokens (prompt + every action and observation) exceed this are dropped, not cut."""
 
 
 class Config(Section):
