@@ -28,7 +28,7 @@ from trainer.data import DataCursor, load_eval_items, load_train_items, num_step
 from trainer.dist import Dist
 from trainer.grpo import entropy_from_logits, group_advantages, loss_norms, masked_mean, policy_loss
 from trainer.metrics import MetricsLogger, bar_postfix, progress_bar
-from trainer.rollout_factory import compute_dtype, make_engine, sync_weights
+from trainer.rollout_factory import WeightPusher, compute_dtype, make_engine
 from trainer.workflow import SingleTurnWorkflow
 
 
@@ -52,7 +52,9 @@ class Run:
     eval_workflow: SingleTurnWorkflow | None = None
     logger: MetricsLogger | None = None
     source: Any = None
+    pusher: WeightPusher | None = None
     step: int = 0
+    version: int = 0  # weight version the engine serves (the trainer's count: a remote engine may not report it)
     served: list[int] = field(default_factory=list)  # item indices of this rank's latest sampled batch
     last_eval: int = -1
     last_save: int = -1
@@ -115,6 +117,7 @@ def build(cfg: Config, d: Dist) -> Run:
     run = Run(cfg, d, model, tokenizer, engine, optimizer, scheduler, cursor, eval_items, total, dtype)
     run.ref_model = load_reference(cfg, path, d, dtype) if cfg.grpo.beta > 0 else None
     run.workflow, run.eval_workflow = make_workflows(cfg, tokenizer)
+    run.pusher = WeightPusher(cfg, engine, d)
     return run
 
 
@@ -185,7 +188,7 @@ def restore(run: Run) -> bool:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     run.step = run.last_save = state["step"]
-    sync_weights(run.engine, run.model, run.d, state["weight_version"])  # the engine samples the restored policy
+    run.version = run.pusher.push(run.model, state["weight_version"])  # the engine samples the restored policy
     return True
 
 
@@ -226,13 +229,13 @@ def make_rollout_source(run: Run):
 def train_step(run: Run) -> dict[str, Any]:
     """One GRPO step: rollout, update, weight sync. Returns the step's metrics (already reduced over ranks)."""
     t0 = time.perf_counter()
-    trajectories = [t for t in run.source.next_batch(run.engine.weight_version) if t is not None]
+    trajectories = [t for t in run.source.next_batch(run.version) if t is not None]
     t1 = time.perf_counter()
     stats = rollout_stats(run, trajectories)
     stats.update(update_policy(run, trajectories))
     run.step += 1
     t2 = time.perf_counter()
-    stats["weight_version"] = sync_weights(run.engine, run.model, run.d, run.engine.weight_version + 1)
+    run.version = stats["weight_version"] = run.pusher.push(run.model, run.version + 1)
     t3 = time.perf_counter()
     stats.update({"time/rollout": t1 - t0, "time/update": t2 - t1, "time/sync": t3 - t2, "time/step": t3 - t0})
     stats["item_ids"] = [i for part in dist.all_gather_object(run.d, run.served) for i in part]
@@ -431,7 +434,7 @@ def record_eval(run: Run) -> None:
 def save(run: Run) -> Path:
     state = {
         "step": run.step,
-        "weight_version": run.engine.weight_version,
+        "weight_version": run.version,
         "data": run.cursor.state_dict(),
         "world_size": run.d.world_size,
         "total_steps": run.total_steps,
@@ -464,7 +467,7 @@ def summary(run: Run) -> dict[str, Any]:
     latest = dict(run.logger.latest) if run.logger else {}
     return {
         "step": run.step,
-        "weight_version": run.engine.weight_version,
+        "weight_version": run.version,
         "exp_dir": str(run.exp_dir),
         "checkpoint": str(checkpoint.find_latest(run.exp_dir)),
         **{k: latest[k] for k in ("reward", "accuracy", "eval/accuracy") if k in latest},
@@ -478,4 +481,6 @@ def shutdown(run: Run | None) -> None:
         run.source.close()
     if run.logger is not None:
         run.logger.close()
+    if run.pusher is not None:
+        run.pusher.close()
     run.engine.close()

@@ -3,7 +3,8 @@
 Embedded (default): one process shares the trainer's live parameters with the engine when dtype and device match
 (fp32 on CPU: no copy, a sync only bumps the version); otherwise — bf16 rollout on GPU, an FSDP-sharded model, async
 rollout that must not see half-applied optimizer steps — every rank keeps its own replica, refreshed from a full
-state dict. `rollout.backend=http` talks to rollout services; their weights travel through `trainer.weight_sync`.
+state dict. `rollout.backend=http` talks to rollout services; rank 0 pushes the gathered weights to them through
+`trainer.weight_sync` (disk or nccl, `train.weight_sync`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def make_engine(cfg: Config, model: nn.Module, tokenizer, d: Dist | None = None,
     if cfg.rollout.backend == "http":
         from rollout.client import HTTPRolloutClient
 
-        return HTTPRolloutClient(cfg.rollout.urls)
+        return HTTPRolloutClient(cfg.rollout.urls, cfg.rollout.timeout_s, cfg.rollout.retries)
     if cfg.rollout.backend == "vllm":
         raise ConfigError("rollout.backend=vllm runs inside the rollout service: use rollout.backend=http")
     from rollout.engine import EmbeddedEngine
@@ -59,13 +60,31 @@ def make_engine(cfg: Config, model: nn.Module, tokenizer, d: Dist | None = None,
     return engine
 
 
-def sync_weights(engine: RolloutEngine, model: nn.Module, d: Dist, version: int) -> int:
-    """Hand the trainer's current weights to the engine as `version`; every rank calls this."""
-    from rollout.engine import EmbeddedEngine
+class WeightPusher:
+    """Hands the trainer's current weights to the engine as a given version; every rank calls `push`."""
 
-    if isinstance(engine, EmbeddedEngine):
-        source = model if getattr(engine, "aliased", False) else full_state_dict(model, d)
-        return engine.update_weights(source, version=version)
-    from trainer.weight_sync import push_weights
+    def __init__(self, cfg: Config, engine: RolloutEngine, d: Dist):
+        from rollout.engine import EmbeddedEngine
 
-    return push_weights(engine, model, d, version)
+        self.engine, self.d = engine, d
+        self.embedded = isinstance(engine, EmbeddedEngine)
+        if self.embedded and cfg.train.weight_sync != "inprocess":
+            raise ConfigError("rollout.backend=embedded syncs in-process: set train.weight_sync=inprocess")
+        self.remote = None
+        if not self.embedded:
+            from trainer.weight_sync import make_weight_sync
+
+            self.remote = make_weight_sync(cfg, engine) if d.is_main else None
+
+    def push(self, model: nn.Module, version: int) -> int:
+        if self.embedded:  # every rank feeds its own replica (or only bumps the version of an aliasing engine)
+            source = model if self.engine.aliased else full_state_dict(model, self.d)
+            return self.engine.update_weights(source, version=version)
+        weights = full_state_dict(model, self.d)  # a collective under FSDP: every rank gathers
+        if self.remote is not None:
+            self.remote.push(weights, version)  # the services are shared: rank 0 alone pushes
+        return version
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
