@@ -105,7 +105,7 @@ def test_servers_have_healthchecks_and_dependents_wait_for_them():
 
 def test_services_reach_each_other_by_name():
     env = SERVICES["eval"]["environment"]
-    assert env["OPENAI_BASE_URL"].endswith("http://rollout:8000/v1}")
+    assert env["ROLLOUT_URL"] == "http://rollout:8000"
     assert env["ENV_URL"].startswith("http://env:")
     assert "127.0.0.1" not in str(env) and "localhost" not in str(env)
 

@@ -68,7 +68,7 @@ def test_plans_rewrite_container_addresses_and_paths(monkeypatch, tmp_path):
     assert rollout.argv[0] == sys.executable and rollout.argv[-4:] == ["--host", "127.0.0.1", "--port", "18001"]
     assert rollout.health_url == "http://127.0.0.1:18001/health" and rollout.port == 18001
     assert env.argv[env.argv.index("--port") + 1] == "18002" and env.health_url == "http://127.0.0.1:18002/health"
-    assert ev.env["OPENAI_BASE_URL"] == "http://127.0.0.1:18001/v1" and ev.env["ENV_URL"] == "http://127.0.0.1:18002"
+    assert ev.env["ROLLOUT_URL"] == "http://127.0.0.1:18001" and ev.env["ENV_URL"] == "http://127.0.0.1:18002"
     assert ev.depends_on == ["env", "rollout"] and ev.cwd == str(ROOT)
     assert plans["model-merger"].env["LOCAL_DIR"] == f"{ROOT}/saves/x"
 
