@@ -230,7 +230,9 @@ def init_sync_body(host: str, port: int, rank_offset: int, world_size: int, back
 def generate_response(completions: list[Completion], boot_id: str) -> dict[str, Any]:
     """The /generate answer. One request runs in one engine call, so every completion shares one version."""
     version = completions[0].weight_version if completions else None
-    return {"completions": [c.to_dict() for c in completions], "weight_version": version, "boot_id": boot_id}
+    fields = tuple(Completion.__dataclass_fields__)
+    items = [{f: getattr(c, f) for f in fields} for c in completions]  # shallow: asdict deep-copies every list
+    return {"completions": items, "weight_version": version, "boot_id": boot_id}
 
 
 def parse_generate_response(body: dict[str, Any], num_prompts: int, n: int) -> list[Completion]:

@@ -342,7 +342,8 @@ def _generation_routes(app: FastAPI, svc: Service) -> None:
     @app.post("/generate")
     async def generate(req: P.GenerateRequest):
         completions = await svc.generate(req.prompts, req.sampling_params())
-        return P.generate_response(completions, svc.boot_id)
+        # plain JSON types already: skip FastAPI's recursive jsonable_encoder (tens of ms on big batches)
+        return JSONResponse(P.generate_response(completions, svc.boot_id))
 
     @app.post("/v1/completions")
     async def completions(req: P.CompletionsRequest):
@@ -507,7 +508,9 @@ def build_engine(args: argparse.Namespace, path: str) -> RolloutEngine:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: no CUDA device is visible")
-        torch.cuda.set_device(torch.device(device))  # NCCL weight sync uses the current device
+        index = torch.device(device).index
+        device = f"cuda:{torch.cuda.current_device() if index is None else index}"
+        torch.cuda.set_device(device)  # NCCL weight sync uses the current device
     return EmbeddedEngine(path, device=device, dtype=dtype, max_batch_size=args.max_batch_size, seed=args.seed)
 
 
