@@ -7,6 +7,7 @@ same file the Dockerfiles install from. The eval image must work without torch.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pkgutil
 import re
@@ -21,8 +22,9 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "docker"))
-from requirements import eval_requirements, requirements  # noqa: E402
+_spec = importlib.util.spec_from_file_location("rldock_docker_requirements", ROOT / "docker/requirements.py")
+image_reqs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(image_reqs)
 
 PROJECT = ["trainer", "rollout", "env_servers", "scripts"]
 BASE_IMAGE = ["torch", "flash-attn", "packaging", "ninja", "psutil", "setuptools", "wheel", "pip"]
@@ -82,7 +84,7 @@ def closure(reqs: list[str]) -> set[str]:
 
 def importable_names(image: str) -> list[str]:
     """Top-level module names the image provides (besides the stdlib and the project)."""
-    dists = closure(requirements(image) + EXTRA[image])
+    dists = closure(image_reqs.requirements(image) + EXTRA[image])
     return sorted(
         top
         for top, owners in metadata.packages_distributions().items()
@@ -116,7 +118,7 @@ def test_eval_requirements_agree_with_pyproject():
     """A package listed in both places carries the same version range, so the images cannot drift apart."""
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     pinned = {canonicalize_name(Requirement(d).name): Requirement(d).specifier for d in deps}
-    for line in eval_requirements():
+    for line in image_reqs.eval_requirements():
         req = Requirement(line)
         name = canonicalize_name(req.name)
         assert name in pinned, f"{req.name} is in eval-requirements.txt but not a project dependency"
