@@ -15,6 +15,8 @@ ALL_PROFILES := build train rollout env scripts model-merger formatter eval
 LOGS_DIR ?= logs
 LINT_PATHS ?= .
 SERVICE ?=
+# Created before compose runs: Docker would create a missing bind-mount folder owned by root.
+MOUNTED_DIRS := models saves data
 # `compose run` allocates a TTY unless told not to; CI runners and pipes have none.
 NO_TTY := $(shell test -t 0 || echo -T)
 # Containers run as you, so files they write into models/ saves/ data/ stay yours.
@@ -85,27 +87,33 @@ docker-build-eval: ## Build rldock/eval: slim Python, no CUDA, no torch
 
 .PHONY: docker-train-shell
 docker-train-shell: ## Open a shell in the train image, with the GPUs and volumes
+	@mkdir -p $(MOUNTED_DIRS)
 	$(COMPOSE) --profile train run --rm $(NO_TTY) train bash
 
 .PHONY: docker-train
 docker-train: ## Train in the train image (CONFIG=configs/gsm8k_tiny.yaml ARGS="train.lr=1e-6")
+	@mkdir -p $(MOUNTED_DIRS)
 	$(if $(ARGS),TRAIN_ARGS='$(ARGS)') $(COMPOSE) --profile train run --rm $(NO_TTY) --use-aliases train
 
 .PHONY: docker-rollout
 docker-rollout: ## Start the rollout service on 127.0.0.1:8000, wait until healthy (MODEL=… ROLLOUT_BACKEND=vllm)
+	@mkdir -p $(MOUNTED_DIRS)
 	$(COMPOSE) --profile rollout up -d --wait rollout
 
 .PHONY: docker-env
 docker-env: ## Start an env server, wait until healthy (ENV=gsm8k ENV_PORT=36001)
+	@mkdir -p $(MOUNTED_DIRS)
 	$(COMPOSE) --profile env up -d --wait env
 
 .PHONY: docker-eval
 docker-eval: ## Evaluate MODEL on ENV; starts the rollout and env services (ENV=gsm8k MODEL=…)
+	@mkdir -p $(MOUNTED_DIRS)
 	$(COMPOSE) --profile eval run --rm $(NO_TTY) eval
 
 .PHONY: docker-merge
 docker-merge: ## Merge a checkpoint into an HF folder (LOCAL_DIR=saves/<exp>/global_step_N [SAVE_DIR=…] [HF_UPLOAD_PATH=…])
 	@test -n "$(LOCAL_DIR)" || { echo "docker-merge: set LOCAL_DIR, e.g. make docker-merge LOCAL_DIR=saves/gsm8k_tiny/global_step_10"; exit 2; }
+	@mkdir -p $(MOUNTED_DIRS)
 	$(COMPOSE) --profile model-merger run --rm $(NO_TTY) model-merger
 
 .PHONY: docker-format
@@ -114,6 +122,7 @@ docker-format: ## Format the code inside the scripts image (ruff format + ruff c
 
 .PHONY: docker-up
 docker-up: ## Start the PROFILES' services in the background (PROFILES="rollout env")
+	@mkdir -p $(MOUNTED_DIRS)
 	$(COMPOSE) $(addprefix --profile ,$(PROFILES)) up -d
 
 .PHONY: docker-down
