@@ -7,8 +7,10 @@ FROM python:${PYTHON_VERSION}-slim
 ARG USER_UID=1000
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# PIP_CACHE_DIR: HOME is /tmp at run time, but the build's pip cache mounts sit in /root/.cache/pip.
 ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CACHE_DIR=/root/.cache/pip \
     HOME=/tmp \
     RLDOCK_MODELS_DIR=/workspace/models
 
