@@ -189,7 +189,7 @@ def _health_url(svc: dict) -> str | None:
     return found.group(0) if found else None
 
 
-def plan_service(name: str, services: dict, base_env: dict[str, str], repo: Path, rw: Rewriter) -> Plan:
+def plan_service(name: str, services: dict, base_env: dict[str, str], rw: Rewriter) -> Plan:
     svc = services[name]
     ports = published_ports(svc)
     command = svc.get("command")
@@ -221,7 +221,7 @@ def make_plans(profiles: list[str], compose_file: Path, env_file: Path, repo: Pa
     base_env = {**load_dotenv(env_file), **os.environ}
     services = load_compose(compose_file, base_env).get("services", {})
     rw = Rewriter(services, repo)
-    return [plan_service(n, services, base_env, repo, rw) for n in select_services(services, profiles)]
+    return [plan_service(n, services, base_env, rw) for n in select_services(services, profiles)]
 
 
 # ---------------------------------------------------------------- processes
