@@ -517,6 +517,10 @@ def build_engine(args: argparse.Namespace, path: str) -> RolloutEngine:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
+        if args.backend == "vllm":
+            from rollout.vllm_backend import require_vllm
+
+            require_vllm()
         from rollout.loading import load_tokenizer, resolve_model_path
 
         path = resolve_model_path(args.model, args.models_dir)

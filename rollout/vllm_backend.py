@@ -53,6 +53,14 @@ def completions_from_outputs(outputs: list[Any], prompts: list[list[int]], versi
     return out
 
 
+def require_vllm() -> None:
+    """Fail fast, in one line, where vllm is not installed (before any model loading)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError("the vllm backend needs vLLM 0.10-0.11 on a CUDA machine: pip install 'rldock[vllm]'")
+
+
 def _check_version(version: str) -> None:
     parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     low, high = SUPPORTED_VLLM
@@ -74,12 +82,9 @@ class VLLMEngine(RolloutEngine):
         tensor_parallel_size: int = 1,
         enable_prefix_caching: bool = True,
     ):
-        try:
-            import vllm
-        except ImportError as err:
-            raise ImportError(
-                f"the vllm backend needs vLLM 0.10-0.11 on a CUDA machine (pip install 'rldock[vllm]'): {err}"
-            ) from None
+        require_vllm()
+        import vllm
+
         _check_version(vllm.__version__)
         self.llm = vllm.LLM(
             model=model_path,
