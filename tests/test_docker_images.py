@@ -133,3 +133,14 @@ def test_dockerfiles_install_from_docker_requirements():
         )
         deps_at, sources_at = text.index("requirements.py " + image), text.index("COPY . /workspace")
         assert deps_at < sources_at, f"{image}: dependencies must be installed before the sources are copied"
+
+
+def test_pinned_versions_satisfy_pyproject():
+    """The image ARG pins (torch in base, vLLM in train) lie inside the ranges pyproject.toml declares."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["vllm"]]
+    ranges = {canonicalize_name(r.name): r.specifier for r in wanted}
+    for image, arg, package in (("base", "TORCH_VERSION", "torch"), ("train", "VLLM_VERSION", "vllm")):
+        text = (ROOT / "docker" / f"{image}.Dockerfile").read_text()
+        version = re.search(rf"^ARG {arg}=(\S+)$", text, flags=re.M).group(1)
+        assert ranges[package].contains(version), f"{image}: {arg}={version} is outside {package}{ranges[package]}"
