@@ -337,14 +337,15 @@ def upload(save_dir: Path, repo_id: str, private: bool) -> None:
     token = os.environ.get("HF_TOKEN") or huggingface_hub.get_token()
     if not token:
         raise MergeError(f"--hf_upload_path needs a hub token: set HF_TOKEN (merged files kept in {save_dir})")
-    api = huggingface_hub.HfApi(token=token)
+    # HF_ENDPOINT read now rather than at huggingface_hub's import: a mirror or a private hub set by the caller counts
+    api = huggingface_hub.HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(folder_path=str(save_dir), repo_id=repo_id, commit_message="Upload merged rldock checkpoint")
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise MergeError(f"upload to {repo_id} failed ({first}); merged files kept in {save_dir}") from e
-    print(f"uploaded {save_dir} to https://huggingface.co/{repo_id}")
+    print(f"uploaded {save_dir} to {api.endpoint}/{repo_id}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,8 +27,8 @@ def perturb(model) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def write_checkpoint(model_path: str, exp_dir: Path, step: int, shard_model: bool) -> Path:
-    """Save a perturbed SmolLM2 through the trainer's own checkpoint code (from this rank)."""
+def write_checkpoint(model_path: str, exp_dir: Path, step: int, shard_model: bool):
+    """Save a perturbed SmolLM2 through the trainer's own checkpoint code (from this rank); (path, the weights)."""
     import torch
 
     from rollout.loading import load_model, load_tokenizer
@@ -37,6 +37,7 @@ def write_checkpoint(model_path: str, exp_dir: Path, step: int, shard_model: boo
     d = dist.init("cpu")
     model = load_model(model_path)
     perturb(model)
+    weights = None if shard_model else {k: v.clone() for k, v in model.state_dict().items()}
     if shard_model:
         dist.shard(model, d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -47,7 +48,7 @@ def write_checkpoint(model_path: str, exp_dir: Path, step: int, shard_model: boo
         trainer_state=state, d=d, keep_last=2,
     )  # fmt: skip
     dist.close(d)
-    return path
+    return path, weights
 
 
 def run_merger(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -65,18 +66,19 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="session")
-def perturbed(model_path):
-    """The weights the checkpoints hold (fp32, HF names)."""
-    from rollout.loading import load_model
-
-    model = load_model(model_path)
-    perturb(model)
-    return {k: v.clone() for k, v in model.state_dict().items()}
+def one_rank(model_path, tmp_path_factory):
+    """(step folder, the fp32 weights it holds)."""
+    return write_checkpoint(model_path, tmp_path_factory.mktemp("exp1"), 3, shard_model=False)
 
 
 @pytest.fixture(scope="session")
-def one_rank_step(model_path, tmp_path_factory) -> Path:
-    return write_checkpoint(model_path, tmp_path_factory.mktemp("exp1"), 3, shard_model=False)
+def one_rank_step(one_rank) -> Path:
+    return one_rank[0]
+
+
+@pytest.fixture(scope="session")
+def perturbed(one_rank) -> dict:
+    return one_rank[1]
 
 
 @pytest.fixture(scope="session")
@@ -149,7 +151,7 @@ def copy_step(step: Path, dst: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "scramble"])
-def test_damaged_shard_is_one_clear_line(one_rank_step, tmp_path, damage):
+def test_damaged_shard_is_one_clear_line(one_rank_step, tmp_path, damage, capsys):
     step = copy_step(one_rank_step, tmp_path / "global_step_3")
     shard = next((step / "actor" / "model").glob("*.distcp"))
     size = shard.stat().st_size
@@ -158,7 +160,13 @@ def test_damaged_shard_is_one_clear_line(one_rank_step, tmp_path, damage):
             f.truncate(size // 2)
         else:  # the file keeps its length; the first tensor's archive header is garbage
             f.write(b"\xff" * 4096)
-    line = one_error_line(run_merger("--local_dir", str(step)))  # the CLI as users run it: one line, no traceback
+    if damage == "truncate":  # the CLI as users run it: one line, no traceback
+        line = one_error_line(run_merger("--local_dir", str(step)))
+    else:
+        from scripts.model_merger import main
+
+        assert main(["--local_dir", str(step)]) == 1
+        line = capsys.readouterr().err.strip()
     assert ("truncated" if damage == "truncate" else "corrupt") in line and shard.name in line
     assert not (step / "actor" / "huggingface").exists()
     assert not (step / "actor" / "huggingface.tmp").exists()
@@ -250,24 +258,29 @@ def test_bad_inputs_are_one_line(tiny_step, tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
-def test_upload_without_token_or_hub_keeps_files(tiny_step, tmp_path):
-    from tests.conftest import free_port
-
-    base = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-    base["HF_HOME"] = str(tmp_path / "hf_home")  # no cached login either
+def test_upload_without_token_keeps_files(tiny_step, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # no cached login either
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "scripts.model_merger", "--local_dir", str(tiny_step), "--save_dir", str(out),
          "--hf_upload_path", "someone/tiny"],
-        cwd=ROOT, capture_output=True, text=True, env=base, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert "HF_TOKEN" in one_error_line(proc)
-    assert (out / "model.safetensors").is_file()
-    unreachable = {"HF_TOKEN": "hf_fake", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_ETAG_TIMEOUT": "2"}
-    proc = run_merger("--local_dir", str(tiny_step), "--save_dir", str(out), "--overwrite",
-                      "--hf_upload_path", "someone/tiny", env={**base, **unreachable})  # fmt: skip
-    line = one_error_line(proc)
-    assert "upload to someone/tiny failed" in line and str(out) in line
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+def test_upload_to_unreachable_hub_keeps_files(tiny_step, tmp_path, monkeypatch, capsys):
+    from scripts.model_merger import main
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    out = tmp_path / "out"
+    assert main(["--local_dir", str(tiny_step), "--save_dir", str(out), "--hf_upload_path", "someone/tiny"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert err.startswith("model_merger: error: upload to someone/tiny failed") and str(out) in err
     assert (out / "model.safetensors").is_file()
 
 
