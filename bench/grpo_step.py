@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions before timing")
     p.add_argument("--tokenizer", default="models/smollm2-135m-instruct", help="a 49,152-token tokenizer folder")
     p.add_argument("--workdir", default="/tmp/rldock_w", help="where the random model folder is written")
-    p.add_argument("--micro-batch", type=int, default=16, help="rldock learner micro-batch (sequences)")
+    p.add_argument("--micro-batch", type=int, default=64, help="rldock learner micro-batch (sequences)")
     p.add_argument("--skip-hf", action="store_true", help="skip HF static-cache generate")
     p.add_argument("--skip-trl", action="store_true", help="skip TRL GRPOTrainer")
     p.add_argument("--json", help="write every figure here")
@@ -190,7 +190,7 @@ def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batc
 
     med, times = timed(step, steps, warmup)
     timed_phases = phases[-steps:]
-    out = {"time_s": med, "times": times, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    out = {"time_s": med, "times": times, "phases": phases, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     for i, name in enumerate(("rollout_s", "update_s", "sync_s")):
         out[name] = statistics.median(p[i] for p in timed_phases)
     run.engine.close()

@@ -3,7 +3,7 @@
 One `generate` call expands every prompt n times, left-pads the batch (each row has its own position ids), runs the
 prompt in one forward pass, then decodes one token per step for every row until all rows hit a stop token or
 `max_new_tokens`. On CUDA each decode step (forward + sampling + logprob + stop bookkeeping) is a CUDA graph,
-replayed step after step (see `rollout/graphs.py`); on CPU the same step runs eagerly.
+replayed step after step (fused Triton kernels: `rollout/kernels.py`); on CPU the same step runs eagerly.
 
 Weights: `EmbeddedEngine(path)` loads an HF safetensors folder; `EmbeddedEngine.from_module(hf_model)` shares the
 trainer's live parameters when dtype and device match (no copy: an optimizer step is seen by the next generation),
