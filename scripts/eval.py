@@ -80,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: the trainer's GSM8K template for --data, the bare observation for env servers)",
     )
     d.add_argument("--system-prompt", default=None, help="system message before the first user turn")
+    d.add_argument(
+        "--train-config",
+        default=None,
+        help="a training run's config.yaml (saves/<exp>/config.yaml): its data.prompt_template and data.system_prompt "
+        "become the defaults, so the model is asked the way it was trained",
+    )
     d.add_argument("--success-threshold", type=float, default=1.0, help="reward counted as a success")
     s = p.add_argument_group("sampling")
     s.add_argument("--k", type=int, default=1, help="samples per item (avg@k, pass@k)")
@@ -96,7 +102,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--k, --concurrency, --max-round and --max-new-tokens must be >= 1")
     if args.temperature is None:
         args.temperature = 0.0 if args.k == 1 else 1.0
+    if args.train_config:
+        data = read_train_config(args.train_config, p)
+        args.prompt_template = args.prompt_template or data.get("prompt_template")
+        args.system_prompt = args.system_prompt or data.get("system_prompt")
     return args
+
+
+def read_train_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The `data` section of a resolved training config (pyyaml only: the eval image has no trainer deps)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        parser.error(f"--train-config {path}: {e}")
+    data = cfg.get("data") if isinstance(cfg, dict) else None
+    return data if isinstance(data, dict) else {}
 
 
 def env_url(args: argparse.Namespace) -> str | None:

@@ -100,6 +100,19 @@ def test_default_prompt_matches_the_trainer():
     assert DEFAULT_PROMPT_TEMPLATE == DataConfig().prompt_template
 
 
+def test_prompt_from_a_training_config(tmp_path):
+    from scripts.eval import GSM8KTask, parse_args
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text('data:\n  prompt_template: "Q: {question}\\nA:"\n  system_prompt: be brief\n')
+    args = parse_args(["--train-config", str(cfg), "--data", str(ROOT / "data" / "gsm8k" / "test.jsonl")])
+    assert GSM8KTask(args).messages("2+2?") == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "Q: 2+2?\nA:"},
+    ]
+    assert parse_args(["--train-config", str(cfg), "--prompt-template", "{question}!"]).prompt_template == "{question}!"
+
+
 def test_help_is_fast_and_bad_target_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "scripts.eval", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "--rollout-url" in out.stdout
