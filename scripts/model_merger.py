@@ -33,7 +33,7 @@ METADATA_FILES = re.compile(
     r"(generation_config\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt"
     r"|chat_template\.(jinja|json)|.*\.tiktoken|preprocessor_config\.json)"
 )
-# Segments that torch.compile / activation checkpointing / DDP wrappers insert into parameter names.
+# Segments that torch.compile, activation checkpointing and FSDP1 wrappers insert into names (DDP: a `module.` prefix).
 WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 READ_GROUP_BYTES = 256 * 2**20  # tensors fetched per DCP read: each read re-parses the checkpoint's .metadata
 
