@@ -6,8 +6,9 @@ reads is launch count: these kernels fuse what eager PyTorch runs as many small 
 - `rope_cache`: RoPE on q and k from the packed qkv GEMM output, k/v written into the KV cache at the current slot.
 - `decode_attention`: one query token against the cache, the G query heads of a KV head together (online softmax).
 - `silu_mul`: SwiGLU's silu(gate) * up from the packed gate_up GEMM output.
-- `sample_rows`: logsumexp + greedy or Gumbel-max draw + logprob of the drawn token + stop bookkeeping, one pass
-  over each row's logits; the random numbers are Philox keyed by (seed + step, row, column).
+- `sample_rows`: logsumexp + greedy or Gumbel-max draw + logprob of the drawn token + stop bookkeeping in one pass
+  over the logits (row chunks in parallel, then one combine); the random numbers are Philox keyed by
+  (seed + step, row, column).
 The slot / step counters live in device memory (`ctr = [slot, col]`) so the same launches serve every step.
 """
 
@@ -204,20 +205,20 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _sample_kernel(
-    logits_ptr, draw_ptr, stride_l, stride_d, V, temp_ptr, seed_ptr, ctr_ptr, done_ptr, stop_ptr,
-    tokens_ptr, logprobs_ptr, last_ptr, stride_out, pad_id,
-    GREEDY: tl.constexpr, SEPARATE_DRAW: tl.constexpr, NSTOP: tl.constexpr, BLOCK: tl.constexpr,
+def _sample_partial_kernel(
+    logits_ptr, draw_ptr, stride_l, stride_d, V, temp_ptr, seed_ptr, ctr_ptr, part_ptr, S,
+    GREEDY: tl.constexpr, SEPARATE_DRAW: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """One (row, chunk of CHUNK columns): running max and sum of exp (logsumexp), and the best draw key."""
     b = tl.program_id(0)
-    col = tl.load(ctr_ptr + 1)
-    seed = tl.load(seed_ptr) + col
+    c = tl.program_id(1)
+    seed = tl.load(seed_ptr) + tl.load(ctr_ptr + 1)
     inv_t = 1.0 / tl.load(temp_ptr)
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.zeros([], tl.float32)
     best = tl.full([], float("-inf"), tl.float32)
     best_i = tl.zeros([], tl.int32)
-    for start in range(0, V, BLOCK):
+    for start in range(c * CHUNK, c * CHUNK + CHUNK, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         msk = offs < V
         x = tl.load(logits_ptr + b * stride_l + offs, mask=msk, other=float("-inf")).to(tl.float32)
@@ -235,7 +236,32 @@ def _sample_kernel(
         blk_i = tl.argmax(key, 0).to(tl.int32) + start
         best_i = tl.where(blk_best > best, blk_i, best_i)  # strictly greater: the first maximum wins, as argmax
         best = tl.maximum(best, blk_best)
-    lp = tl.load(logits_ptr + b * stride_l + best_i).to(tl.float32) - (m + tl.log(s))
+    out = part_ptr + (b * S + c) * 4
+    tl.store(out, m)
+    tl.store(out + 1, s)
+    tl.store(out + 2, best)
+    tl.store(out + 3, best_i.to(tl.float32))  # exact: vocabularies are far below 2**24
+
+
+@triton.jit
+def _sample_finish_kernel(
+    logits_ptr, stride_l, part_ptr, S, ctr_ptr, done_ptr, stop_ptr, tokens_ptr, logprobs_ptr, last_ptr,
+    stride_out, pad_id, SP: tl.constexpr, NSTOP: tl.constexpr,
+):  # fmt: skip
+    """Per row: combine the chunks, log-prob of the drawn token, record it, update the stop flag."""
+    b = tl.program_id(0)
+    c = tl.arange(0, SP)
+    cm = c < S
+    base = part_ptr + (b * S + c) * 4
+    m = tl.load(base, mask=cm, other=float("-inf"))
+    s = tl.load(base + 1, mask=cm, other=0.0)
+    key = tl.load(base + 2, mask=cm, other=float("-inf"))
+    idx = tl.load(base + 3, mask=cm, other=0.0)
+    big = tl.max(m, 0)
+    lse = big + tl.log(tl.sum(s * tl.exp(m - big), 0))
+    best_i = tl.sum(tl.where(c == tl.argmax(key, 0), idx, 0.0), 0).to(tl.int32)  # first chunk holding the max
+    lp = tl.load(logits_ptr + b * stride_l + best_i).to(tl.float32) - lse
+    col = tl.load(ctr_ptr + 1)
     done = tl.load(done_ptr + b) != 0
     tok = tl.where(done, pad_id, best_i).to(tl.int64)
     tl.store(tokens_ptr + b * stride_out + col, tok)
@@ -266,10 +292,18 @@ def sample_rows(
     logits [B, V]: the raw policy (logprob = log_softmax(logits)[token]); draw: already-filtered logits to draw from
     (top-k/top-p), else the draw is softmax(logits / temperature). done [B] (int8) is updated with `stop` hits; rows
     already done record `pad_id` with logprob 0. last [B]: the drawn tokens, the next step's input.
+    Each row is split into chunks of 4096 columns reduced in parallel, then combined (two launches).
     """
     b, v = logits.shape
-    _sample_kernel[(b,)](
-        logits, logits if draw is None else draw, logits.stride(0), (logits if draw is None else draw).stride(0), v,
-        temperature, seed, ctr, done, stop, tokens, logprobs, last, tokens.stride(0), pad_id,
-        greedy, draw is not None, stop.numel(), 2048,
+    chunk = 4096
+    s = triton.cdiv(v, chunk)
+    part = torch.empty((b, s, 4), device=logits.device, dtype=torch.float32)
+    src = logits if draw is None else draw
+    _sample_partial_kernel[(b, s)](
+        logits, src, logits.stride(0), src.stride(0), v, temperature, seed, ctr, part, s,
+        greedy, draw is not None, chunk, 1024,
+    )  # fmt: skip
+    _sample_finish_kernel[(b,)](
+        logits, logits.stride(0), part, s, ctr, done, stop, tokens, logprobs, last, tokens.stride(0), pad_id,
+        triton.next_power_of_2(s), stop.numel(),
     )  # fmt: skip
