@@ -75,7 +75,10 @@ class HTTPRolloutClient(RolloutEngine):
                 continue
             if r.status_code >= 400:
                 raise ServiceError(f"{url}{route} answered {r.status_code}: {_detail(r)}")
-            return r.json()
+            try:
+                return r.json()
+            except ValueError:
+                raise ServiceError(f"{url}{route} answered 200 with a body that is not JSON: {r.text[:200]}") from None
         raise ServiceError(f"{url}{route} failed after {retries + 1} attempts; last error: {last}")
 
     def post_all(self, route: str, body: Any = None, *, timeout=None, retries=None) -> list[dict]:

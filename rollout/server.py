@@ -223,7 +223,10 @@ class Service:
         self.check_ids(prompts, params)
         self.metrics.requests += 1
         self.metrics.prompt_tokens += sum(len(p) for p in prompts)
-        return await self.batcher.submit(prompts, params)
+        try:
+            return await self.batcher.submit(prompts, params)
+        except ValueError as err:  # the engine refused the input (its own limits): the caller's to fix
+            raise HTTPException(400, str(err)) from None
 
     def health(self) -> dict[str, Any]:
         return {

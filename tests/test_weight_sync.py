@@ -132,6 +132,14 @@ def test_restarted_service_rejoins_the_group_and_is_resynced(service, client, nc
     assert client.metrics(service.url)["weight_updates"] == 1
 
 
+def test_push_after_a_restart_rebuilds_the_group_first(service, client, nccl, trainer_model):
+    service.stop()  # restarted while the trainer was busy training: no generation noticed it
+    service.start()
+    expected = train_step(trainer_model)
+    assert nccl.push(trainer_model, 6) == 6
+    assert client.weights_checksum(service.url) == expected and versions(client) == {6}
+
+
 def test_inprocess_sync_and_config_wiring(model_path, trainer_model, client, tmp_path):
     from rollout.engine import EmbeddedEngine
 

@@ -11,7 +11,8 @@
 - nccl: a private process group between the trainer (rank 0, hosting a TCP store) and every service worker
   (rollout/weight_transfer.py); each push posts the name/shape/dtype manifest to every service over HTTP while the
   trainer broadcasts the bytes in buckets. Backend nccl on GPU; gloo runs the same code on CPU. A restarted service
-  is re-synced by rebuilding the group and broadcasting the last pushed weights again.
+  is re-synced by rebuilding the group and broadcasting the last pushed weights again (found by the client's next
+  generation, or by the boot-id check before each push).
 The service loads weights between generations, so no generation mixes two versions.
 """
 
@@ -114,6 +115,7 @@ class NcclSync(WeightSync):
         self.backend = ("nccl" if torch.cuda.is_available() else "gloo") if backend == "auto" else backend
         self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
         self.group: SyncGroup | None = None
+        self._members: list[str] = []  # boot ids of the services in the group
         self._last: tuple[Weights, int] | None = None
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(len(client.urls) + 1, thread_name_prefix="weight-sync")
@@ -121,7 +123,8 @@ class NcclSync(WeightSync):
 
     def _open(self) -> None:
         """Open the store, tell every service its ranks, and rendezvous (all sides block until everyone joined)."""
-        ranks = [self.client.health(url)["sync_ranks"] for url in self.client.urls]
+        health = [self.client.health(url) for url in self.client.urls]
+        ranks = [h["sync_ranks"] for h in health]
         world = 1 + sum(ranks)
         store = listen(self.host, self.port, world, self.timeout_s)
         offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
@@ -138,6 +141,11 @@ class NcclSync(WeightSync):
             raise ServiceError(
                 f"a rollout service could not join the weight-sync group: {next(e for e in errors if e)}"
             )
+        self._members = [h["boot_id"] for h in health]
+
+    def _members_changed(self) -> bool:
+        """A member restarted since the group formed: broadcasting now would wait for a rank that is gone."""
+        return [self.client.health(url)["boot_id"] for url in self.client.urls] != self._members
 
     def _init_body(self, port: int, rank_offset: int, world: int) -> dict:
         return P.init_sync_body(self.host, port, rank_offset, world, self.backend, self.timeout_s)
@@ -148,6 +156,8 @@ class NcclSync(WeightSync):
 
     def push(self, weights: Weights, version: int) -> int:
         with self._lock:
+            if self.group is not None and self._members_changed():
+                self.close_group()
             if self.group is None:
                 self._open()
             named = _named(weights)
