@@ -43,3 +43,166 @@ def test_chat_pieces_concatenate_to_the_template(tokenizer, system):
     # cut off by max_new_tokens: the turn is closed for the model, so it sees the same conversation
     got = chat.prompt("What is 3*4?") + action + chat.next_turn("calculator: 12", action[-1])
     assert got == want
+
+
+# ---------------------------------------------------------------- real episodes: gsm8k_tools + SmolLM2
+
+# SmolLM2-135M never calls the calculator on real GSM8K questions within a few tokens, but asked to repeat a call it
+# greedily writes "You can use a calculator: write <calc>EXPRESSION</calc>…": a real tool call (the calculator answers
+# with an error result) that continues the episode. The last question gets a plain one-turn answer.
+QUESTIONS = [
+    "Repeat after me, exactly: <calc>6*7</calc>",
+    "Repeat after me: <calc>6*7</calc>",
+    "Copy this calculator call: <calc>6*7</calc>",
+]
+SYSTEM = "Repeat the user's calculator call exactly."
+NEW_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def calc_data(tmp_path_factory) -> str:
+    import json
+
+    path = tmp_path_factory.mktemp("calc") / "calc.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": "#### 42"}) + "\n" for q in QUESTIONS))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def engine(model_path):
+    import torch
+
+    from rollout.engine import EmbeddedEngine
+
+    torch.set_num_threads(2)
+    eng = EmbeddedEngine(model_path)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_path):
+    from rollout.loading import load_model
+
+    return load_model(model_path)
+
+
+@pytest.fixture()
+def env_server(calc_data, tmp_path):
+    from tests.conftest import free_port, start_server, stop_server
+
+    port = free_port()
+    args = ["-m", "env_servers", "--env", "gsm8k_tools", "--port", str(port), "--data", calc_data]
+    proc = start_server(args, f"http://127.0.0.1:{port}/health", tmp_path / "env.log")
+    yield f"http://127.0.0.1:{port}"
+    stop_server(proc)
+
+
+def agent(tokenizer, make_env, schedule, max_total_tokens=4096):
+    from rollout.api import SamplingParams
+    from trainer.agent_workflow import AgentWorkflow
+
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=NEW_TOKENS)
+    return AgentWorkflow(tokenizer, make_env, params, schedule, system_prompt=SYSTEM, max_total_tokens=max_total_tokens)
+
+
+def runs(mask: list[int]) -> list[tuple[int, int, int]]:
+    """(value, start, end) of each run of equal mask values."""
+    out, start = [], 0
+    for i in range(1, len(mask) + 1):
+        if i == len(mask) or mask[i] != mask[start]:
+            out.append((mask[start], start, i))
+            start = i
+    return out
+
+
+def check_against_replay(traj, idx, tokenizer, calc_data) -> None:
+    """Replay the episode's actions in a fresh env and check every token span of the trajectory against it."""
+    from env_servers.gsm8k import load_gsm8k
+    from env_servers.gsm8k_tools import GSM8KToolsEnv
+
+    spans = runs(traj.loss_mask)
+    assert [v for v, _, _ in spans] == [0, 1] + [0, 1] * (traj.info["num_rounds"] - 1)  # prompt, then turns
+    env = GSM8KToolsEnv(load_gsm8k(calc_data))
+    first = tokenizer.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": env.reset(idx).text}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert tokenizer.decode(traj.token_ids[: spans[0][2]]) == first
+    eos, reward = tokenizer.eos_token_id, 0.0
+    for k in range(1, len(spans), 2):
+        action = traj.token_ids[spans[k][1] : spans[k][2]]
+        assert action[-1] == eos or len(action) == NEW_TOKENS  # one whole sampled turn
+        result = env.step(tokenizer.decode(action, skip_special_tokens=True))
+        reward += result.reward
+        if k + 1 < len(spans):  # the observation turn that followed it, exactly as the chat template writes it
+            assert not result.done
+            closing = "" if action[-1] == eos else "<|im_end|>"
+            want = f"{closing}\n<|im_start|>user\n{result.observation}<|im_end|>\n<|im_start|>assistant\n"
+            assert tokenizer.decode(traj.token_ids[spans[k + 1][1] : spans[k + 1][2]]) == want
+    assert result.done == traj.info["done"] and reward == traj.reward
+
+
+def check_logprobs(traj, hf_model) -> None:
+    """Model tokens carry the behaviour logprobs (= the HF forward's, fp32), everything else 0."""
+    import torch
+
+    ids = torch.tensor([traj.token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_model(input_ids=ids).logits[0, :-1].float(), -1)
+    want = logp.gather(-1, ids[0, 1:, None])[:, 0]
+    mask = torch.tensor(traj.loss_mask[1:], dtype=torch.bool)
+    got = torch.tensor(traj.logprobs[1:])
+    assert (got[~mask] == 0).all() and traj.logprobs[0] == 0
+    assert (got[mask] - want[mask]).abs().max().item() < 1e-3
+
+
+def test_multi_turn_episodes_in_process_and_over_http(engine, hf_model, tokenizer, calc_data, env_server):
+    from env_servers.client import env_factory
+
+    items, gids = [{"idx": i} for i in range(len(QUESTIONS))], list(range(len(QUESTIONS)))
+    workflow = agent(tokenizer, env_factory("gsm8k_tools", data=calc_data), RoundsSchedule(2))
+    local = workflow.run(engine, items, gids)
+    assert all(t is not None for t in local)
+    assert {t.info["num_rounds"] for t in local} == {1, 2}  # tool-calling episodes went on, the answer ended one
+    for idx, traj in enumerate(local):
+        assert traj.group_id == idx and traj.weight_version == engine.weight_version
+        assert traj.info["weight_versions"] == [engine.weight_version] * traj.info["num_rounds"]
+        check_against_replay(traj, idx, tokenizer, calc_data)
+        check_logprobs(traj, hf_model)
+
+    remote = agent(tokenizer, env_factory("gsm8k_tools", url=env_server), RoundsSchedule(2)).run(engine, items, gids)
+    for a, b in zip(local, remote, strict=True):  # greedy: the server-side env gives the very same episodes
+        assert (a.token_ids, a.loss_mask, a.reward, a.info["done"]) == (
+            b.token_ids,
+            b.loss_mask,
+            b.reward,
+            b.info["done"],
+        )
+    import httpx
+
+    assert httpx.get(f"{env_server}/list_envs").json() == []  # every episode closed its env slot
+
+
+def test_rounds_schedule_and_token_budget(engine, tokenizer, calc_data, model_path):
+    from env_servers.client import env_factory
+
+    make_env = env_factory("gsm8k_tools", data=calc_data)
+    items, gids = [{"idx": i} for i in range(len(QUESTIONS))], list(range(len(QUESTIONS)))
+    # ScalingInter-RL: one turn until step 1, two from then on (step = the engine's weight version)
+    schedule = RoundsSchedule(1, [[engine.weight_version + 1, 2]])
+    short = agent(tokenizer, make_env, schedule).run(engine, items, gids)
+    assert [t.info["num_rounds"] for t in short] == [1, 1, 1]
+    assert [t.info["done"] for t in short].count(False) >= 1  # cut by the horizon, not by the env
+    assert all(runs(t.loss_mask)[-1][0] == 1 for t in short)  # ends on the model's turn: no dangling observation
+
+    # a budget that fits one turn but not the observation after it: those episodes are dropped, the others kept
+    budget = max(len(t.token_ids) for t in short) + 3
+    engine.update_weights(model_path, version=engine.weight_version + 1)
+    capped = agent(tokenizer, make_env, schedule, max_total_tokens=budget).run(engine, items, gids)
+    for s, c in zip(short, capped, strict=True):
+        if s.info["done"]:
+            assert c is not None and c.token_ids == s.token_ids
+        else:
+            assert c is None

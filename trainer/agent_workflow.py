@@ -26,6 +26,7 @@ from typing import Any
 from env_servers.api import EnvError
 from rollout.api import Completion, RolloutEngine, SamplingParams
 from trainer.api import Trajectory, Workflow
+from trainer.config import Config, EnvConfig
 from trainer.rounds import RoundsSchedule
 
 _MARK = "\x00ACTION\x00"  # stands in for an assistant message when reading the template's turn boundaries
@@ -128,6 +129,14 @@ class AgentWorkflow(Workflow):
         self.max_total_tokens = max_total_tokens
         self.env_workers = env_workers
 
+    def reseed(self, seed: int) -> None:
+        """Sampling seed for the next `run` (round r samples with seed + r, so rounds are not correlated)."""
+        self.params = replace(self.params, seed=seed)
+
+    def _round_params(self, r: int) -> SamplingParams:
+        seed = self.params.seed
+        return replace(self.params, n=1, seed=None if seed is None else seed + r)
+
     def run(self, engine: RolloutEngine, items: list[dict[str, Any]], group_ids: list[int]) -> list[Trajectory | None]:
         rounds = self.schedule.at(engine.weight_version)
         episodes = [
@@ -142,7 +151,7 @@ class AgentWorkflow(Workflow):
                     live = [ep for ep in episodes if ep.live]
                     if not live:
                         break
-                    completions = engine.generate([ep.tokens for ep in live], replace(self.params, n=1))
+                    completions = engine.generate([ep.tokens for ep in live], self._round_params(r))
                     last = r == rounds - 1
                     list(pool.map(self._act, live, completions, [last] * len(live)))
             finally:
@@ -183,3 +192,35 @@ class AgentWorkflow(Workflow):
     def _close(ep: _Episode) -> None:
         if ep.env is not None:
             ep.env.close()
+
+
+GSM8K_FAMILY = ("gsm8k", "gsm8k_tools")  # envs whose dataset is a GSM8K JSONL file (the trainer's data files)
+
+
+def is_agent_env(env: EnvConfig) -> bool:
+    """True when rollouts go through env slots (a multi-turn env, or any env on a server) rather than the
+    single-turn in-process GSM8K scorer."""
+    return env.name != "gsm8k" or env.url is not None
+
+
+def make_agent_workflows(
+    cfg: Config, tokenizer: Any, train_params: SamplingParams, eval_params: SamplingParams
+) -> tuple[AgentWorkflow, AgentWorkflow]:
+    """Training and eval workflows for `cfg.env`. Items name env dataset rows by their `index`, so the env must hold
+    the trainer's data: in-process GSM8K-family envs read `data.train_path` (train) and `data.test_path` (eval); an
+    env server (`env.url`) serves the dataset it was started with (`--data`), which must be `data.train_path`. Eval
+    of a GSM8K-family env runs in-process on the test split even when training uses a server."""
+    from env_servers.client import env_factory
+
+    env = cfg.env
+    family = env.name in GSM8K_FAMILY
+    options = {"format_reward": env.format_reward} if family else {}
+    train_env = env_factory(env.name, env.url, cfg.data.train_path if family else None, **options)
+    eval_url = None if family else env.url
+    eval_env = env_factory(env.name, eval_url, cfg.data.test_path if family else None, **options)
+    schedule = RoundsSchedule(env.max_rounds, env.rounds_schedule)
+    common = {"system_prompt": cfg.data.system_prompt, "max_total_tokens": env.max_total_tokens}
+    return (
+        AgentWorkflow(tokenizer, train_env, train_params, schedule, **common),
+        AgentWorkflow(tokenizer, eval_env, eval_params, schedule, **common),
+    )
