@@ -45,7 +45,7 @@ class HTTPRolloutClient(RolloutEngine):
         if not urls:
             raise ValueError("HTTPRolloutClient needs at least one service URL")
         self.urls = [u.rstrip("/") for u in urls]
-        self.timeout, self.update_timeout, self.retries, self.backoff = timeout, update_timeout, retries, backoff
+        self.update_timeout, self.retries, self.backoff = update_timeout, retries, backoff
         self.resync = resync
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=connect_timeout))
         # two pools: a generation thread may re-sync a service, which posts through the admin pool (no deadlock)

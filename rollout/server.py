@@ -167,14 +167,13 @@ class _LocalReceiver:
 class Service:
     """The engine, its single engine thread, the batcher and the counters behind the routes."""
 
-    def __init__(self, engine: RolloutEngine, tokenizer: Any, name: str, backend: str, max_batch_size: int, limits):
+    def __init__(self, engine: RolloutEngine, tokenizer: Any, name: str, backend: str, limits: tuple[int, int]):
         self.engine, self.tokenizer, self.name, self.backend = engine, tokenizer, name, backend
         self.vocab_size, self.max_len = limits
         self.boot_id = uuid.uuid4().hex
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self.receiver = engine if hasattr(engine, "receive_weights") else _LocalReceiver(engine)
-        self.max_batch_size = max_batch_size
         self.batcher: Batcher | None = None  # made inside the event loop
 
     async def call(self, fn, *args):
@@ -429,7 +428,7 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app over `engine`. limits = (vocab size, max positions), checked before anything reaches the
     engine. The engine is closed when the app shuts down."""
-    svc = Service(engine, tokenizer, name, backend, max_batch_size, limits)
+    svc = Service(engine, tokenizer, name, backend, limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
