@@ -100,6 +100,7 @@ def read_merged(save_dir: Path) -> dict:
     return tensors
 
 
+@pytest.mark.slow
 def test_one_rank_checkpoint_merges_and_verifies(one_rank_step, perturbed, model_path, capsys):
     import torch
 
@@ -125,6 +126,7 @@ def test_one_rank_checkpoint_merges_and_verifies(one_rank_step, perturbed, model
             assert torch.equal(merged[name], want.to(torch.bfloat16)), name
 
 
+@pytest.mark.slow
 def test_two_rank_checkpoint_merges_and_verifies(two_rank_step, perturbed, tmp_path, capsys):
     import torch
 
@@ -150,6 +152,7 @@ def copy_step(step: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "scramble"])
 def test_damaged_shard_is_one_clear_line(one_rank_step, tmp_path, damage, capsys):
     step = copy_step(one_rank_step, tmp_path / "global_step_3")
