@@ -263,7 +263,20 @@ def rollout_stats(run: Run, trajectories: list[Trajectory]) -> dict[str, float]:
     stats.update({"truncated": cut / n, "groups_with_signal": signal / num_groups, "trajectories": n})
     if run.cfg.env.format_reward > 0:
         stats["format"] = fmt / n
+    stats.update(sample_stats(run, trajectories))
     return stats
+
+
+def sample_stats(run: Run, trajectories: list[Trajectory]) -> dict[str, float]:
+    """Which weights produced the step's samples (async rollout trains on older ones, at most rollout.max_staleness
+    versions back) and how many agent turns the episodes took."""
+    mine = [(t.weight_version, t.info.get("num_rounds", 1)) for t in trajectories]
+    both = [pair for part in dist.all_gather_object(run.d, mine) for pair in part]
+    if not both:
+        return {}
+    oldest = min(v for v, _ in both)
+    rounds = sum(r for _, r in both) / len(both)
+    return {"sample_version": oldest, "staleness": run.version - oldest, "num_rounds": rounds}
 
 
 def update_policy(run: Run, trajectories: list[Trajectory]) -> dict[str, float]:
