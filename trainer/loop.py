@@ -22,7 +22,7 @@ from torch import nn
 
 from rollout.api import SamplingParams
 from trainer import checkpoint, dist
-from trainer.api import Trajectory
+from trainer.api import Trajectory, Workflow
 from trainer.config import Config, ConfigError, save_config
 from trainer.data import DataCursor, load_eval_items, load_train_items, num_steps
 from trainer.dist import Dist
@@ -48,16 +48,17 @@ class Run:
     total_steps: int
     dtype: torch.dtype
     ref_model: nn.Module | None = None
-    workflow: SingleTurnWorkflow | None = None
-    eval_workflow: SingleTurnWorkflow | None = None
+    workflow: Workflow | None = None  # has reseed(seed), like SingleTurnWorkflow and AgentWorkflow
+    eval_workflow: Workflow | None = None
     logger: MetricsLogger | None = None
     source: Any = None
     pusher: WeightPusher | None = None
     step: int = 0
     version: int = 0  # weight version the engine serves (the trainer's count: a remote engine may not report it)
-    served: list[int] = field(default_factory=list)  # item indices of this rank's latest sampled batch
+    group_items: dict[int, int] = field(default_factory=dict)  # group id → data item index, until trained
     last_eval: int = -1
     last_save: int = -1
+    start_step: int = 0
 
     @property
     def exp_dir(self) -> Path:
@@ -159,15 +160,17 @@ def make_optimizer(cfg: Config, model: nn.Module):
     return optimizer, scheduler
 
 
-def make_workflows(cfg: Config, tokenizer) -> tuple[SingleTurnWorkflow, SingleTurnWorkflow]:
-    """Training rollouts (n samples per prompt) and greedy eval, both scored by the GSM8K reward."""
-    if cfg.env.name != "gsm8k" or cfg.env.url is not None:
-        raise ConfigError(f"env.name={cfg.env.name!r} (env.url={cfg.env.url!r}): this trainer runs gsm8k in-process")
+def make_workflows(cfg: Config, tokenizer):
+    """Training rollouts (n samples per prompt) and greedy eval: single-turn GSM8K in-process, else agent episodes."""
+    from trainer.agent_workflow import is_agent_env, make_agent_workflows
+
     r = cfg.rollout
     train_params = SamplingParams(
         n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens
     )
     eval_params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
+    if is_agent_env(cfg.env):
+        return make_agent_workflows(cfg, tokenizer, train_params, eval_params)
     return (
         SingleTurnWorkflow(tokenizer, train_params, cfg.env.format_reward),
         SingleTurnWorkflow(tokenizer, eval_params, cfg.env.format_reward),
@@ -187,7 +190,7 @@ def restore(run: Run) -> bool:
         run.cursor.load_state_dict(state["data"])
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    run.step = run.last_save = state["step"]
+    run.step = run.last_save = run.start_step = state["step"]
     run.version = run.pusher.push(run.model, state["weight_version"])  # the engine samples the restored policy
     return True
 
@@ -216,9 +219,10 @@ def make_rollout_source(run: Run):
     def sample() -> tuple[list[dict], list[int]]:
         call = next(calls)
         items = run.cursor.next_batch(run.cfg.train.batch_size)
-        run.served = [item["index"] for item in items]
         run.workflow.reseed(int(np.random.SeedSequence([run.cfg.train.seed, call, run.d.rank]).generate_state(1)[0]))
-        return items, [call * run.cfg.train.batch_size + i for i in range(len(items))]
+        group_ids = [call * run.cfg.train.batch_size + i for i in range(len(items))]
+        run.group_items.update(zip(group_ids, (item["index"] for item in items), strict=True))
+        return items, group_ids
 
     return make_source(run.engine, run.workflow, sample, run.cfg.train.batch_size, run.cfg.rollout.max_staleness)
 
@@ -238,8 +242,15 @@ def train_step(run: Run) -> dict[str, Any]:
     run.version = stats["weight_version"] = run.pusher.push(run.model, run.version + 1)
     t3 = time.perf_counter()
     stats.update({"time/rollout": t1 - t0, "time/update": t2 - t1, "time/sync": t3 - t2, "time/step": t3 - t0})
-    stats["item_ids"] = [i for part in dist.all_gather_object(run.d, run.served) for i in part]
+    stats["item_ids"] = trained_items(run, trajectories)
     return stats
+
+
+def trained_items(run: Run, trajectories: list[Trajectory]) -> list[int]:
+    """Data item indices this step trained on, over all ranks, in batch order (the data-order record of a run)."""
+    groups = dict.fromkeys(t.group_id for t in trajectories)
+    mine = [run.group_items.pop(g) for g in groups if g in run.group_items]
+    return [i for part in dist.all_gather_object(run.d, mine) for i in part]
 
 
 def rollout_stats(run: Run, trajectories: list[Trajectory]) -> dict[str, float]:
@@ -287,6 +298,8 @@ def update_policy(run: Run, trajectories: list[Trajectory]) -> dict[str, float]:
     if not lengths:  # nothing left on any rank (every group dropped): no step, same on all ranks
         return {"skipped_update": 1.0}
     norms = loss_norms(lengths, cfg.grpo.loss_agg, cfg.rollout.max_new_tokens)
+    order = sorted(range(len(trajectories)), key=lambda i: len(trajectories[i].token_ids))  # less padding per chunk
+    trajectories, adv = [trajectories[i] for i in order], adv[order]
     mbs = cfg.train.micro_batch_size
     count = max_chunks(d, len(trajectories), mbs)
     run.model.train()
@@ -469,7 +482,7 @@ def save(run: Run) -> Path:
 
 def finish(run: Run) -> None:
     """Final eval and checkpoint (unless this very step already had them), then the final plot."""
-    if run.cfg.eval.every and run.last_eval != run.step:
+    if run.cfg.eval.every and run.last_eval != run.step and run.step > run.start_step:
         record_eval(run)
     if run.last_save != run.step:
         save(run)
