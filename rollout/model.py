@@ -177,7 +177,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k_cache[:, :, : st.kv_len], v_cache[:, :, : st.kv_len], attn_mask=st.mask, scale=self.d**-0.5
         )
-        out = out.view(b, self.h, lq, self.d).transpose(1, 2).reshape(b, lq, self.h * self.d)
+        out = out.reshape(b, self.h, lq, self.d)  # SDPA may return a non-contiguous tensor (fp32 on CUDA)
+        out = out.transpose(1, 2).reshape(b, lq, self.h * self.d)
         return self.o_proj(out)
 
 
