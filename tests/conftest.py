@@ -13,6 +13,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Idle OpenMP workers sleep instead of spinning (as `python -m trainer` does): with several torch processes or
+# threads on 2 shared cores, spinning slowed the engine's CPU generation ~10x. Set before any test imports torch;
+# the servers the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def _has_cuda() -> bool:
     try:
