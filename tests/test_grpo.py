@@ -175,3 +175,7 @@ def test_entropy_from_logits():
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, LN3, -math.inf, -math.inf]])
     # the -inf entries of row 2 have probability 0 and must not turn the sum into NaN
     assert entropy_from_logits(logits).tolist() == pytest.approx([1.3862944, 0.5623351], abs=1e-6)
+    # chunking over positions gives the same values and shape as one pass
+    big = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(entropy_from_logits(big, chunk_rows=4), entropy_from_logits(big, chunk_rows=100))
+    assert entropy_from_logits(big).shape == (3, 5)

@@ -63,14 +63,19 @@ def kl_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
     return torch.exp(d) - d - 1
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
+def entropy_from_logits(logits: Tensor, chunk_rows: int = 1024) -> Tensor:
     """Entropy of softmax(logits) over the last dim: logsumexp(z) - sum(p * z). [..., V] -> [...].
 
-    -inf logits (a truncated vocabulary) count as probability 0 instead of producing 0 * -inf = NaN.
+    Computed `chunk_rows` positions at a time so the float32 softmax of a large micro-batch over a 50k vocabulary is
+    never materialised whole. -inf logits (a truncated vocabulary) count as probability 0 instead of 0 * -inf = NaN.
     """
-    z = logits.float()
-    p = torch.softmax(z, dim=-1)
-    return torch.logsumexp(z, dim=-1) - (p * z.masked_fill(torch.isneginf(z), 0.0)).sum(-1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = []
+    for rows in flat.split(chunk_rows):
+        z = rows.float()
+        p = torch.softmax(z, dim=-1)
+        out.append(torch.logsumexp(z, dim=-1) - (p * z.masked_fill(torch.isneginf(z), 0.0)).sum(-1))
+    return torch.cat(out).reshape(logits.shape[:-1]) if out else flat.new_zeros(logits.shape[:-1])
 
 
 def loss_norms(tokens_per_seq: Sequence[int], agg: str, max_new_tokens: int | None = None) -> dict[str, float]:
