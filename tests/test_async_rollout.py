@@ -177,3 +177,42 @@ def test_close_stops_a_producer_that_is_waiting(engine, workflow):
     calls = sampler.calls
     time.sleep(0.1)
     assert sampler.calls == calls
+
+
+@pytest.mark.slow
+def test_trainer_async_path_keeps_the_bound(tmp_path):
+    """`python -m trainer rollout.max_staleness=1`: the loop takes the async source and trains only on samples at
+    most one version old, then shuts the producer down cleanly (the process exits 0)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    steps = 2
+    config = {
+        "experiment_name": "async",
+        "data": {"max_train_samples": 8},
+        "rollout": {"n": 2, "max_new_tokens": 4, "max_staleness": 1},
+        "train": {"batch_size": B, "micro_batch_size": 4, "total_steps": steps, "threads": 2, "lr": 1e-5},
+        "eval": {"every": 0},
+        "checkpoint": {"save_dir": str(tmp_path / "saves"), "every": 0},
+        "logging": {"wandb": False, "progress": False},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = subprocess.run(
+        [sys.executable, "-m", "trainer", str(tmp_path / "config.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    lines = (tmp_path / "saves/async/metrics.jsonl").read_text().splitlines()
+    rows = [r for r in map(json.loads, lines) if "reward" in r]
+    assert [r["weight_version"] for r in rows] == list(range(1, steps + 1))
+    assert rows[0]["staleness"] == 0  # nothing older than the initial weights exists yet
+    assert 0 <= rows[1]["staleness"] <= 1
+    assert all(r["sample_version"] == r["weight_version"] - 1 - r["staleness"] for r in rows)
