@@ -18,10 +18,11 @@ pytestmark = pytest.mark.slow
 
 
 def torchrun(workdir, *overrides: str) -> subprocess.CompletedProcess:
+    """One prompt per rank per step: 8 samples each make a step with no reward spread (no gradient) rare."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "trainer", str(workdir / "config.yaml"), *overrides,
+        "-m", "trainer", str(workdir / "config.yaml"), "rollout.n=8", *overrides,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
@@ -58,7 +59,7 @@ def test_two_ranks_train_checkpoint_and_resume(tmp_path, model_path, tokenizer):
     rows = train_rows(exp)
     assert [r["step"] for r in rows] == [1, 2]
     assert [r["item_ids"] for r in rows] == expected_item_ids(workdir, tokenizer, 2)
-    assert all(r["trajectories"] == 2 * 4 for r in rows)  # both ranks' groups counted
+    assert all(r["trajectories"] == 2 * 8 for r in rows)  # both ranks' groups counted
     assert (exp / "latest").read_text().strip() == "global_step_2"
     shards = sorted(p.name for p in (exp / "global_step_2" / "actor" / "model").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]
