@@ -24,6 +24,23 @@ def test_rounds_schedule_rejects_bad_entries(max_rounds, schedule):
         RoundsSchedule(max_rounds, schedule)
 
 
+def test_workflows_from_config(tokenizer):
+    from rollout.api import SamplingParams
+    from trainer.agent_workflow import AgentWorkflow, is_agent_env, make_agent_workflows
+    from trainer.config import ConfigError, load_config
+
+    params = SamplingParams(n=2)
+    assert not is_agent_env(load_config(None, []).env)  # single-turn GSM8K scored in-process
+    assert is_agent_env(load_config(None, ["env.url=http://127.0.0.1:36001"]).env)
+    cfg = load_config(None, ["env.name=gsm8k_tools", "env.max_rounds=2", "env.rounds_schedule=[[10,4]]"])
+    train, evaluate = make_agent_workflows(cfg, tokenizer, params, params)
+    assert isinstance(train, AgentWorkflow) and isinstance(evaluate, AgentWorkflow)
+    assert (train.schedule.at(9), train.schedule.at(10)) == (2, 4)
+    bad = load_config(None, ["env.name=gsm8k_tools", "env.rounds_schedule=[[10,4],[5,6]]"])
+    with pytest.raises(ConfigError, match="env.rounds_schedule"):
+        make_agent_workflows(bad, tokenizer, params, params)
+
+
 @pytest.mark.parametrize("system", [None, "Use the calculator."])
 def test_chat_pieces_concatenate_to_the_template(tokenizer, system):
     chat = ChatTokens(tokenizer, system)

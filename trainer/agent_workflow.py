@@ -18,6 +18,7 @@ Choices (also in DOCS.md):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -26,9 +27,10 @@ from typing import Any
 from env_servers.api import EnvError
 from rollout.api import Completion, RolloutEngine, SamplingParams
 from trainer.api import Trajectory, Workflow
-from trainer.config import Config, EnvConfig
+from trainer.config import Config, ConfigError, EnvConfig
 from trainer.rounds import RoundsSchedule
 
+log = logging.getLogger(__name__)
 _MARK = "\x00ACTION\x00"  # stands in for an assistant message when reading the template's turn boundaries
 
 
@@ -190,8 +192,12 @@ class AgentWorkflow(Workflow):
 
     @staticmethod
     def _close(ep: _Episode) -> None:
-        if ep.env is not None:
+        if ep.env is None:
+            return
+        try:
             ep.env.close()
+        except Exception as err:  # a slot left open on a server expires by its TTL; not worth a failed step
+            log.warning("closing an env slot failed: %s", err)
 
 
 GSM8K_FAMILY = ("gsm8k", "gsm8k_tools")  # envs whose dataset is a GSM8K JSONL file (the trainer's data files)
@@ -218,7 +224,10 @@ def make_agent_workflows(
     train_env = env_factory(env.name, env.url, cfg.data.train_path if family else None, **options)
     eval_url = None if family else env.url
     eval_env = env_factory(env.name, eval_url, cfg.data.test_path if family else None, **options)
-    schedule = RoundsSchedule(env.max_rounds, env.rounds_schedule)
+    try:
+        schedule = RoundsSchedule(env.max_rounds, env.rounds_schedule)
+    except ValueError as err:
+        raise ConfigError(f"env.rounds_schedule: {err}") from None
     common = {"system_prompt": cfg.data.system_prompt, "max_total_tokens": env.max_total_tokens}
     return (
         AgentWorkflow(tokenizer, train_env, train_params, schedule, **common),
