@@ -104,7 +104,7 @@ def test_capacity_rule():
 def test_staleness_bound_with_producer_running_ahead(engine, workflow, tiny_model):
     eta = 2
     sampler = Sampler()
-    source = make_source(engine, workflow, sampler, B, eta)
+    source = make_source(engine, workflow, sampler, eta)
     assert isinstance(source, AsyncSource)
     lags = []
     try:
@@ -128,7 +128,7 @@ def test_staleness_bound_with_producer_running_ahead(engine, workflow, tiny_mode
 
 def test_stale_groups_are_dropped_when_versions_jump(engine, workflow, tiny_model):
     eta = 1
-    source = AsyncSource(engine, workflow, Sampler(), B, eta)
+    source = AsyncSource(engine, workflow, Sampler(), eta)
     try:
         source.next_batch(0)
         wait_for(lambda: source.queued >= eta * B)
@@ -143,7 +143,7 @@ def test_stale_groups_are_dropped_when_versions_jump(engine, workflow, tiny_mode
 
 def test_sync_source_never_mixes_versions(engine, workflow, tiny_model):
     sampler = Sampler()
-    source = make_source(engine, workflow, sampler, B, 0)
+    source = make_source(engine, workflow, sampler, 0)
     assert isinstance(source, SyncSource)
     threads = threading.active_count()
     for _ in range(3):
@@ -156,7 +156,7 @@ def test_sync_source_never_mixes_versions(engine, workflow, tiny_model):
 
 
 def test_producer_error_surfaces_and_close_is_clean(engine, workflow):
-    source = AsyncSource(engine, workflow, Sampler(fail_at=2), B, max_staleness=1)
+    source = AsyncSource(engine, workflow, Sampler(fail_at=2), max_staleness=1)
     try:
         with pytest.raises(RuntimeError, match="rollout producer failed") as info:
             for _ in range(3):
@@ -169,7 +169,7 @@ def test_producer_error_surfaces_and_close_is_clean(engine, workflow):
 
 def test_close_stops_a_producer_that_is_waiting(engine, workflow):
     sampler = Sampler()
-    source = AsyncSource(engine, workflow, sampler, B, max_staleness=1)
+    source = AsyncSource(engine, workflow, sampler, max_staleness=1)
     source.next_batch(0)
     wait_for(lambda: source.queued >= B)
     source.close()

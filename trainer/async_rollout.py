@@ -9,8 +9,9 @@ engine's version after the last sync), and gets that step's trajectories (None =
 - η > 0: `AsyncSource` keeps generating in a thread while the learner trains. New prompts are admitted only while
   AReaL's capacity rule allows it, counted in prompts (groups):
       capacity = min(max_concurrent − running, (η + v + 1)·B − (accepted + running))
-  with v = versions trained since the source started, B = prompts per step, accepted = groups delivered to the queue
-  (consumed ones included), running = groups being generated. Groups are consumed in the order they were finished,
+  with v = versions trained since the source started, B = prompts per step on this rank (what one sampler call
+  returns: a rank's slice of the global batch), accepted = groups delivered to the queue (consumed ones included),
+  running = groups being generated. Groups are consumed in the order they were finished,
   and a group whose oldest trajectory is more than η versions behind the version being trained is dropped at
   consumption (and un-counted, so capacity is not lost), so every trained sample satisfies
   `version − sample.weight_version ≤ η` even when an engine lags. The loss then corrects for the off-policy gap with
@@ -61,15 +62,14 @@ class AsyncSource:
         engine: RolloutEngine,
         workflow: Workflow,
         sample: Sampler,
-        batch_size: int,
         max_staleness: int,
         max_concurrent: int | None = None,
     ) -> None:
         if max_staleness < 1:
             raise ValueError("AsyncSource needs max_staleness >= 1 (0 is SyncSource)")
         self.engine, self.workflow, self.sample = engine, workflow, sample
-        self.batch, self.eta = batch_size, max_staleness
-        self.max_concurrent = max_concurrent or batch_size
+        self.eta, self.max_concurrent = max_staleness, max_concurrent
+        self.batch = 0  # B: prompts per step, learned from the first sampler call
         self._cond = threading.Condition()
         self._pending: collections.deque[tuple[dict, int]] = collections.deque()  # sampled, not started
         self._ready: collections.deque[list[Trajectory | None]] = collections.deque()  # finished groups
@@ -91,9 +91,7 @@ class AsyncSource:
     def next_batch(self, version: int) -> list[Trajectory | None]:
         with self._cond:
             if self._base is None:
-                self._base = version
-                self._thread = threading.Thread(target=self._produce, name="rollout-producer", daemon=True)
-                self._thread.start()
+                self._start(version)
             self._version = version
             self._cond.notify_all()  # a newer version frees capacity
             groups = []
@@ -103,6 +101,15 @@ class AsyncSource:
                     self._raise_if_done()
                     self._cond.wait()
         return [t for g in groups for t in g]
+
+    def _start(self, version: int) -> None:
+        items, group_ids = self.sample()
+        self._pending.extend(zip(items, group_ids, strict=True))
+        self.batch = len(items)
+        self.max_concurrent = self.max_concurrent or self.batch
+        self._base = version
+        self._thread = threading.Thread(target=self._produce, name="rollout-producer", daemon=True)
+        self._thread.start()
 
     def _take_fresh(self, k: int) -> list[list[Trajectory | None]]:
         out = []
@@ -188,9 +195,9 @@ class AsyncSource:
 
 
 def make_source(
-    engine: RolloutEngine, workflow: Workflow, sample: Sampler, batch_size: int, max_staleness: int
+    engine: RolloutEngine, workflow: Workflow, sample: Sampler, max_staleness: int
 ) -> SyncSource | AsyncSource:
     """The loop's hook: η = rollout.max_staleness picks synchronous (0) or async (> 0) rollout."""
     if max_staleness == 0:
         return SyncSource(engine, workflow, sample)
-    return AsyncSource(engine, workflow, sample, batch_size, max_staleness)
+    return AsyncSource(engine, workflow, sample, max_staleness)

@@ -224,7 +224,7 @@ def make_rollout_source(run: Run):
         run.group_items.update(zip(group_ids, (item["index"] for item in items), strict=True))
         return items, group_ids
 
-    return make_source(run.engine, run.workflow, sample, run.cfg.train.batch_size, run.cfg.rollout.max_staleness)
+    return make_source(run.engine, run.workflow, sample, run.cfg.rollout.max_staleness)  # B = this rank's slice
 
 
 # ---------------------------------------------------------------------------------------------------------- a step
