@@ -1,5 +1,8 @@
 """Two CPU ranks on gloo: `torchrun --nproc_per_node 2 -m trainer` with the real SmolLM2 (FSDP2), one step, a
-checkpoint holding both ranks' shards, then a resumed second step."""
+checkpoint holding both ranks' shards, then a resumed second step; and the 2-rank update checked against one process.
+
+Run as a script under torchrun, this file is the worker of `test_two_rank_update_equals_one_process`.
+"""
 
 from __future__ import annotations
 
@@ -17,15 +20,18 @@ from tests.test_train_integration import expected_item_ids, load_checkpoint_weig
 pytestmark = pytest.mark.slow
 
 
-def torchrun(workdir, *overrides: str) -> subprocess.CompletedProcess:
-    """One prompt per rank per step: 8 samples each make a step with no reward spread (no gradient) rare."""
+def launch(args: list[str]) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "trainer", str(workdir / "config.yaml"), "rollout.n=8", *overrides,
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+
+
+def torchrun(workdir, *overrides: str) -> subprocess.CompletedProcess:
+    """One prompt per rank per step: 8 samples each make a step with no reward spread (no gradient) rare."""
+    return launch(["-m", "trainer", str(workdir / "config.yaml"), "rollout.n=8", *overrides])
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -63,3 +69,82 @@ def test_two_ranks_train_checkpoint_and_resume(tmp_path, model_path, tokenizer):
     assert (exp / "latest").read_text().strip() == "global_step_2"
     shards = sorted(p.name for p in (exp / "global_step_2" / "actor" / "model").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def synthetic_groups(num_groups: int, n: int, vocab: int) -> list:
+    """Trajectories with varied prompt/completion lengths, rewards and off-policy behaviour logprobs."""
+    from trainer.api import Trajectory
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for gid in range(num_groups):
+        prompt = torch.randint(0, vocab, (3 + 2 * gid,), generator=g).tolist()
+        for k in range(n):
+            length = 2 + (gid + k) % 4
+            completion = torch.randint(0, vocab, (length,), generator=g).tolist()
+            old = (-torch.rand(length, generator=g) * 6).tolist()
+            mask, logprobs = [0] * len(prompt) + [1] * length, [0.0] * len(prompt) + old
+            out.append(Trajectory(prompt + completion, mask, logprobs, float((gid + k) % 3), 0, gid))
+    return out
+
+
+def one_update(d, trajectories) -> tuple:
+    """update_policy on a tiny tied-embedding Llama (FSDP2 when `d` is distributed), SGD lr 1 so params move by
+    exactly the clipped gradient; returns (full state dict after the step, step metrics)."""
+    from types import SimpleNamespace
+
+    from tests.test_checkpoint import tiny_llama
+    from trainer import dist
+    from trainer.config import Config
+    from trainer.loop import Run, update_policy
+
+    cfg = Config.model_validate({"train": {"micro_batch_size": 2, "grad_clip": 0.5}, "rollout": {"max_new_tokens": 8}})
+    model = tiny_llama(seed=0)
+    if d.distributed:
+        dist.shard(model, d)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    run = Run(cfg, d, model, SimpleNamespace(pad_token_id=0), None, opt, sched, None, [], 1, torch.float32)
+    stats = update_policy(run, trajectories)
+    return {k: v.detach().clone() for k, v in dist.full_state_dict(model, d).items()}, stats
+
+
+def update_worker(out: str) -> None:
+    """Rank r trains on its whole groups (rank 1 has fewer micro-batches); rank 0 also runs one process on all."""
+    from trainer import dist
+
+    torch.set_num_threads(1)
+    d = dist.init("cpu")
+    groups = synthetic_groups(num_groups=3, n=3, vocab=256)
+    mine = groups[:6] if d.rank == 0 else groups[6:]
+    sharded, stats = one_update(d, mine)
+    if d.is_main:
+        reference, ref_stats = one_update(dist.Dist(), groups)
+        diff = max((sharded[k] - reference[k]).abs().max().item() for k in reference)
+        moved = min((reference[k] - tiny_reference()[k]).abs().max().item() for k in reference)
+        result = {"max_diff": diff, "min_move": moved, "stats": stats, "ref_stats": ref_stats}
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.close(d)
+
+
+def tiny_reference() -> dict:
+    from tests.test_checkpoint import tiny_llama
+
+    return tiny_llama(seed=0).state_dict()
+
+
+def test_two_rank_update_equals_one_process(tmp_path):
+    out = tmp_path / "result.json"
+    result = launch([str(ROOT / "tests" / "test_distributed.py"), str(out)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["min_move"] > 1e-6, "some parameter did not move: the check would prove nothing"
+    assert r["max_diff"] < 1e-6, f"2-rank update differs from one process by {r['max_diff']}"
+    for key in ("grad_norm", "loss", "approx_kl", "clip_frac", "entropy"):
+        assert r["stats"][key] == pytest.approx(r["ref_stats"][key], rel=1e-5, abs=1e-7), key
+    assert r["ref_stats"]["clip_frac"] > 0, "behaviour logprobs should be off-policy enough to clip"
+
+
+if __name__ == "__main__":
+    update_worker(sys.argv[1])
