@@ -4,7 +4,8 @@ Keys the plot and the bar understand (log them under these names):
   reward          mean total reward of the step's trajectories (correctness + format term)
   accuracy        fraction of the step's trajectories with a correct final answer
   format          fraction with the answer inside \\boxed{} (only when env.format_reward is on)
-  eval/accuracy   greedy accuracy on the eval subset (any other eval/* key is logged, not plotted)
+  eval/accuracy   greedy accuracy on the eval subset
+  eval/format     fraction of eval answers inside \\boxed{} (plotted beside eval/accuracy; other eval/* keys are not)
 Only rank 0 writes; on other ranks every method is a no-op.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 
 TRAIN_CURVES = {"reward": "reward (mean)", "accuracy": "correct (train)", "format": "format ok (train)"}
 EVAL_CURVE = "eval/accuracy"
+EVAL_EXTRA = {"eval/format": "format ok (eval)"}
 KEY_FILE = Path("wandb") / ".wandb_api_key"
 
 
@@ -159,7 +161,7 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_curves(rows: list[dict], out: str | Path, title: str = "") -> Path:
-    """Train reward / correctness / format (left) and eval accuracy (right) vs step, as a PNG at `out`."""
+    """Train reward / correctness / format (left) and eval accuracy (+ format) (right) vs step, as a PNG at `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,8 +176,13 @@ def plot_curves(rows: list[dict], out: str | Path, title: str = "") -> Path:
     if left.lines:
         left.legend(loc="best")
     steps, values = _series(rows, EVAL_CURVE)
-    right.plot(steps, values, marker="o", color="tab:green")
-    right.set(title="eval accuracy (greedy)", xlabel="step", ylim=(0, 1))
+    right.plot(steps, values, marker="o", color="tab:red", label="accuracy (eval)")
+    for key, label in EVAL_EXTRA.items():
+        steps, values = _series(rows, key)
+        if steps:
+            right.plot(steps, values, marker="o", linestyle="--", color="tab:gray", label=label)
+    right.set(title="eval (greedy)", xlabel="step", ylabel="fraction", ylim=(0, 1))
+    right.legend(loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(out)
