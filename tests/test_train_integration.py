@@ -119,10 +119,13 @@ def test_train_resume_and_fresh_start(workdir, model_path, tokenizer):
     assert (exp / "latest").read_text().strip() == "global_step_3"
     assert not (exp / "global_step_2").exists(), "keep_last=1 should have pruned global_step_2"
 
-    fresh = run_trainer(workdir, "train.total_steps=1", "checkpoint.resume=false", "eval.every=0")
+    # fresh start, this time with the KL term (the frozen reference model is loaded only when beta > 0)
+    fresh = run_trainer(workdir, "train.total_steps=1", "checkpoint.resume=false", "eval.every=0", "grpo.beta=0.05")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "fresh start" in fresh.stdout
-    assert [r["step"] for r in train_rows(exp)] == [1]
+    rows = train_rows(exp)
+    assert [r["step"] for r in rows] == [1]
+    assert 0 <= rows[0]["kl_ref"] < 1e-4, "policy and reference are the same weights at the first step"
     assert (exp / "latest").read_text().strip() == "global_step_1"
 
 
