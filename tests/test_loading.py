@@ -15,7 +15,9 @@ def test_builtin_is_converted_to_an_hf_folder(model_path, tokenizer):
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "llama" and config["vocab_size"] == 49152
     assert "quantization_config" not in config  # the GGUF marker must not survive conversion
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "2+2?"}], tokenize=False, add_generation_prompt=True
+    )
     assert "<|im_start|>assistant" in text
 
 
