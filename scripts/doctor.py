@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from scripts.local_stack import port_free
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ("base", "train", "scripts", "eval")
@@ -40,17 +41,6 @@ def setting(name: str, default: str) -> str:
 
 
 # ---------------------------------------------------------------- checks that need no daemon
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        # Like the servers themselves: connections lingering in TIME_WAIT do not make a port busy.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def check_ports(ports: dict[str, int], held_by_rldock: dict[int, str]) -> list[Check]:

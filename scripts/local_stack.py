@@ -246,7 +246,7 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket() as s:
         # Like the servers themselves: connections lingering in TIME_WAIT do not make a port busy.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -291,7 +291,7 @@ def _live(state: dict) -> dict:
 
 
 def start(plan: Plan, logs: Path, state: dict) -> subprocess.Popen:
-    if plan.port is not None and not _port_free(plan.port):
+    if plan.port is not None and not port_free(plan.port):
         raise StackError(f"{plan.name}: port {plan.port} on 127.0.0.1 is in use; free it or set its *_PORT variable")
     log = logs / f"{plan.name}.log"
     with open(log, "w") as out:
