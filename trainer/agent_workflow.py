@@ -97,6 +97,7 @@ class _Episode:
         if self.dropped is not None or not self.versions:
             return None
         info = {**self.info, "num_rounds": len(self.versions), "done": self.done, "weight_versions": self.versions}
+        info["correct"] = solved(self.info, self.reward)
         return Trajectory(self.tokens, self.mask, self.logprobs, self.reward, min(self.versions), self.group_id, info)
 
 
@@ -106,6 +107,18 @@ def item_index(item: dict[str, Any]) -> int:
         if key in item:
             return int(item[key])
     raise KeyError(f"agent items need an 'idx' (env dataset index); got keys {sorted(item)}")
+
+
+_SUCCESS_KEYS = ("correct", "success", "em")  # the GSM8K family, babyai, searchqa (exact match)
+
+
+def solved(info: dict[str, Any], reward: float) -> bool:
+    """Whether an episode solved its task (its `correct`, logged as accuracy): the env's own success flag, else a
+    full reward (sciworld's rewards sum to score / 100, so 1.0 = task completed)."""
+    for key in _SUCCESS_KEYS:
+        if key in info:
+            return bool(info[key])
+    return reward >= 1.0
 
 
 class AgentWorkflow(Workflow):
@@ -209,13 +222,36 @@ def is_agent_env(env: EnvConfig) -> bool:
     return env.name != "gsm8k" or env.url is not None
 
 
+def uses_env_items(env: EnvConfig) -> bool:
+    """True when the training and eval items are the env's own dataset rows (agent envs outside the GSM8K family,
+    whose datasets are not the trainer's GSM8K files: babyai's level seeds, searchqa's questions, sciworld's tasks)."""
+    return is_agent_env(env) and env.name not in GSM8K_FAMILY
+
+
+def env_items(make_env: Callable[[], Any]) -> list[dict[str, int]]:
+    """One item per row of the env's dataset, `[{"index": i} for i in range(len(env))]`. The size is asked of a slot
+    made and closed for the purpose (a server reports it in /health once it has built a slot, and `RemoteEnv`
+    creates one on construction)."""
+    env = make_env()
+    try:
+        size = len(env)
+    except EnvError as err:
+        raise ConfigError(f"env: cannot learn the env's dataset size ({err}); an env server must report it") from None
+    finally:
+        env.close()
+    if size < 1:
+        raise ConfigError("env: the env's dataset is empty")
+    return [{"index": i} for i in range(size)]
+
+
 def make_agent_workflows(
     cfg: Config, tokenizer: Any, train_params: SamplingParams, eval_params: SamplingParams
 ) -> tuple[AgentWorkflow, AgentWorkflow]:
-    """Training and eval workflows for `cfg.env`. Items name env dataset rows by their `index`, so the env must hold
-    the trainer's data: in-process GSM8K-family envs read `data.train_path` (train) and `data.test_path` (eval); an
-    env server (`env.url`) serves the dataset it was started with (`--data`), which must be `data.train_path`. Eval
-    of a GSM8K-family env runs in-process on the test split even when training uses a server."""
+    """Training and eval workflows for `cfg.env`. Items name env dataset rows by their `index`. GSM8K-family items are
+    the trainer's data rows, so the env must hold them: in-process envs read `data.train_path` (train) and
+    `data.test_path` (eval); an env server (`env.url`) serves the dataset it was started with (`--data`), which must be
+    `data.train_path`, and eval runs in-process on the test split. Other envs' items are their own rows
+    (`env_items`), for training and eval alike."""
     from env_servers.client import env_factory
 
     env = cfg.env

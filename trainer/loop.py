@@ -111,13 +111,13 @@ def build(cfg: Config, d: Dist) -> Run:
     if d.distributed:
         dist.shard(model, d, param_dtype=None if dtype == torch.float32 else dtype)
     optimizer, scheduler = make_optimizer(cfg, model)
-    items = load_train_items(cfg, tokenizer)
-    eval_items = load_eval_items(cfg, tokenizer) if cfg.eval.every else []
+    workflow, eval_workflow = make_workflows(cfg, tokenizer)
+    items, eval_items = load_items(cfg, tokenizer, workflow)
     cursor = DataCursor(items, cfg.train.seed, cfg.data.shuffle, d.rank, d.world_size)
     total = cfg.train.total_steps or num_steps(len(items), cfg.train.batch_size, cfg.data.epochs)
     run = Run(cfg, d, model, tokenizer, engine, optimizer, scheduler, cursor, eval_items, total, dtype)
     run.ref_model = load_reference(cfg, path, d, dtype) if cfg.grpo.beta > 0 else None
-    run.workflow, run.eval_workflow = make_workflows(cfg, tokenizer)
+    run.workflow, run.eval_workflow = workflow, eval_workflow
     run.pusher = WeightPusher(cfg, engine, d)
     return run
 
@@ -175,6 +175,18 @@ def make_workflows(cfg: Config, tokenizer):
         SingleTurnWorkflow(tokenizer, train_params, cfg.env.format_reward),
         SingleTurnWorkflow(tokenizer, eval_params, cfg.env.format_reward),
     )
+
+
+def load_items(cfg: Config, tokenizer, workflow: Workflow) -> tuple[list[dict], list[dict]]:
+    """Training and eval items: GSM8K rows (train / test split), or an agent env's own rows (`{"index": i}`), the
+    first `data.max_train_samples` for training and the first `eval.num_samples` for eval."""
+    from trainer.agent_workflow import env_items, uses_env_items
+
+    if not uses_env_items(cfg.env):
+        return load_train_items(cfg, tokenizer), load_eval_items(cfg, tokenizer) if cfg.eval.every else []
+    items = env_items(workflow.make_env)
+    eval_items = items[: cfg.eval.num_samples] if cfg.eval.every else []
+    return items[: cfg.data.max_train_samples], eval_items
 
 
 def restore(run: Run) -> bool:
@@ -429,6 +441,8 @@ def after_step(run: Run, stats: dict[str, Any], bar) -> None:
 
 def evaluate(run: Run) -> dict[str, float]:
     """Greedy accuracy on the eval subset, every rank answering its share."""
+    from trainer.agent_workflow import uses_env_items
+
     items = run.eval_items[run.d.rank :: run.d.world_size]
     trajectories = [t for t in run.eval_workflow.run(run.engine, items, list(range(len(items)))) if t is not None]
     sums = [
@@ -438,14 +452,17 @@ def evaluate(run: Run) -> dict[str, float]:
         sum(bool(t.info.get("format_ok")) for t in trajectories),
         sum(t.num_model_tokens for t in trajectories),
     ]
-    n, correct, strict, fmt, tokens = dist.all_reduce_sum(run.d, sums)
+    n, correct, strict, fmt, tokens, reward = dist.all_reduce_sum(run.d, [*sums, sum(t.reward for t in trajectories)])
     n = max(n, 1)
-    return {
+    out = {
         "eval/accuracy": correct / n,
         "eval/strict_accuracy": strict / n,
         "eval/format": fmt / n,
         "eval/response_length": tokens / n,
     }
+    if uses_env_items(run.cfg.env):  # agent envs: accuracy = episodes solved, plus the mean episode reward
+        out["eval/reward"] = reward / n
+    return out
 
 
 def record_eval(run: Run) -> None:
