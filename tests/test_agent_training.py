@@ -63,19 +63,18 @@ def test_items_from_a_server_that_learns_its_size_from_its_first_env(tokenizer, 
 
 @pytest.mark.slow
 def test_trainer_trains_on_searchqa_questions(tmp_path, tokenizer):
-    """One real GRPO step on the in-process searchqa env: the items trained are the cursor's searchqa rows."""
+    """One real GRPO step on the in-process searchqa env (env.max_rounds=2 from the preset): the items trained are the
+    data cursor's searchqa rows, not GSM8K's."""
     from trainer.data import DataCursor
 
     saves = tmp_path / "saves"
     overrides = [
         "experiment_name=sq",
-        "env.name=searchqa",
-        "env.max_rounds=2",
-        "env.format_reward=0",
         "train.batch_size=2",
         "rollout.n=2",
         "rollout.max_new_tokens=16",
         "train.total_steps=1",
+        "train.seed=0",
         "eval.num_samples=2",
         "eval.max_new_tokens=16",
         "eval.every=1",
@@ -83,14 +82,14 @@ def test_trainer_trains_on_searchqa_questions(tmp_path, tokenizer):
         f"checkpoint.save_dir={saves}",
         "logging.wandb=false",
     ]
-    cmd = [sys.executable, "-m", "trainer", "configs/gsm8k_tiny.yaml", *overrides]
+    cmd = [sys.executable, "-m", "trainer", "configs/searchqa_tiny.yaml", *overrides]
     env = {**os.environ, "WANDB_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exp = saves / "sq"
     rows = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
     trained = [r["item_ids"] for r in rows if "item_ids" in r]
-    cursor = DataCursor([{"index": i} for i in range(28)], seed=0)  # gsm8k_tiny's train.seed and shuffle
+    cursor = DataCursor([{"index": i} for i in range(28)], seed=0)
     assert trained == [[item["index"] for item in cursor.next_batch(2)]]
     evals = [r for r in rows if "eval/reward" in r]
     assert len(evals) == 1 and 0.0 <= evals[0]["eval/accuracy"] <= 1.0
