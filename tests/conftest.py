@@ -96,3 +96,14 @@ def stop_server(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def run_trainer_config(config: dict, workdir: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Write `config` to workdir/config.yaml and run `python -m trainer` on it from the repo root."""
+    import yaml
+
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "trainer", str(path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)

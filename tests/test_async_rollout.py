@@ -184,11 +184,8 @@ def test_trainer_async_path_keeps_the_bound(tmp_path):
     """`python -m trainer rollout.max_staleness=1`: the loop takes the async source and trains only on samples at
     most one version old, then shuts the producer down cleanly (the process exits 0)."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    import yaml
+    from tests.conftest import run_trainer_config
 
     steps = 2
     config = {
@@ -200,15 +197,7 @@ def test_trainer_async_path_keeps_the_bound(tmp_path):
         "checkpoint": {"save_dir": str(tmp_path / "saves"), "every": 0},
         "logging": {"wandb": False, "progress": False},
     }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    run = subprocess.run(
-        [sys.executable, "-m", "trainer", str(tmp_path / "config.yaml")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    run = run_trainer_config(config, tmp_path, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     lines = (tmp_path / "saves/async/metrics.jsonl").read_text().splitlines()
     rows = [r for r in map(json.loads, lines) if "reward" in r]

@@ -9,15 +9,11 @@ from the weights of the step before, and every env slot the trainer opened must 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import httpx
 import pytest
-import yaml
 
-from tests.conftest import ROOT, free_port, start_server, stop_server
+from tests.conftest import ROOT, free_port, run_trainer_config, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 STEPS = 2
@@ -53,15 +49,7 @@ def test_trainer_rollout_service_env_server(services, tmp_path):
         "logging": {"wandb": False, "progress": False},
         "env": {"name": "gsm8k_tools", "url": env_url, "max_rounds": 2},
     }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    run = subprocess.run(
-        [sys.executable, "-m", "trainer", str(tmp_path / "config.yaml")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    run = run_trainer_config(config, tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
 
     exp = tmp_path / "saves" / "e2e"
