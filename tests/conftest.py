@@ -107,3 +107,18 @@ def run_trainer_config(config: dict, workdir: Path, timeout: float = 900) -> sub
     cmd = [sys.executable, "-m", "trainer", str(path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def tiny_llama_config(**overrides):
+    """A 2-layer Llama small enough to train in milliseconds (GQA, tied embeddings); override any field."""
+    from transformers import LlamaConfig
+
+    fields = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return LlamaConfig(**{**fields, **overrides})

@@ -27,21 +27,13 @@ B, N = 2, 2  # prompts per step, samples per prompt
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, model_path) -> str:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
+    cfg = tiny_llama_config(
+        vocab_size=49152, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2
     )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(folder)

@@ -16,18 +16,11 @@ from trainer.dist import Dist
 
 
 def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
+    from tests.conftest import tiny_llama_config
+
+    cfg = tiny_llama_config(vocab_size=256, max_position_embeddings=64)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
 
