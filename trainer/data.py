@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from env_servers import gsm8k
 from trainer.config import Config, ConfigError, DataConfig
 
 _SPLIT_KEYS = {"train": "data.train_path", "test": "data.test_path"}
@@ -38,8 +39,8 @@ def load_split(path: str, split: str, hub_config: str = "main"):
 
 
 def gold_answer(item: dict[str, Any]) -> str:
-    """The final answer of a GSM8K item: the text after the last `####`, thousands separators removed."""
-    return item["answer"].split("####")[-1].strip().replace(",", "")
+    """The final answer of a GSM8K item, parsed the way the reward parses it."""
+    return gsm8k.gold_answer(item["answer"])
 
 
 def build_prompt(tokenizer, question: str, data: DataConfig) -> str:
