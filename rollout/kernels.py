@@ -6,6 +6,7 @@ reads is launch count: these kernels fuse what eager PyTorch runs as many small 
 - `rope_cache`: RoPE on q and k from the packed qkv GEMM output, k/v written into the KV cache at the current slot.
 - `decode_attention`: one query token against the cache, the G query heads of a KV head together (online softmax).
 - `silu_mul`: SwiGLU's silu(gate) * up from the packed gate_up GEMM output.
+- `skinny_linear`: split-K GEMM for the decode projections at few rows (two-stage, atomic-free reduction).
 - `sample_rows`: logsumexp + greedy or Gumbel-max draw + logprob of the drawn token + stop bookkeeping in one pass
   over the logits (row chunks in parallel, then one combine); the random numbers are Philox keyed by
   (seed + step, row, column).
@@ -307,3 +308,90 @@ def sample_rows(
         logits, logits.stride(0), part, s, ctr, done, stop, tokens, logprobs, last, tokens.stride(0), pad_id,
         triton.next_power_of_2(s), stop.numel(),
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- skinny GEMM
+
+
+@triton.jit
+def _skinny_gemm_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_per,
+    HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One (N tile, K slice, M tile) of out = x [M, K] @ w [N, K]^T: fp32 partial sums of K slice `pid_s` go to
+    out[pid_s] (fp32 [S, M, N]); DIRECT (one slice): bias added and the model dtype stored in place."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, k_per, BLOCK_K):  # k_per is a multiple of BLOCK_K: slices never overlap
+        kk = pid_s * k_per + k + rk
+        a = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        b = tl.load(w_ptr + rn[None, :] * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    msk = (rm[:, None] < M) & (rn[None, :] < N)
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=msk)
+    else:
+        tl.store(out_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=msk)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    part_ptr, b_ptr, out_ptr, MN, N, S: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < MN
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in tl.static_range(S):
+        acc += tl.load(part_ptr + s * MN + offs, mask=m, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    split: int,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    warps: int = 4,
+    stages: int = 3,
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) for few rows (x [M, K], weight [N, K], both contiguous) as a split-K GEMM: a grid
+    of N tiles x K slices x M tiles (enough CTAs to stream the weight at full bandwidth when N is small), fp32
+    partial sums reduced by a second launch in a fixed order (no atomics: deterministic). split=1: one launch."""
+    m, k = x.shape
+    n = weight.shape[0]
+    k_per = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # whole K blocks per slice
+    s = triton.cdiv(k, k_per)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(n, block_n), s, triton.cdiv(m, block_m))
+    ieee = x.dtype == torch.float32
+    b = weight if bias is None else bias
+    if s == 1:
+        _skinny_gemm_kernel[grid](
+            x, weight, b, out, m, n, k, k_per, bias is not None, True, ieee, block_m, block_n, block_k,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        return out
+    part = torch.empty((s, m, n), device=x.device, dtype=torch.float32)
+    _skinny_gemm_kernel[grid](
+        x, weight, b, part, m, n, k, k_per, False, False, ieee, block_m, block_n, block_k,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](part, b, out, m * n, n, s, bias is not None, block)
+    return out
