@@ -346,13 +346,11 @@ def _skinny_gemm_kernel(
 
 
 @triton.jit
-def _splitk_reduce_kernel(
-    part_ptr, b_ptr, out_ptr, MN, N, S: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
-):
+def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, S, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < MN
     acc = tl.zeros([BLOCK], tl.float32)
-    for s in tl.static_range(S):
+    for s in range(S):  # slices summed in a fixed order: deterministic
         acc += tl.load(part_ptr + s * MN + offs, mask=m, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs % N, mask=m, other=0.0).to(tl.float32)
