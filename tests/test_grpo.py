@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.grpo import aggregate, entropy_from_logits, group_advantages, kl_k3, loss_norms, masked_mean, policy_loss
+from trainer.grpo import aggregate, group_advantages, kl_k3, loss_norms, masked_mean, policy_loss
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -168,14 +168,3 @@ def test_masked_mean_and_aggregate_on_empty_mask_are_zero():
     assert masked_mean(x, torch.tensor([[1, 1], [0, 0]]), dim=-1).tolist() == [1.5, 0.0]
     assert masked_mean(x, torch.zeros(2, 2)).item() == 0.0
     assert aggregate(x, torch.zeros(2, 2), "token_mean").item() == 0.0
-
-
-def test_entropy_from_logits():
-    # uniform over 4 -> ln4 = 1.3862944; p = (1/4, 3/4) from logits (0, ln3) -> .25 ln4 + .75 ln(4/3) = .5623351
-    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, LN3, -math.inf, -math.inf]])
-    # the -inf entries of row 2 have probability 0 and must not turn the sum into NaN
-    assert entropy_from_logits(logits).tolist() == pytest.approx([1.3862944, 0.5623351], abs=1e-6)
-    # chunking over positions gives the same values and shape as one pass
-    big = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(entropy_from_logits(big, chunk_rows=4), entropy_from_logits(big, chunk_rows=100))
-    assert entropy_from_logits(big).shape == (3, 5)

@@ -95,6 +95,24 @@ class GRPOConfig(Section):
     """Drop groups whose rewards are all equal (they carry no gradient) before the update."""
 
 
+class SFTConfig(Section):
+    steps: int = Field(0, ge=0)
+    """Supervised warm-start steps before GRPO (0 = off): cross-entropy on the training split's reference solutions
+    (GSM8K-style items), calculator annotations removed and the final answer written as \\boxed{N}. Runs once per
+    experiment, before GRPO step 0; a resumed run never repeats it."""
+    lr: float = Field(2e-5, gt=0)
+    """Peak AdamW learning rate of the warm start (its own optimizer: GRPO starts with fresh AdamW moments)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps, then a cosine decay to zero at the last SFT step."""
+    batch_size: int = Field(64, ge=1)
+    """Examples (prompt + solution) per SFT step; split across ranks."""
+    micro_batch_size: int = Field(16, ge=1)
+    """Examples per forward/backward; gradients accumulate over micro-batches."""
+    max_tokens: int = Field(512, ge=2)
+    """Examples whose prompt + solution exceed this many tokens are dropped (never cut: a cut solution would teach
+    the model to stop without an answer)."""
+
+
 class TrainConfig(Section):
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate."""
@@ -118,6 +136,9 @@ class TrainConfig(Section):
     """auto = cuda when available."""
     threads: int | None = Field(None, ge=1)
     """torch CPU threads (None = torch's default)."""
+    compile: bool = True
+    """On CUDA, compile each decoder layer with torch.compile (fuses norms, RoPE and SwiGLU; the first steps pay
+    the compile). Ignored on CPU and with gradient checkpointing."""
     weight_sync: Literal["inprocess", "disk", "nccl"] = "inprocess"
     """How new weights reach the engine: shared memory in-process, HF safetensors on disk, or NCCL broadcast."""
     weight_sync_keep: int = Field(2, ge=1)
@@ -132,6 +153,10 @@ class TrainConfig(Section):
     """nccl sync: process-group backend; auto = nccl when the trainer has CUDA, else gloo (CPU)."""
     weight_sync_timeout_s: float = Field(600.0, gt=0)
     """nccl sync: how long a rendezvous or broadcast may wait for the other side before failing."""
+    time_limit_s: float = Field(0.0, ge=0)
+    """Wall-clock budget of the run in seconds (0 = none): the GRPO loop stops after the step that crosses it, then
+    evaluates, saves and exits normally. Counted from the start of each trainer process (model loading, SFT, evals and
+    saves included) and summed over resumes through the checkpoint, so resumed processes share one budget."""
 
 
 class EvalConfig(Section):
@@ -187,6 +212,7 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

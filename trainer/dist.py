@@ -127,9 +127,9 @@ def full_state_dict(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip the global grad norm (DTensor-aware under FSDP2) and return the norm before clipping."""
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global grad norm (DTensor-aware under FSDP2); the norm before clipping, left on the device."""
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    return float(norm)
+    return norm

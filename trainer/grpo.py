@@ -1,4 +1,4 @@
-"""GRPO math as pure functions over tensors: group advantages, the PPO-clip token loss, k3 KL, entropy.
+"""GRPO math as pure functions over tensors: group advantages, the PPO-clip token loss, k3 KL.
 
 No model, no I/O. Shapes: N sequences (trajectories), T token positions (right-padded), V vocabulary.
 
@@ -63,21 +63,6 @@ def kl_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
     return torch.exp(d) - d - 1
 
 
-def entropy_from_logits(logits: Tensor, chunk_rows: int = 1024) -> Tensor:
-    """Entropy of softmax(logits) over the last dim: logsumexp(z) - sum(p * z). [..., V] -> [...].
-
-    Computed `chunk_rows` positions at a time so the float32 softmax of a large micro-batch over a 50k vocabulary is
-    never materialised whole. -inf logits (a truncated vocabulary) count as probability 0 instead of 0 * -inf = NaN.
-    """
-    flat = logits.reshape(-1, logits.shape[-1])
-    out = []
-    for rows in flat.split(chunk_rows):
-        z = rows.float()
-        p = torch.softmax(z, dim=-1)
-        out.append(torch.logsumexp(z, dim=-1) - (p * z.masked_fill(torch.isneginf(z), 0.0)).sum(-1))
-    return torch.cat(out).reshape(logits.shape[:-1]) if out else flat.new_zeros(logits.shape[:-1])
-
-
 def loss_norms(tokens_per_seq: Sequence[int], agg: str, max_new_tokens: int | None = None) -> dict[str, float]:
     """The full-batch normaliser(s) for `policy_loss`, from the model-token count of every sequence in the batch.
 
@@ -123,6 +108,7 @@ def policy_loss(
     beta: float = 0.0,
     norm_tokens: float | None = None,
     norm_seqs: float | None = None,
+    sync: bool = True,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO-clip loss with the engine's behaviour logprobs as the old policy, plus beta * k3 KL to a reference.
 
@@ -135,6 +121,7 @@ def policy_loss(
       token_sum_norm       sum over all tokens / norm_tokens (required: N x max_new_tokens of the batch, Dr.GRPO)
     Metrics are token means over THIS call's masked tokens (weight them by `num_tokens` to combine micro-batches):
     clip_frac, approx_kl (k3 of the behaviour policy vs the current one), ratio_mean, ratio_max, kl_ref (if ref).
+    With sync=False they stay 0-dim tensors on the device (no host sync; the caller converts them in bulk).
     """
     m = mask.bool()
     high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -160,5 +147,7 @@ def policy_loss(
         if beta:
             token_loss = token_loss + beta * kl
     loss = aggregate(token_loss, m, agg, norm_tokens, norm_seqs)
+    if not sync:
+        return loss, stats
     # one device sync for all the metrics instead of one per value
     return loss, dict(zip(stats, torch.stack(list(stats.values())).tolist(), strict=True))

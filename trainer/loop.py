@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,13 @@ import torch
 from torch import nn
 
 from rollout.api import SamplingParams
-from trainer import checkpoint, dist
+from trainer import checkpoint, dist, sft
 from trainer.api import Trajectory, Workflow
 from trainer.config import Config, ConfigError, save_config
 from trainer.data import DataCursor, load_eval_items, load_train_items, num_steps
 from trainer.dist import Dist
-from trainer.grpo import entropy_from_logits, group_advantages, loss_norms, masked_mean, policy_loss
+from trainer.grpo import group_advantages, loss_norms, masked_mean, policy_loss
+from trainer.logprobs import linear_logprobs
 from trainer.metrics import MetricsLogger, bar_postfix, progress_bar
 from trainer.rollout_factory import WeightPusher, compute_dtype, make_engine
 from trainer.workflow import SingleTurnWorkflow
@@ -59,6 +61,9 @@ class Run:
     last_eval: int = -1
     last_save: int = -1
     start_step: int = 0
+    sft_done: bool = False  # the supervised warm start has run (checkpointed: a resumed run never repeats it)
+    clock_start: float = field(default_factory=time.perf_counter)  # this process's start, for train.time_limit_s
+    elapsed_before: float = 0.0  # training seconds spent by the processes this run resumed from
 
     @property
     def exp_dir(self) -> Path:
@@ -67,18 +72,22 @@ class Run:
 
 def train(cfg: Config) -> dict:
     """Run (or resume) the experiment `cfg.experiment_name`; returns a summary of the final state."""
+    t0 = time.perf_counter()
     d = dist.init(cfg.train.device)
     run = None
     try:
         run = build(cfg, d)
+        run.clock_start = t0  # the time limit counts model loading too
         resumed = restore(run)
         start_logging(run, resumed)
+        if cfg.sft.steps and not run.sft_done and run.step == 0:
+            warm_start(run)
         run.source = make_rollout_source(run)
         if run.step == 0 and cfg.eval.every and cfg.eval.at_start:
             record_eval(run)
         bar = progress_bar(run.total_steps, run.step, cfg.logging.progress, d.rank)
         with bar:
-            while run.step < run.total_steps:
+            while run.step < run.total_steps and not out_of_time(run):
                 stats = train_step(run)
                 after_step(run, stats, bar)
         finish(run)
@@ -110,6 +119,8 @@ def build(cfg: Config, d: Dist) -> Run:
     engine = make_engine(cfg, model, tokenizer, d, path)  # before sharding: it may alias the full parameters
     if d.distributed:
         dist.shard(model, d, param_dtype=None if dtype == torch.float32 else dtype)
+    if cfg.train.compile and d.device.type == "cuda" and not cfg.model.gradient_checkpointing:
+        compile_layers(model)
     optimizer, scheduler = make_optimizer(cfg, model)
     workflow, eval_workflow = make_workflows(cfg, tokenizer)
     items, eval_items = load_items(cfg, tokenizer, workflow)
@@ -142,6 +153,13 @@ def load_policy(cfg: Config, d: Dist):
     return model.train(), tokenizer, path
 
 
+def compile_layers(model: nn.Module) -> None:
+    """torch.compile each decoder layer in place (parameter names unchanged, so checkpoints and weight sync are not
+    affected). Dynamic shapes from the start: every step has new sequence lengths."""
+    for layer in dist.decoder_layers(model):
+        layer.compile(dynamic=True)
+
+
 def load_reference(cfg: Config, path: str, d: Dist, dtype: torch.dtype) -> nn.Module:
     """The frozen reference policy for the KL term (a full copy per rank, compute dtype)."""
     from rollout.loading import load_model
@@ -154,7 +172,10 @@ def load_reference(cfg: Config, path: str, d: Dist, dtype: torch.dtype) -> nn.Mo
 def make_optimizer(cfg: Config, model: nn.Module):
     """AdamW + linear warm-up to `train.lr` over `train.warmup_steps`, constant afterwards."""
     t = cfg.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    fused = next(model.parameters()).is_cuda  # one kernel for all parameters instead of a chain of foreach ops
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=fused or None
+    )
     warmup = max(t.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     return optimizer, scheduler
@@ -203,8 +224,37 @@ def restore(run: Run) -> bool:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     run.step = run.last_save = run.start_step = state["step"]
+    run.sft_done, run.elapsed_before = state.get("sft_done", False), state.get("elapsed_s", 0.0)
     run.version = run.pusher.push(run.model, state["weight_version"])  # the engine samples the restored policy
     return True
+
+
+def warm_start(run: Run) -> None:
+    """The supervised warm start (trainer/sft.py) before GRPO step 0; then the engine serves the new weights and a
+    checkpoint records that it ran, so a resumed run starts at GRPO instead of repeating it."""
+    result = sft.warm_start(run)
+    run.sft_done = True
+    run.version = run.pusher.push(run.model, run.version + 1)
+    save(run)
+    if run.d.is_main:
+        print(
+            f"[rldock] SFT warm start: {run.cfg.sft.steps} steps on {result['sft/examples']} examples, loss "
+            f"{result['sft/first_loss']:.3f} -> {result['sft/last_loss']:.3f}, {result['time/sft']:.0f} s",
+            flush=True,
+        )
+
+
+def train_seconds(run: Run) -> float:
+    """Training wall time of the experiment so far: earlier processes (from the checkpoint) plus this one."""
+    return run.elapsed_before + time.perf_counter() - run.clock_start
+
+
+def out_of_time(run: Run) -> bool:
+    """train.time_limit_s is used up (on any rank: every rank must stop at the same step)."""
+    limit = run.cfg.train.time_limit_s
+    if not limit:
+        return False
+    return dist.all_reduce_sum(run.d, [float(train_seconds(run) >= limit)])[0] > 0
 
 
 def start_logging(run: Run, resumed: bool) -> None:
@@ -303,7 +353,10 @@ def sample_stats(run: Run, trajectories: list[Trajectory]) -> dict[str, float]:
 
 
 def update_policy(run: Run, trajectories: list[Trajectory]) -> dict[str, float]:
-    """Advantages → micro-batched PPO-clip loss with gradient accumulation → clip → AdamW step."""
+    """Advantages → micro-batched PPO-clip loss with gradient accumulation → clip → AdamW step.
+
+    Metrics stay on the device until the step is done: one host sync per update instead of one per micro-batch.
+    """
     cfg, d = run.cfg, run.d
     trajectories, adv = advantages(cfg, trajectories)
     lengths = [n for part in dist.all_gather_object(d, [t.num_model_tokens for t in trajectories]) for n in part]
@@ -323,7 +376,16 @@ def update_policy(run: Run, trajectories: list[Trajectory]) -> dict[str, float]:
     grad_norm = dist.clip_grad_norm(run.model, cfg.train.grad_clip)
     run.optimizer.step()
     run.scheduler.step()
+    parts, grad_norm = to_host(parts, grad_norm)
     return {**combine(d, parts), "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0]}
+
+
+def to_host(parts: list[dict[str, torch.Tensor]], grad_norm: torch.Tensor) -> tuple[list[dict[str, float]], float]:
+    """Every micro-batch metric and the grad norm as Python floats, in one device-to-host copy."""
+    keys = list(parts[0])
+    flat = torch.stack([p[k].float().reshape(()) for p in parts for k in keys] + [grad_norm.float().reshape(())])
+    values = flat.tolist()
+    return [dict(zip(keys, values[i * len(keys) : (i + 1) * len(keys)], strict=True)) for i in range(len(parts))], values[-1]
 
 
 def max_chunks(d: Dist, n: int, mbs: int) -> int:
@@ -376,20 +438,42 @@ def collate(trajectories: list[Trajectory], adv: torch.Tensor, pad_id: int, devi
 
 
 def token_logprobs(model: nn.Module, batch: dict[str, Any], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(target) at each kept position, and the logits (float32) they came from."""
+    """log pi(target) and the policy's entropy at each kept position (fp32), without materialising the logits.
+
+    No attention mask: sequences are right-padded, so a causal mask alone is exact for every real token (pads only
+    follow them) and attention takes the fused causal kernels; what pad positions compute is masked out of the loss.
+    """
     device = batch["input_ids"].device
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=batch["keep"])
-    logits = out.logits[:, :-1].float()
-    picked = logits.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1), logits
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), logprob_head(model, batch, dtype):
+        out = model(input_ids=batch["input_ids"], logits_to_keep=batch["keep"])
+    return out.logits[..., 0], out.logits[..., 1]
 
 
-def micro_step(run: Run, chunk: list[Trajectory], adv: torch.Tensor, norms: dict[str, float]) -> dict[str, float]:
+@contextmanager
+def logprob_head(model: nn.Module, batch: dict[str, Any], dtype: torch.dtype):
+    """Make the output embedding return [log pi(target), entropy] per position instead of logits.
+
+    Done inside the model's own forward so that FSDP2 has gathered the head's weight, and the weight's gradient
+    flows back through the usual hooks.
+    """
+    head = model.get_output_embeddings()
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        logp, ent = linear_logprobs(hidden[:, :-1], head.weight, batch["targets"], dtype)
+        return torch.stack([logp, ent], dim=-1)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def micro_step(run: Run, chunk: list[Trajectory], adv: torch.Tensor, norms: dict[str, float]) -> dict[str, torch.Tensor]:
     """Forward + loss + backward on one micro-batch; gradients accumulate (the normaliser is the whole batch's)."""
     g = run.cfg.grpo
     batch = collate(chunk, adv, run.tokenizer.pad_token_id, run.d.device)
-    logp, logits = token_logprobs(run.model, batch, run.dtype)
+    logp, entropy = token_logprobs(run.model, batch, run.dtype)
     ref_logp = None
     if run.ref_model is not None:
         with torch.no_grad():
@@ -405,11 +489,11 @@ def micro_step(run: Run, chunk: list[Trajectory], adv: torch.Tensor, norms: dict
         ref_logp,
         g.beta,
         **norms,
+        sync=False,
     )
     (loss * run.d.loss_scale).backward()
-    with torch.no_grad():
-        metrics["entropy"] = masked_mean(entropy_from_logits(logits), batch["mask"].bool()).item()
-    metrics["loss"] = loss.item()
+    metrics["entropy"] = masked_mean(entropy, batch["mask"].bool())
+    metrics["loss"] = loss.detach()
     return metrics
 
 
@@ -430,7 +514,7 @@ def combine(d: Dist, parts: list[dict[str, float]]) -> dict[str, float]:
 
 def after_step(run: Run, stats: dict[str, Any], bar) -> None:
     cfg = run.cfg
-    run.logger.log(run.step, stats)
+    run.logger.log(run.step, {**stats, "time/train_s": train_seconds(run)})
     if cfg.eval.every and run.step % cfg.eval.every == 0:
         record_eval(run)
     if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0:
@@ -482,6 +566,8 @@ def save(run: Run) -> Path:
         "world_size": run.d.world_size,
         "total_steps": run.total_steps,
         "experiment_name": run.cfg.experiment_name,
+        "sft_done": run.sft_done,
+        "elapsed_s": round(train_seconds(run), 3),
     }
     path = checkpoint.save(
         run.exp_dir,
@@ -499,6 +585,12 @@ def save(run: Run) -> Path:
 
 def finish(run: Run) -> None:
     """Final eval and checkpoint (unless this very step already had them), then the final plot."""
+    if run.step < run.total_steps and run.d.is_main:
+        print(
+            f"[rldock] train.time_limit_s={run.cfg.train.time_limit_s:g} reached at step {run.step} "
+            f"({train_seconds(run):.0f} s); a larger limit resumes from here",
+            flush=True,
+        )
     if run.cfg.eval.every and run.last_eval != run.step and run.step > run.start_step:
         record_eval(run)
     if run.last_save != run.step:
@@ -513,6 +605,7 @@ def summary(run: Run) -> dict[str, Any]:
         "weight_version": run.version,
         "exp_dir": str(run.exp_dir),
         "checkpoint": str(checkpoint.find_latest(run.exp_dir)),
+        "train_s": round(train_seconds(run), 1),
         **{k: latest[k] for k in ("reward", "accuracy", "eval/accuracy") if k in latest},
     }
 
