@@ -139,7 +139,7 @@ def bench_hf_static(model, items, tok, steps: int, warmup: int) -> dict:
     return {"time_s": med, "times": times, "tok_s": tokens / med, "tokens": tokens, "first_call_s": first}
 
 
-def rldock_run(path: str, tok, micro_batch: int) -> SimpleNamespace:
+def rldock_run(path: str, tok, micro_batch: int, compile_model: bool = True) -> SimpleNamespace:
     """What trainer.loop.update_policy reads from a Run, built from the trainer's own pieces (config, engine
     factory, optimizer, weight pusher, workflow)."""
     import torch
@@ -148,7 +148,7 @@ def rldock_run(path: str, tok, micro_batch: int) -> SimpleNamespace:
     from rollout.api import SamplingParams
     from trainer.config import Config
     from trainer.dist import Dist
-    from trainer.loop import make_optimizer
+    from trainer.loop import compile_layers, make_optimizer
     from trainer.rollout_factory import WeightPusher, make_engine
     from trainer.workflow import SingleTurnWorkflow
 
@@ -158,6 +158,8 @@ def rldock_run(path: str, tok, micro_batch: int) -> SimpleNamespace:
     d = Dist(device=torch.device(DEVICE))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEVICE).train()
     engine = make_engine(cfg, model, tok, d, path)
+    if compile_model:
+        compile_layers(model)  # what trainer.loop.build does on CUDA (train.compile, default on)
     optimizer, scheduler = make_optimizer(cfg, model)
     params = SamplingParams(n=W["group"], temperature=1.0, max_new_tokens=W["new_tokens"])
     return SimpleNamespace(

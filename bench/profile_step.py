@@ -81,6 +81,7 @@ def profile_rollout(model, items, eos: int) -> dict:
 
 
 def time_update(run, trajs, steps: int = 3) -> float:
+    """Median wall time of update_policy; the first call (compile, allocator growth) is not timed."""
     import torch
 
     from trainer.loop import update_policy
@@ -96,28 +97,22 @@ def time_update(run, trajs, steps: int = 3) -> float:
 
 
 def profile_learner(path: str, tok, items) -> dict:
-    """The trainer's update as configured (fp32 master weights + bf16 autocast), its kernel split, and variants."""
-    import torch
-
+    """The trainer's update as it runs (fp32 master weights, bf16 autocast, chunked logprobs, fused AdamW, compiled
+    decoder layers), its kernel split, and the same update at other micro-batch sizes and without compile."""
     from trainer.loop import update_policy
 
     out: dict = {}
-    run = G.rldock_run(path, tok, 16)
-    trajs = [t for t in run.workflow.run(run.engine, items, list(range(len(items)))) if t is not None]
-    run.engine.close()
-    update_policy(run, trajs)
-    out["profile_mb16"] = kernel_split(lambda: update_policy(run, trajs))
-    for mb in (8, 32, 64):
-        run.cfg.train.micro_batch_size = mb
-        out[f"update_mb{mb}_s"] = time_update(run, trajs)
-    run.cfg.train.micro_batch_size = 16
-    run.optimizer = torch.optim.AdamW(run.model.parameters(), lr=1e-6, fused=True)
-    out["update_mb16_fused_adamw_s"] = time_update(run, trajs)
-    run.model.to(torch.bfloat16)  # pure bf16 weights and optimizer state: a bound, not a recipe
-    run.optimizer = torch.optim.AdamW(run.model.parameters(), lr=1e-6, fused=True)
-    for mb in (16, 64):
-        run.cfg.train.micro_batch_size = mb
-        out[f"update_bf16_mb{mb}_fused_s"] = time_update(run, trajs)
+    for compiled in (True, False):
+        run = G.rldock_run(path, tok, 64, compile_model=compiled)
+        trajs = [t for t in run.workflow.run(run.engine, items, list(range(len(items)))) if t is not None]
+        run.engine.close()
+        tag = "" if compiled else "_eager"
+        for mb in (64, 32, 16):
+            run.cfg.train.micro_batch_size = mb
+            out[f"update{tag}_mb{mb}_s"] = time_update(run, trajs)
+        run.cfg.train.micro_batch_size = 64
+        out[f"profile{tag}_mb64"] = kernel_split(lambda run=run, trajs=trajs: update_policy(run, trajs))
+        del run
     return out
 
 
@@ -137,8 +132,9 @@ def main() -> None:
     print(f"GPU: {torch.cuda.get_device_name()}")
     r = res["rollout_nograph"]
     print(f"rollout, fused kernels without graphs: {fmt(r['wall_s'], r['kernels_s'])}")
-    wall, split = res["learner"]["profile_mb16"]
-    print(f"learner update_policy mb16: {fmt(wall, split)}")
+    for tag in ("", "_eager"):
+        wall, split = res["learner"][f"profile{tag}_mb64"]
+        print(f"learner update_policy{tag} mb64: {fmt(wall, split)}")
     for k, v in res["learner"].items():
         if k.endswith("_s"):
             print(f"learner {k[:-2]}: {v:.3f} s = {flops / v / 1e12:.0f} TFLOP/s")
