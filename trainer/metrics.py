@@ -6,6 +6,7 @@ Keys the plot and the bar understand (log them under these names):
   format          fraction with the answer inside \\boxed{} (only when env.format_reward is on)
   eval/accuracy   greedy accuracy on the eval subset
   eval/format     fraction of eval answers inside \\boxed{} (plotted beside eval/accuracy; other eval/* keys are not)
+  sft/loss        supervised warm-start loss, logged at step 0 with its own counter sft/step (a third panel)
 Only rank 0 writes; on other ranks every method is a no-op.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 TRAIN_CURVES = {"reward": "reward (mean)", "accuracy": "correct (train)", "format": "format ok (train)"}
 EVAL_CURVE = "eval/accuracy"
 EVAL_EXTRA = {"eval/format": "format ok (eval)"}
+SFT_CURVE = ("sft/step", "sft/loss")
 KEY_FILE = Path("wandb") / ".wandb_api_key"
 
 
@@ -161,13 +163,19 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_curves(rows: list[dict], out: str | Path, title: str = "") -> Path:
-    """Train reward / correctness / format (left) and eval accuracy (+ format) (right) vs step, as a PNG at `out`."""
+    """Train reward / correctness / format (left) and eval accuracy (+ format) (right) vs step, as a PNG at `out`;
+    a third panel with the supervised warm-start loss when the run had one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    sft = [(row[SFT_CURVE[0]], row[SFT_CURVE[1]]) for row in rows if row.get(SFT_CURVE[1]) is not None]
+    fig, axes = plt.subplots(1, 3 if sft else 2, figsize=(16 if sft else 11, 4))
+    left, right = axes[0], axes[1]
+    if sft:
+        axes[2].plot([s for s, _ in sft], [v for _, v in sft], color="tab:purple")
+        axes[2].set(title="SFT warm start", xlabel="SFT step", ylabel="cross-entropy (solution tokens)")
     for key, label in TRAIN_CURVES.items():
         steps, values = _series(rows, key)
         if steps:
