@@ -72,3 +72,18 @@ def test_low_precision_compute_keeps_input_dtypes_and_stays_close():
 def test_chunk_rows_bounds_one_chunk_of_fp32_logits():
     assert chunk_rows(49152) * 49152 <= 1 << 28 < (chunk_rows(49152) + 1) * 49152
     assert chunk_rows(10**9) == 1
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_chunks_match_log_softmax():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(300, 64, generator=g).cuda().requires_grad_()
+    weight = (0.1 * torch.randn(5000, 64, generator=g)).cuda().requires_grad_()
+    targets = torch.randint(0, 5000, (300,), generator=g).cuda()
+    logp, ent = linear_logprobs(hidden, weight, targets, dtype=torch.bfloat16, rows=128)
+    ref_logp, ref_ent = reference(hidden.detach().bfloat16().float(), weight.detach().bfloat16().float(), targets)
+    assert torch.allclose(logp.double(), ref_logp, atol=2e-3) and torch.allclose(ent.double(), ref_ent, atol=2e-3)
+    logp.sum().backward()
+    h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    reference(h, w, targets)[0].sum().backward()
+    assert torch.allclose(hidden.grad, h.grad, atol=5e-2) and torch.allclose(weight.grad, w.grad, atol=5e-2)

@@ -385,7 +385,9 @@ def to_host(parts: list[dict[str, torch.Tensor]], grad_norm: torch.Tensor) -> tu
     keys = list(parts[0])
     flat = torch.stack([p[k].float().reshape(()) for p in parts for k in keys] + [grad_norm.float().reshape(())])
     values = flat.tolist()
-    return [dict(zip(keys, values[i * len(keys) : (i + 1) * len(keys)], strict=True)) for i in range(len(parts))], values[-1]
+    return [
+        dict(zip(keys, values[i * len(keys) : (i + 1) * len(keys)], strict=True)) for i in range(len(parts))
+    ], values[-1]
 
 
 def max_chunks(d: Dist, n: int, mbs: int) -> int:
@@ -445,7 +447,7 @@ def token_logprobs(model: nn.Module, batch: dict[str, Any], dtype: torch.dtype) 
     """
     device = batch["input_ids"].device
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), logprob_head(model, batch, dtype):
-        out = model(input_ids=batch["input_ids"], logits_to_keep=batch["keep"])
+        out = model(input_ids=batch["input_ids"], logits_to_keep=batch["keep"], use_cache=False)
     return out.logits[..., 0], out.logits[..., 1]
 
 
@@ -469,7 +471,9 @@ def logprob_head(model: nn.Module, batch: dict[str, Any], dtype: torch.dtype):
         del head.forward
 
 
-def micro_step(run: Run, chunk: list[Trajectory], adv: torch.Tensor, norms: dict[str, float]) -> dict[str, torch.Tensor]:
+def micro_step(
+    run: Run, chunk: list[Trajectory], adv: torch.Tensor, norms: dict[str, float]
+) -> dict[str, torch.Tensor]:
     """Forward + loss + backward on one micro-batch; gradients accumulate (the normaliser is the whole batch's)."""
     g = run.cfg.grpo
     batch = collate(chunk, adv, run.tokenizer.pad_token_id, run.d.device)
