@@ -1,17 +1,23 @@
-"""A time-boxed GRPO learning run on one GPU: full-test-set GSM8K accuracy before and after, the curves, wall times.
+"""A time-boxed learning run on one GPU (SFT warm start, then GRPO): full-test-set GSM8K accuracy before, right after
+the warm start and after GRPO, the curves, and the training time, in one device call or across two.
 
-Steps, all inside --budget seconds of wall time (one device call):
-1. eval before: bench/gsm8k_eval.py on the base model (full test set, greedy, 320 new tokens, one batch);
-2. probe: `python -m trainer CONFIG train.total_steps=--probe-steps` (no eval), whose step times set the run length;
-3. train: the same command resumed with train.total_steps chosen so training, its evals and saves end before the
-   time left minus what steps 4-5 need (the trainer has no wall-clock limit; a watchdog sends SIGINT if it overruns,
-   and the newest checkpoint is used);
-4. merge the newest checkpoint into an HF folder (scripts.model_merger);
-5. eval after: bench/gsm8k_eval.py on it, exactly as in 1.
-Writes to --out: summary.json, metrics.jsonl, curves.png, config.yaml, before.json, after.json.
+The trainer itself keeps the clock: `train.time_limit_s` stops its GRPO loop after the step that crosses it, and the
+time is summed over resumes through the checkpoint, so two processes resuming one experiment share one budget
+(--train-budget, default 900 s = 15 minutes, counted from each trainer process's start: model loading, SFT, evals
+and saves included). Phases (--phase):
+  first  join the GGUF halves, eval the base model (bench/gsm8k_eval.py: 1,319 questions, greedy, 320 new tokens,
+         one batch), then `python -m trainer CONFIG` (SFT, then GRPO) with the time limit set to what fits in this
+         call's --budget; the checkpoint stays in --work.
+  last   resume it with the limit at --train-budget (or less, if this call's budget is shorter), merge the final
+         checkpoint (scripts.model_merger, fp32) and eval it exactly like the base model; write the outputs.
+  all    first + last in one call (the training time is whatever fits in --budget).
+The warm start's own effect is the trainer's greedy eval at step 0 (full test set, after SFT, before any GRPO step).
+/tmp survives between back-to-back calls on a warm machine, so --work (default /tmp/learning_run) hands the
+checkpoint and before.json from the first call to the last. Writes to --out: summary.json, metrics.jsonl,
+curves.png, config.yaml, before.json, after.json (phase first: a partial summary and the curves so far).
 
-    python bench/learning_run.py [--config configs/gsm8k_h100_15min.yaml] [--budget 560] [--out DIR]
-        [--gguf-parts P1 P2] [key=value ...]   (extra trainer overrides, passed to both trainer runs)
+    python bench/learning_run.py --phase first --gguf-parts /tmp/part1 .carry/g2/part2 --out $OUT [key=value ...]
+    python bench/learning_run.py --phase last --out $OUT [key=value ...]
 """
 
 from __future__ import annotations
@@ -29,26 +35,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = time.monotonic()
-AFTER_RESERVE_S = 60.0  # merge (~10 s) + eval after (~20 s) + copying, with a margin
-RESTART_S = 45.0  # trainer process start, restore, graph capture, final eval and save in the resumed run
-EVAL_S = 8.0  # one periodic full-test-set eval inside the trainer (three engine batches of <= 512 rows)
-SAVE_S = 5.0  # one checkpoint (fp32 model + AdamW state, DCP)
+START_S = 20.0  # trainer process: Python, torch and CUDA start before its clock starts
+TAIL_S = 35.0  # after the limit is crossed: the rest of that step, the final eval, the save, process exit
+AFTER_S = 50.0  # merge (~10 s) + eval after (~20 s) + copying, with a margin
+COPY_S = 10.0  # the first call's end: curves redrawn and copied
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phase", choices=("all", "first", "last"), default="all")
     p.add_argument("--config", default="configs/gsm8k_h100_15min.yaml", help="trainer preset")
-    p.add_argument("--budget", type=float, default=560.0, help="wall seconds for the whole script")
-    p.add_argument("--probe-steps", type=int, default=4, help="steps of the first trainer run (step-time probe)")
-    p.add_argument("--max-steps", type=int, default=None, help="cap on train.total_steps (default: preset's x3)")
+    p.add_argument("--budget", type=float, default=555.0, help="wall seconds for this script (this device call)")
+    p.add_argument("--train-budget", type=float, default=900.0, help="trainer clock for the whole experiment (s)")
     p.add_argument("--out", default=os.environ.get("OUT", "learning_run_out"), help="where results are copied")
-    p.add_argument("--work", default="/tmp/learning_run", help="saves and merged model go here")
+    p.add_argument("--work", default="/tmp/learning_run", help="saves, before.json and the merged model go here")
     p.add_argument("--models-dir", default="/tmp/models", help="where the built-in model is converted")
     p.add_argument("--gguf-parts", nargs="+", help="halves of the built-in GGUF to join first (lent GPU)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--eval-limit", type=int, default=None, help="eval only the first N questions (smoke tests)")
     p.add_argument("--eval-max-new-tokens", type=int, default=320)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="extra trainer overrides")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="extra trainer overrides (both phases)")
     return p.parse_args()
 
 
@@ -74,78 +80,154 @@ def join_gguf(parts: list[str]) -> None:
 
 
 def run(cmd: list[str], timeout: float | None = None) -> int:
-    """Run a command with its output in ours; on timeout SIGINT (the trainer keeps its newest checkpoint), then kill."""
+    """Run a command with its output in ours; past `timeout` SIGINT (the trainer keeps its newest checkpoint)."""
     log("$ " + " ".join(cmd))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}:{ROOT}"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        log(f"time limit ({timeout:.0f} s) reached: SIGINT")
+        log(f"watchdog ({timeout:.0f} s) reached: SIGINT")
         proc.send_signal(signal.SIGINT)
         try:
-            return proc.wait(timeout=30)
+            return proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
             return proc.wait()
 
 
 def evaluate(args, model: str, name: str) -> dict:
+    """bench/gsm8k_eval.py on `model`; its JSON lands in --work and --out."""
+    path = Path(args.work) / f"{name}.json"
     cmd = [sys.executable, "bench/gsm8k_eval.py", "--model", model, "--models-dir", args.models_dir, "--batch", "1320"]
     cmd += ["--repeats", "1", "--device", args.device, "--max-new-tokens", str(args.eval_max_new_tokens)]
-    cmd += ["--json", str(Path(args.out) / f"{name}.json")]
-    if args.eval_limit:
-        cmd += ["--limit", str(args.eval_limit)]
+    cmd += ["--json", str(path)] + (["--limit", str(args.eval_limit)] if args.eval_limit else [])
     if run(cmd) != 0:
         raise SystemExit(f"eval {name} failed")
-    res = json.loads((Path(args.out) / f"{name}.json").read_text())
+    shutil.copy(path, Path(args.out) / path.name)
+    res = json.loads(path.read_text())
     return {k: res[k] for k in ("questions", "lenient", "strict", "generate_s", "load_s", "stopped")}
 
 
-def trainer_cmd(args, exp: str, extra: list[str]) -> list[str]:
+def trainer_cmd(args, exp: str, limit: float) -> list[str]:
     base = [sys.executable, "-m", "trainer", args.config, f"experiment_name={exp}"]
     base += [f"model.models_dir={args.models_dir}", f"checkpoint.save_dir={args.work}/saves", "logging.wandb=false"]
-    base += ["logging.progress=false", f"train.device={args.device}"]
-    return base + list(args.overrides) + extra
+    base += ["logging.progress=false", f"train.device={args.device}", f"train.time_limit_s={limit:.0f}"]
+    return base + list(args.overrides)
 
 
-def train_rows(path: Path) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if "reward" in r]
+def checkpoint_state(exp_dir: Path) -> dict | None:
+    """trainer_state.json of the checkpoint `latest` names (None before the first one)."""
+    latest = exp_dir / "latest"
+    if not latest.is_file():
+        return None
+    return json.loads((exp_dir / latest.read_text().strip() / "trainer_state.json").read_text())
 
 
-def step_seconds(rows: list[dict]) -> float:
-    """Wall seconds per step from the probe's log times (everything between steps counted), warm steps only."""
-    times = [r["time"] for r in rows]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)][1:] or [rows[-1]["time/step"]]
-    return statistics.median(gaps)
+def train(args, exp_dir: Path, reserve: float) -> dict:
+    """One trainer process whose time limit ends it `reserve` seconds before this call's budget runs out."""
+    done = (checkpoint_state(exp_dir) or {}).get("elapsed_s", 0.0)
+    fits = args.budget - elapsed() - START_S - TAIL_S - reserve
+    limit = min(args.train_budget, done + fits)
+    if limit <= done:
+        log(f"no time left to train (clock {done:.0f} s, {fits:.0f} s fit in this call)")
+        return {"limit_s": limit, "rc": None, "wall_s": 0.0}
+    log(f"training: clock {done:.0f} s so far, train.time_limit_s={limit:.0f}")
+    t0 = time.monotonic()
+    rc = run(trainer_cmd(args, exp_dir.name, limit), timeout=max(args.budget - elapsed() - reserve, 30.0))
+    if rc != 0:
+        log(f"trainer exited with {rc}: the newest checkpoint is used")
+    return {"limit_s": round(limit), "rc": rc, "wall_s": round(time.monotonic() - t0, 1)}
 
 
-def plan_steps(cfg, done: int, per_step: float, cap: int) -> tuple[int, float]:
-    """Total steps that fit before the budget's end, counting periodic evals and saves; and the watchdog limit."""
-    left = cfg.budget - elapsed() - AFTER_RESERVE_S
-    total = done
-    while total < cap:
-        n = total + 1
-        evals = n // cfg.eval_every if cfg.eval_every else 0
-        saves = n // cfg.save_every if cfg.save_every else 0
-        if RESTART_S + (n - done) * per_step * 1.08 + evals * EVAL_S + saves * SAVE_S > left:
-            break
-        total = n
-    return total, left
+def read_rows(exp_dir: Path) -> list[dict]:
+    from trainer.metrics import read_metrics
+
+    return read_metrics(exp_dir / "metrics.jsonl")
 
 
 def curve_summary(rows: list[dict]) -> dict:
-    """Train reward / correctness / format over the first and last tenth of the steps, and eval points."""
-    k = max(1, len(rows) // 10)
-    keys = ("reward", "accuracy", "format", "response_length", "groups_with_signal", "entropy")
+    """Train reward / correctness / format / length over the first and last tenth of the GRPO steps."""
+    train = [r for r in rows if "reward" in r]
+    k = max(1, len(train) // 10)
+    keys = ("reward", "accuracy", "format", "response_length", "truncated", "groups_with_signal", "entropy")
     out = {}
     for key in keys:
-        for name, part in (("first", rows[:k]), ("last", rows[-k:])):
+        for name, part in (("first", train[:k]), ("last", train[-k:])):
             values = [r[key] for r in part if key in r]  # entropy is absent on a step whose update was skipped
             if values:
                 out[f"{key}_{name}"] = round(statistics.mean(values), 4)
     return out
+
+
+def run_summary(exp_dir: Path) -> dict:
+    """What the trainer recorded: clock, steps, SFT losses, its own evals (step 0 = right after SFT), step times."""
+    rows = read_rows(exp_dir)
+    state = checkpoint_state(exp_dir) or {}
+    sft = [r["sft/loss"] for r in rows if "sft/loss" in r]
+    evals = [
+        {k: r[k] for k in ("step", "eval/accuracy", "eval/strict_accuracy", "eval/format", "eval/response_length")}
+        for r in rows
+        if "eval/accuracy" in r
+    ]
+    steps = [r["time/step"] for r in rows if "time/step" in r]
+    out = {"train_clock_s": state.get("elapsed_s"), "steps": state.get("step"), "sft_done": state.get("sft_done")}
+    out.update(sft_loss_first=sft[0] if sft else None, sft_loss_last=sft[-1] if sft else None, sft_steps=len(sft))
+    out["sft_s"] = next((r["time/sft"] for r in rows if "time/sft" in r), None)
+    out["after_sft"] = next((e for e in evals if e["step"] == 0), None)
+    out.update(trainer_evals=evals, median_step_s=round(statistics.median(steps), 3) if steps else None)
+    out["curve"] = curve_summary(rows)
+    return out
+
+
+def copy_outputs(exp_dir: Path, out: Path) -> None:
+    """Curves redrawn from metrics.jsonl (also after a watchdog stop), then copied with the config."""
+    from trainer.metrics import plot_curves
+
+    plot_curves(read_rows(exp_dir), exp_dir / "curves.png", title=exp_dir.name)
+    for name in ("metrics.jsonl", "curves.png", "config.yaml"):
+        if (exp_dir / name).is_file():
+            shutil.copy(exp_dir / name, out / name)
+
+
+def phase_first(args, exp_dir: Path, work: Path, reserve: float) -> dict:
+    """A fresh experiment: GGUF, eval before, SFT + GRPO until this call's share of the clock."""
+    shutil.rmtree(exp_dir, ignore_errors=True)
+    if args.gguf_parts:
+        join_gguf(args.gguf_parts)
+    before = evaluate(args, "smollm2-135m-instruct", "before")
+    log(f"before: {before}")
+    first = train(args, exp_dir, reserve)
+    (work / "phase_first.json").write_text(json.dumps({"before": before, "first_call": first}))
+    return {"before": before, "first_call": first}
+
+
+def phase_last(args, exp_dir: Path, work: Path, summary: dict) -> dict:
+    """Resume to the training budget, merge, eval after."""
+    if checkpoint_state(exp_dir) is None:
+        raise SystemExit(f"no checkpoint in {exp_dir}: run --phase first on this machine before --phase last")
+    if "before" not in summary:
+        summary.update(json.loads((work / "phase_first.json").read_text()))
+        shutil.copy(work / "before.json", Path(args.out) / "before.json")
+    summary["last_call"] = train(args, exp_dir, AFTER_S)
+    merged = work / "merged"
+    shutil.rmtree(merged, ignore_errors=True)
+    if run([sys.executable, "-m", "scripts.model_merger", "--local_dir", str(exp_dir),
+            "--save_dir", str(merged), "--dtype", "float32"]) != 0:  # fmt: skip
+        raise SystemExit("merge failed")
+    summary["after"] = evaluate(args, str(merged), "after")
+    return summary
+
+
+def report(summary: dict) -> None:
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("trainer_evals", "before", "after")}, indent=1))
+    b, a, s = summary["before"], summary.get("after"), summary.get("after_sft") or {}
+    line = f"\nGSM8K test: before lenient {b['lenient']:.2%} strict {b['strict']:.2%}"
+    if s:
+        line += f" | after SFT (trainer eval) {s['eval/accuracy']:.2%} / {s['eval/strict_accuracy']:.2%}"
+    if a:
+        line += f" | after lenient {a['lenient']:.2%} strict {a['strict']:.2%}"
+    print(line + f" | {summary['steps']} GRPO steps, training clock {summary['train_clock_s']} s")
 
 
 def main() -> None:
@@ -153,63 +235,20 @@ def main() -> None:
     from trainer.config import load_config  # no torch
 
     cfg = load_config(ROOT / args.config, list(args.overrides))
-    exp, work, out = cfg.experiment_name, Path(args.work), Path(args.out)
+    work, out = Path(args.work), Path(args.out)
+    exp_dir = work / "saves" / cfg.experiment_name
+    work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(work / "saves" / exp, ignore_errors=True)
-    if args.gguf_parts:
-        join_gguf(args.gguf_parts)
-    summary: dict = {"config": args.config, "overrides": args.overrides}
-    summary["before"] = evaluate(args, "smollm2-135m-instruct", "before")
-    log(f"before: {summary['before']}")
-
-    t_train = time.monotonic()
-    probe = ["train.total_steps=" + str(args.probe_steps), "eval.every=0", "checkpoint.every=0"]
-    if run(trainer_cmd(args, exp, probe)) != 0:
-        raise SystemExit("probe run failed")
-    metrics = work / "saves" / exp / "metrics.jsonl"
-    per_step = step_seconds(train_rows(metrics))
-    budget = argparse.Namespace(budget=args.budget, eval_every=cfg.eval.every, save_every=cfg.checkpoint.every)
-    total, left = plan_steps(budget, args.probe_steps, per_step, args.max_steps or 3 * (cfg.train.total_steps or 100))
-    log(f"probe: {per_step:.2f} s/step -> train.total_steps={total} ({left:.0f} s left for training)")
-    rc = run(trainer_cmd(args, exp, [f"train.total_steps={total}"]), timeout=max(left, 30.0))
-    summary["train_wall_s"] = round(time.monotonic() - t_train, 1)
-    summary["trainer_rc"] = rc
-
-    rows = train_rows(metrics)
-    summary.update(steps=rows[-1]["step"], planned_steps=total, probe_s_per_step=round(per_step, 3))
-    summary["train_step_s_sum"] = round(sum(r["time/step"] for r in rows), 1)
-    summary["curve"] = curve_summary(rows)
-    summary["trainer_evals"] = [
-        {k: r[k] for k in ("step", "eval/accuracy", "eval/strict_accuracy", "eval/format")}
-        for r in map(json.loads, metrics.read_text().splitlines())
-        if "eval/accuracy" in r
-    ]
-    merged = work / "merged"
-    shutil.rmtree(merged, ignore_errors=True)
-    if run([sys.executable, "-m", "scripts.model_merger", "--local_dir", str(work / "saves" / exp),
-            "--save_dir", str(merged), "--dtype", "float32"]) != 0:  # fmt: skip
-        raise SystemExit("merge failed")
-    summary["after"] = evaluate(args, str(merged), "after")
-    finish(summary, work / "saves" / exp, out)
-
-
-def finish(summary: dict, exp_dir: Path, out: Path) -> None:
-    """Curves redrawn from metrics.jsonl (also when the watchdog stopped the trainer), outputs copied, summary shown."""
-    from trainer.metrics import plot_curves, read_metrics
-
-    plot_curves(read_metrics(exp_dir / "metrics.jsonl"), exp_dir / "curves.png", title=exp_dir.name)
-    for name in ("metrics.jsonl", "curves.png", "config.yaml"):
-        shutil.copy(exp_dir / name, out / name)
-    summary["total_wall_s"] = round(elapsed(), 1)
+    summary: dict = {"config": args.config, "overrides": args.overrides, "phase": args.phase}
+    if args.phase in ("all", "first"):
+        summary.update(phase_first(args, exp_dir, work, AFTER_S if args.phase == "all" else COPY_S))
+    if args.phase in ("all", "last"):
+        phase_last(args, exp_dir, work, summary)
+    summary.update(run_summary(exp_dir))
+    copy_outputs(exp_dir, out)
+    summary["script_wall_s"] = round(elapsed(), 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    b, a = summary["before"], summary["after"]
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("before", "after")}, indent=1))
-    print(
-        f"\nGSM8K test ({a['questions']} q): before lenient {b['lenient']:.2%} strict {b['strict']:.2%} | "
-        f"after lenient {a['lenient']:.2%} strict {a['strict']:.2%} | {summary['steps']} steps, "
-        f"training wall {summary['train_wall_s']} s (step time sum {summary['train_step_s_sum']} s), "
-        f"script total {summary['total_wall_s']} s"
-    )
+    report(summary)
 
 
 if __name__ == "__main__":
