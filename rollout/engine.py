@@ -26,13 +26,8 @@ import torch
 from torch import nn
 
 from rollout.api import FINISH_LENGTH, FINISH_STOP, Completion, RolloutEngine, SamplingParams
-from rollout.model import CausalLM, ModelConfig, alias_parameters, load_folder, load_state, plan_decode_gemm
+from rollout.model import CausalLM, ModelConfig, alias_parameters, load_folder, load_state
 from rollout.sampling import sample, truncate
-
-# What decode_gemm="auto" means on the fused CUDA path: "cublas" (F.linear), "splitk", "triton" or "tuned" (see
-# rollout/model.py `plan_decode_gemm`). Set from bench/decode_gemm.py's GPU run.
-DECODE_GEMM_AUTO = "cublas"
-DECODE_GEMM_MODES = ("auto", "cublas", "splitk", "triton", "tuned")
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -101,7 +96,6 @@ class _Runner:
         self.seed = torch.zeros((), dtype=torch.long, device=dev)
         self.generator = torch.Generator(dev)
         self.cos, self.sin = self.model.rope_tables(t_cap) if self.fast else (None, None)
-        self.gemm = engine.gemm_plan(b_cap) if self.fast else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.pad, self.p, self.rows = 0, 1, 0
 
@@ -147,7 +141,7 @@ class _Runner:
             return
         if self.fast:
             logits = self.model.decode_fast(
-                self.last, self.ctr, self.pad_len, self.k_cache, self.v_cache, self.cos, self.sin, self.gemm
+                self.last, self.ctr, self.pad_len, self.k_cache, self.v_cache, self.cos, self.sin
             )
         else:
             kv_len = self.t_cap if self.cuda else int(self.ctr[0]) + 1  # CPU: only the slots written so far
@@ -217,9 +211,7 @@ class EmbeddedEngine(RolloutEngine):
     device: "cpu" or "cuda[:i]"; dtype: default bfloat16 on CUDA, float32 on CPU; max_batch_size: most sequences
     decoded at once (bigger requests run in several batches); eos_token_ids: default from the model's
     generation_config / config; cuda_graphs: replay each decode step as a CUDA graph on GPU; seed: seeds the engine's
-    generator, used when `SamplingParams.seed` is None; fused: the Triton decode path on GPU; decode_gemm: how the
-    fused path computes its projections at few rows: "cublas", "splitk" (torch batched split-K), "triton" (split-K
-    kernel), "tuned" (per shape from rollout.model.DECODE_GEMM_TABLE), "auto" = DECODE_GEMM_AUTO.
+    generator, used when `SamplingParams.seed` is None.
     """
 
     def __init__(
@@ -233,14 +225,13 @@ class EmbeddedEngine(RolloutEngine):
         cuda_graphs: bool = True,
         seed: int = 0,
         fused: bool = True,
-        decode_gemm: str = "auto",
     ):
         dtype = dtype or default_dtype(device)
         cfg = ModelConfig.from_folder(model_path)
         model = CausalLM.empty(cfg, device, dtype)
         load_folder(model, model_path)
         eos = read_eos_ids(model_path) if eos_token_ids is None else eos_token_ids
-        self._setup(model, eos, max_batch_size, cuda_graphs, seed, fused, decode_gemm)
+        self._setup(model, eos, max_batch_size, cuda_graphs, seed, fused)
 
     @classmethod
     def from_module(
@@ -254,7 +245,6 @@ class EmbeddedEngine(RolloutEngine):
         cuda_graphs: bool = True,
         seed: int = 0,
         fused: bool = True,
-        decode_gemm: str = "auto",
     ) -> EmbeddedEngine:
         """An engine over an HF causal LM's weights: aliased (no copy) when `dtype`/`device` match the module's
         parameters and the fused CUDA path is off, else a copy (refresh it with `update_weights(hf_model)` after
@@ -272,26 +262,17 @@ class EmbeddedEngine(RolloutEngine):
         model.init_rope(device)
         self = cls.__new__(cls)
         eos = _module_eos_ids(hf_model) if eos_token_ids is None else eos_token_ids
-        self._setup(model.eval(), eos, max_batch_size, cuda_graphs, seed, fused, decode_gemm)
+        self._setup(model.eval(), eos, max_batch_size, cuda_graphs, seed, fused)
         self._source = hf_model if aliased else None
         return self
 
     def _setup(
-        self,
-        model: CausalLM,
-        eos: list[int],
-        max_batch_size: int,
-        cuda_graphs: bool,
-        seed: int,
-        fused: bool,
-        decode_gemm: str,
+        self, model: CausalLM, eos: list[int], max_batch_size: int, cuda_graphs: bool, seed: int, fused: bool
     ) -> None:
         if not eos:
             raise ValueError("no EOS token id: pass eos_token_ids (the model config names none)")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if decode_gemm not in DECODE_GEMM_MODES:
-            raise ValueError(f"decode_gemm must be one of {', '.join(DECODE_GEMM_MODES)}, got {decode_gemm!r}")
         self.model, self.cfg = model, model.cfg
         self.device, self.dtype = model.device, model.dtype
         self.eos_token_ids = [int(e) for e in eos]
@@ -300,19 +281,12 @@ class EmbeddedEngine(RolloutEngine):
         self.fast = _fused_ok(self.device, self.cfg, fused)
         if self.fast:
             model.pack_()
-        mode = DECODE_GEMM_AUTO if decode_gemm == "auto" else decode_gemm
-        self.decode_gemm = mode if self.fast else "cublas"  # the CPU / unfused paths always use F.linear
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)  # draws each call's seed when params.seed is None
         self._runners: OrderedDict[tuple, _Runner] = OrderedDict()
         self._lock = threading.RLock()
         self._version = 0
         self._source: nn.Module | None = None
-
-    def gemm_plan(self, rows: int) -> dict:
-        """How each decode projection is computed for a batch of `rows` rows (fused CUDA path)."""
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        return plan_decode_gemm(self.cfg, rows, self.decode_gemm, sms)
 
     @property
     def aliased(self) -> bool:

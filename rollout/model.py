@@ -6,11 +6,6 @@ reference: RMSNorm in fp32, RoPE tables in fp32 cast to the model dtype, softmax
 
 Attention is grouped-query without repeating K/V: the G query heads that share a KV head are stacked along the query
 axis, so one SDPA call over [B, kv_heads, G*Lq, d] reads each cached K/V once.
-
-Decode projections at few rows (`decode_fast`, M = batch rows) may leave cuBLAS on too few CTAs to stream the weights
-at full bandwidth when N is small (o_proj, down_proj): `plan_decode_gemm` picks, per projection, cuBLAS, a split-K
-batched GEMM over zero-copy weight views (`splitk_matmul`) or a Triton split-K kernel (`kernels.skinny_linear`).
-Both read the packed weights in place, so a weight refresh needs nothing more. bench/decode_gemm.py measures them.
 """
 
 from __future__ import annotations
@@ -19,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -295,29 +290,23 @@ class CausalLM(nn.Module):
         v_cache: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        gemm: dict[str, GemmChoice] | None = None,
     ) -> torch.Tensor:
         """One decode step on CUDA through the fused Triton kernels (needs `pack_()`): feed `last` [B] at cache slot
-        ctr[0] and return the logits [B, V] in the model dtype. No host syncs: capturable as a CUDA graph.
-        `gemm`: how each projection (`decode_shapes` names) is computed; missing = cuBLAS (`plan_decode_gemm`)."""
+        ctr[0] and return the logits [B, V] in the model dtype. No host syncs: capturable as a CUDA graph."""
         from rollout import kernels as K
 
         c = self.cfg
-        g = gemm or {}
         x = self.model.embed_tokens(last)
         delta = None
         for i, layer in enumerate(self.model.layers):
             a, m = layer.self_attn, layer.mlp
             h = K.add_rmsnorm(x, delta, layer.input_layernorm.weight, c.rms_norm_eps)
-            qkv = decode_linear(h, a.qkv_weight, a.qkv_bias, g.get("qkv"))
+            qkv = F.linear(h, a.qkv_weight, a.qkv_bias)
             q = K.rope_cache(qkv, k_cache[i], v_cache[i], cos, sin, ctr, pad_len, c.num_heads, c.num_kv_heads)
-            attn = K.decode_attention(q, k_cache[i], v_cache[i], ctr, pad_len)
-            delta = decode_linear(attn, a.o_proj.weight, a.o_proj.bias, g.get("o"))
+            delta = a.o_proj(K.decode_attention(q, k_cache[i], v_cache[i], ctr, pad_len))
             h = K.add_rmsnorm(x, delta, layer.post_attention_layernorm.weight, c.rms_norm_eps)
-            act = K.silu_mul(decode_linear(h, m.gate_up_weight, m.gate_up_bias, g.get("gate_up")))
-            delta = decode_linear(act, m.down_proj.weight, m.down_proj.bias, g.get("down"))
-        h = K.add_rmsnorm(x, delta, self.model.norm.weight, c.rms_norm_eps)
-        return decode_linear(h, self.lm_head.weight, None, g.get("lm_head"))
+            delta = m.down_proj(K.silu_mul(F.linear(h, m.gate_up_weight, m.gate_up_bias)))
+        return self.lm_head(K.add_rmsnorm(x, delta, self.model.norm.weight, c.rms_norm_eps))
 
     def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, d/2] in the model dtype for positions 0..length-1 (fp32 math, as `make_step`)."""
@@ -334,110 +323,6 @@ class CausalLM(nn.Module):
         if last_only:
             x = x[:, -1]
         return self.lm_head(self.model.norm(x)).float()
-
-
-# ------------------------------------------------------------------------------------ decode projections
-
-
-class GemmChoice(NamedTuple):
-    """How one decode projection is computed: cuBLAS, torch split-K over `split` K slices, or the Triton kernel
-    (`split` K slices, tiles block_m x block_n, block_k columns per iteration, `warps`, `stages`)."""
-
-    kind: str = "cublas"
-    split: int = 1
-    block_m: int = 64
-    block_n: int = 32
-    block_k: int = 128
-    warps: int = 4
-    stages: int = 3
-
-    def __str__(self) -> str:
-        if self.kind == "cublas":
-            return "cublas"
-        if self.kind == "splitk":
-            return f"splitk s={self.split}"
-        return f"triton s={self.split} {self.block_m}x{self.block_n}x{self.block_k} w{self.warps} st{self.stages}"
-
-
-GEMM_KINDS = ("cublas", "splitk", "triton")
-SKINNY_MAX_ROWS = 256  # above this many rows cuBLAS has CTAs enough: the heuristic modes leave it alone
-# Measured choices keyed by (rows, N, K), used by mode "tuned" (and by "splitk"/"triton" for their own kind).
-# bench/decode_gemm.py prints the winners of a GPU run in this form; shapes not listed fall back (see the modes).
-DECODE_GEMM_TABLE: dict[tuple[int, int, int], GemmChoice] = {}
-
-
-def decode_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(N, K) of each decode projection: out = x [rows, K] @ W [N, K]^T (q/k/v and gate/up packed)."""
-    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return {
-        "qkv": (q + 2 * kv, h),
-        "o": (h, q),
-        "gate_up": (2 * cfg.intermediate_size, h),
-        "down": (h, cfg.intermediate_size),
-        "lm_head": (cfg.vocab_size, h),
-    }
-
-
-def splitk_matmul(x: torch.Tensor, weight: torch.Tensor, split: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) as one batched GEMM over `split` K slices, summed: `split`x more CTAs for a skinny x.
-
-    x [M, K], weight [N, K], K % split == 0. The slices are strided views ([s, K/s, N] read as transposed
-    matrices), not copies: the weight is read where it lives, so in-place weight refreshes need no re-arranging.
-    The partial products are rounded to x's dtype and summed with fp32 accumulation."""
-    m, k = x.shape
-    n = weight.shape[0]
-    ks = k // split
-    part = torch.bmm(x.view(m, split, ks).transpose(0, 1), weight.view(n, split, ks).permute(1, 2, 0))
-    out = part.sum(0)
-    return out if bias is None else out + bias
-
-
-def decode_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, choice: GemmChoice | None
-) -> torch.Tensor:
-    if choice is None or choice.kind == "cublas":
-        return F.linear(x, weight, bias)
-    if choice.kind == "splitk":
-        return splitk_matmul(x, weight, choice.split, bias)
-    from rollout import kernels as K
-
-    return K.skinny_linear(x, weight, bias, *choice[1:])
-
-
-def default_choice(kind: str, rows: int, n: int, k: int, sms: int) -> GemmChoice:
-    """The untuned pick of `kind` for an out [rows, N] = x [rows, K] @ W^T: enough (N tile x K slice) CTAs to
-    cover the SMs about twice; cuBLAS when rows > SKINNY_MAX_ROWS or N alone gives that many tiles."""
-    if kind == "cublas" or rows > SKINNY_MAX_ROWS:
-        return GemmChoice()
-    block_n = 32 if n <= 4096 else 64
-    tiles = -(-n // block_n) * -(-rows // 64)
-    split = 1
-    while tiles * split * 2 <= 2 * sms and k // (split * 2) >= 128:
-        split *= 2
-    if kind == "splitk":
-        while k % split:
-            split //= 2
-        return GemmChoice("splitk", split) if split > 1 else GemmChoice()
-    block_k = 64 if k // split < 256 else 128
-    return GemmChoice("triton", split, min(64, max(16, 1 << (rows - 1).bit_length())), block_n, block_k)
-
-
-def plan_decode_gemm(cfg: ModelConfig, rows: int, mode: str, sms: int) -> dict[str, GemmChoice]:
-    """Per projection of a decode step at `rows` rows: `mode` "cublas" (everything cuBLAS), "splitk" / "triton"
-    (that kind: DECODE_GEMM_TABLE's entry of that kind, else `default_choice`), "tuned" (DECODE_GEMM_TABLE, else
-    cuBLAS). `sms`: the GPU's multiprocessor count."""
-    if mode not in ("tuned", *GEMM_KINDS):
-        raise ValueError(f"decode_gemm mode {mode!r} is not one of auto, tuned, {', '.join(GEMM_KINDS)}")
-    plan = {}
-    for name, (n, k) in decode_shapes(cfg).items():
-        known = DECODE_GEMM_TABLE.get((rows, n, k))
-        if mode == "tuned":
-            plan[name] = known or GemmChoice()
-        elif known is not None and known.kind == mode:
-            plan[name] = known
-        else:
-            plan[name] = default_choice(mode, rows, n, k, sms)
-    return plan
 
 
 def _pack(module: nn.Module, names: tuple[str, ...], attr: str) -> torch.Tensor:

@@ -69,10 +69,6 @@ class RolloutConfig(Section):
     """Async rollout bound: no trained sample comes from weights older than this many versions (0 = synchronous)."""
     cuda_graphs: bool = True
     """Embedded engine on GPU: capture each decode step as a CUDA graph."""
-    decode_gemm: Literal["auto", "cublas", "splitk", "triton", "tuned"] = "auto"
-    """Embedded engine on GPU: how the decode step's projections run at few rows: cublas, splitk (torch batched
-    split-K), triton (split-K kernel), tuned (per shape, rollout.model.DECODE_GEMM_TABLE); auto = the engine's
-    DECODE_GEMM_AUTO (bench/decode_gemm.py measures them)."""
     timeout_s: float = Field(600.0, gt=0)
     """backend=http: timeout of one generation request to a rollout service, in seconds."""
     retries: int = Field(3, ge=0)

@@ -51,7 +51,6 @@ def make_engine(cfg: Config, model: nn.Module, tokenizer, d: Dist | None = None,
         dtype=compute_dtype(cfg, d.device),
         max_batch_size=cfg.rollout.max_batch_size,
         cuda_graphs=cfg.rollout.cuda_graphs,
-        decode_gemm=cfg.rollout.decode_gemm,
         seed=cfg.train.seed + d.rank,
         eos_token_ids=stop_ids(model, tokenizer),
     )
