@@ -49,6 +49,7 @@ def kernel_split(fn) -> tuple[float, dict[str, float]]:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     split: dict[str, float] = {}
+    top: list[tuple[float, str]] = []
     for ev in prof.key_averages():
         us = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
         if ev.device_type.name != "CUDA" or not us:
@@ -56,13 +57,17 @@ def kernel_split(fn) -> tuple[float, dict[str, float]]:
         name = ev.key.lower()
         kind = next((k for k, keys in KINDS if any(s in name for s in keys)), "other")
         split[kind] = split.get(kind, 0.0) + us / 1e6
+        top.append((us / 1e3, f"{kind}: {ev.key[:90]} x{ev.count}"))
+    split["top_ms"] = sorted(top, reverse=True)[:12]
     return wall, split
 
 
-def fmt(wall: float, split: dict[str, float]) -> str:
-    total = sum(split.values())
-    parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(split.items(), key=lambda kv: -kv[1]))
-    return f"wall {wall * 1e3:.1f} ms, kernels {total * 1e3:.1f} ms ({total / wall:.0%} busy): {parts}"
+def fmt(wall: float, split: dict) -> str:
+    kinds = {k: v for k, v in split.items() if k != "top_ms"}
+    total = sum(kinds.values())
+    parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    top = "".join(f"\n    {ms:7.2f} ms  {name}" for ms, name in split.get("top_ms", []))
+    return f"wall {wall * 1e3:.1f} ms, kernels {total * 1e3:.1f} ms ({total / wall:.0%} busy): {parts}{top}"
 
 
 def profile_rollout(model, items, eos: int) -> dict:

@@ -417,24 +417,34 @@ def padding_trajectory(tokenizer) -> Trajectory:
 
 
 def collate(trajectories: list[Trajectory], adv: torch.Tensor, pad_id: int, device) -> dict[str, Any]:
-    """Right-padded tensors, cut to the positions from the earliest model token on (the only logits we need)."""
+    """Right-padded tensors, cut to the positions from the earliest model token on (the only logits we need).
+
+    Filled row by row in numpy: building them from nested Python lists took ~15 ms for a 64 x 288 batch, time the
+    GPU sat idle before every micro-batch.
+    """
     length = max(len(t.token_ids) for t in trajectories)
+    n = len(trajectories)
+    ids, mask, old = (
+        np.full((n, length), pad_id, np.int64),
+        np.zeros((n, length), np.int64),
+        np.zeros((n, length), np.float32),
+    )
+    for i, t in enumerate(trajectories):
+        k = len(t.token_ids)
+        ids[i, :k], mask[i, :k], old[i, :k] = t.token_ids, t.loss_mask, t.logprobs
+    starts = mask.argmax(axis=1)  # first model token of each row (0 when a row has none)
+    first = max(int(min(s if mask[i, s] else length - 1 for i, s in enumerate(starts))), 1)
+    adv = adv if len(adv) == n else torch.zeros(n)
 
-    def padded(key: str, fill) -> torch.Tensor:
-        return torch.tensor([getattr(t, key) + [fill] * (length - len(t.token_ids)) for t in trajectories])
+    def put(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
 
-    ids, mask, old = padded("token_ids", pad_id), padded("loss_mask", 0), padded("logprobs", 0.0)
-    attn = torch.tensor([[1] * len(t.token_ids) + [0] * (length - len(t.token_ids)) for t in trajectories])
-    first = min((t.loss_mask.index(1) if 1 in t.loss_mask else length - 1) for t in trajectories)
-    first = max(first, 1)
-    adv = adv if len(adv) == len(trajectories) else torch.zeros(len(trajectories))
     return {
-        "input_ids": ids.to(device),
-        "attention_mask": attn.to(device),
+        "input_ids": put(ids),
         "keep": length - first + 1,  # logits at positions first-1 .. length-1; the last one is dropped
-        "targets": ids[:, first:].to(device),
-        "mask": mask[:, first:].to(device),
-        "old_logp": old[:, first:].to(device, torch.float32),
+        "targets": put(ids[:, first:]),
+        "mask": put(mask[:, first:]),
+        "old_logp": put(old[:, first:]),
         "adv": adv.to(device, torch.float32),
     }
 
