@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,8 @@ from trainer.config import Config, ConfigError, save_config
 from trainer.data import DataCursor, load_eval_items, load_train_items, num_steps
 from trainer.dist import Dist
 from trainer.grpo import group_advantages, loss_norms, masked_mean, policy_loss
-from trainer.logprobs import linear_logprobs
 from trainer.metrics import MetricsLogger, bar_postfix, progress_bar
+from trainer.policy import token_logprobs
 from trainer.rollout_factory import WeightPusher, compute_dtype, make_engine
 from trainer.workflow import SingleTurnWorkflow
 
@@ -447,38 +446,6 @@ def collate(trajectories: list[Trajectory], adv: torch.Tensor, pad_id: int, devi
         "old_logp": put(old[:, first:]),
         "adv": adv.to(device, torch.float32),
     }
-
-
-def token_logprobs(model: nn.Module, batch: dict[str, Any], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(target) and the policy's entropy at each kept position (fp32), without materialising the logits.
-
-    No attention mask: sequences are right-padded, so a causal mask alone is exact for every real token (pads only
-    follow them) and attention takes the fused causal kernels; what pad positions compute is masked out of the loss.
-    """
-    device = batch["input_ids"].device
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), logprob_head(model, batch, dtype):
-        out = model(input_ids=batch["input_ids"], logits_to_keep=batch["keep"], use_cache=False)
-    return out.logits[..., 0], out.logits[..., 1]
-
-
-@contextmanager
-def logprob_head(model: nn.Module, batch: dict[str, Any], dtype: torch.dtype):
-    """Make the output embedding return [log pi(target), entropy] per position instead of logits.
-
-    Done inside the model's own forward so that FSDP2 has gathered the head's weight, and the weight's gradient
-    flows back through the usual hooks.
-    """
-    head = model.get_output_embeddings()
-
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        logp, ent = linear_logprobs(hidden[:, :-1], head.weight, batch["targets"], dtype)
-        return torch.stack([logp, ent], dim=-1)
-
-    head.forward = forward
-    try:
-        yield
-    finally:
-        del head.forward
 
 
 def micro_step(

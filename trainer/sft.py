@@ -19,8 +19,8 @@ import re
 import time
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from env_servers.gsm8k import gold_answer
@@ -28,6 +28,7 @@ from trainer import dist
 from trainer.config import ConfigError
 from trainer.data import DataCursor
 from trainer.dist import Dist
+from trainer.policy import token_logprobs
 
 _ANNOTATION = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator calls, e.g. <<48/2=24>>: never seen at test time
 
@@ -65,25 +66,24 @@ def collate(examples: list[dict[str, Any]], pad_id: int, device) -> dict[str, An
     No attention mask: with right padding a causal mask alone is exact for every real token (pads only follow them).
     """
     length = max(len(e["ids"]) for e in examples)
-    ids = torch.tensor([e["ids"] + [pad_id] * (length - len(e["ids"])) for e in examples])
-    is_target = [[e["n_prompt"] <= t < len(e["ids"]) for t in range(length)] for e in examples]
+    ids = np.full((len(examples), length), pad_id, np.int64)
+    is_target = np.zeros((len(examples), length), np.float32)
+    for i, e in enumerate(examples):
+        ids[i, : len(e["ids"])] = e["ids"]
+        is_target[i, e["n_prompt"] : len(e["ids"])] = 1.0
     first = max(1, min(e["n_prompt"] for e in examples))
     return {
-        "input_ids": ids.to(device),
+        "input_ids": torch.from_numpy(ids).to(device),
         "keep": length - first + 1,  # logits at positions first-1 .. length-1; the last one is dropped
-        "targets": ids[:, first:].to(device),
-        "mask": torch.tensor(is_target)[:, first:].to(device, torch.float32),
+        "targets": torch.from_numpy(ids[:, first:].copy()).to(device),
+        "mask": torch.from_numpy(is_target[:, first:].copy()).to(device),
     }
 
 
 def summed_loss(model: nn.Module, batch: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
-    """Sum of the cross-entropy over the batch's solution tokens (float32)."""
-    device = batch["input_ids"].device
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        out = model(input_ids=batch["input_ids"], logits_to_keep=batch["keep"], use_cache=False)
-    logits = out.logits[:, :-1].float()
-    ce = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), reduction="none")
-    return (ce.view_as(batch["mask"]) * batch["mask"]).sum()
+    """Sum of the cross-entropy over the batch's solution tokens (float32), without materialising the logits."""
+    logp, _ = token_logprobs(model, batch, dtype)
+    return -(logp * batch["mask"]).sum()
 
 
 def sft_step(model: nn.Module, optimizer, examples: list[dict], mbs: int, d: Dist, dtype, grad_clip: float, pad_id):

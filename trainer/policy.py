@@ -1,0 +1,47 @@
+"""The policy's training forward: log-probabilities and entropy of given tokens, straight from the model.
+
+Shared by the GRPO update and the supervised warm start. The batch is right-padded `input_ids`, `keep` (positions
+whose next-token distribution is needed, counted from the end) and `targets` (the tokens at those positions + 1).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.logprobs import linear_logprobs
+
+
+def token_logprobs(model: nn.Module, batch: dict[str, Any], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(target) and the policy's entropy at each kept position (fp32), without materialising the logits.
+
+    No attention mask: sequences are right-padded, so a causal mask alone is exact for every real token (pads only
+    follow them) and attention takes the fused causal kernels; what pad positions compute is masked out of the loss.
+    """
+    device = batch["input_ids"].device
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), logprob_head(model, batch, dtype):
+        out = model(input_ids=batch["input_ids"], logits_to_keep=batch["keep"], use_cache=False)
+    return out.logits[..., 0], out.logits[..., 1]
+
+
+@contextmanager
+def logprob_head(model: nn.Module, batch: dict[str, Any], dtype: torch.dtype):
+    """Make the output embedding return [log pi(target), entropy] per position instead of logits.
+
+    Done inside the model's own forward so that FSDP2 has gathered the head's weight, and the weight's gradient
+    flows back through the usual hooks.
+    """
+    head = model.get_output_embeddings()
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        logp, ent = linear_logprobs(hidden[:, :-1], head.weight, batch["targets"], dtype)
+        return torch.stack([logp, ent], dim=-1)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
