@@ -35,14 +35,34 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 
 def read_eos_ids(folder: str | Path) -> list[int]:
-    """EOS ids from generation_config.json, else config.json (an int or a list in either)."""
+    """Stop ids of a model folder: every EOS id that generation_config.json, config.json or the tokenizer names.
+
+    A chat model's end-of-turn token (<|im_end|>) may be named by only some of them, depending on what wrote the
+    folder. The trainer stops on all of them (trainer.rollout_factory.stop_ids); an engine that read only the first
+    file found ran past <|im_end|> into an invented next turn on a GPU machine's converted SmolLM2 (bench/RESULTS.md).
+    """
+    ids: list[int] = []
     for name in ("generation_config.json", "config.json"):
         path = Path(folder) / name
         if path.is_file():
             eos = json.loads(path.read_text()).get("eos_token_id")
-            if eos is not None:
-                return [eos] if isinstance(eos, int) else list(eos)
-    return []
+            ids += [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    tok = _tokenizer_eos_id(Path(folder))
+    return list(dict.fromkeys(ids + ([tok] if tok is not None else [])))
+
+
+def _tokenizer_eos_id(folder: Path) -> int | None:
+    """The id of tokenizer_config.json's eos_token, looked up in tokenizer.json (no tokenizer library needed)."""
+    cfg_path, tok_path = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    if not (cfg_path.is_file() and tok_path.is_file()):
+        return None
+    eos = json.loads(cfg_path.read_text()).get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if not eos:
+        return None
+    tok = json.loads(tok_path.read_text())
+    added = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    return added.get(eos, (tok.get("model") or {}).get("vocab", {}).get(eos))
 
 
 def _module_eos_ids(hf_model: nn.Module) -> list[int]:

@@ -6,6 +6,8 @@ the engine runs a left-padded batch through its own kernels, HF one unpadded seq
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -153,6 +155,25 @@ def test_eos_from_config_stops_rows():
     for c in out:
         hits = [i for i, t in enumerate(c.token_ids) if t in (3, 4)]
         assert hits == ([len(c.token_ids) - 1] if c.finish_reason == FINISH_STOP else [])
+
+
+def test_folder_stop_ids_include_every_eos_the_folder_names(model_path, tmp_path):
+    # a folder whose generation config names another EOS than the tokenizer's end-of-turn token: the engine must
+    # stop on both, or a chat model runs past <|im_end|> into an invented next turn
+    import json
+    import shutil
+
+    from rollout.engine import read_eos_ids
+
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(model_path) / name, tmp_path / name)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": 0}))
+    assert read_eos_ids(tmp_path) == [0, 2]  # 0 from the generation config; 2 = <|im_end|> from config + tokenizer
+    assert read_eos_ids(model_path) == [2]
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "tokenizer_config.json").unlink()
+    assert read_eos_ids(tmp_path) == [0]
 
 
 # ---------------------------------------------------------------- architectures against transformers
