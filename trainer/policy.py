@@ -9,6 +9,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,3 +46,20 @@ def logprob_head(model: nn.Module, batch: dict[str, Any], dtype: torch.dtype):
         yield
     finally:
         del head.forward
+
+
+def right_pad(rows: list[list], fill, dtype) -> np.ndarray:
+    """Rows of unequal length → one [len(rows), longest] array, filled after each row's end.
+
+    Filled row by row in numpy: building the batch tensors from nested Python lists took ~15 ms for a 64 x 288 batch,
+    time the GPU sat idle before every micro-batch.
+    """
+    out = np.full((len(rows), max(map(len, rows))), fill, dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def on_device(a: np.ndarray, device) -> torch.Tensor:
+    """A (possibly sliced) numpy array as a tensor on `device`."""
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)

@@ -28,7 +28,7 @@ from trainer import dist
 from trainer.config import ConfigError
 from trainer.data import DataCursor
 from trainer.dist import Dist
-from trainer.policy import token_logprobs
+from trainer.policy import on_device, right_pad, token_logprobs
 
 _ANNOTATION = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator calls, e.g. <<48/2=24>>: never seen at test time
 
@@ -65,18 +65,16 @@ def collate(examples: list[dict[str, Any]], pad_id: int, device) -> dict[str, An
 
     No attention mask: with right padding a causal mask alone is exact for every real token (pads only follow them).
     """
-    length = max(len(e["ids"]) for e in examples)
-    ids = np.full((len(examples), length), pad_id, np.int64)
-    is_target = np.zeros((len(examples), length), np.float32)
-    for i, e in enumerate(examples):
-        ids[i, : len(e["ids"])] = e["ids"]
-        is_target[i, e["n_prompt"] : len(e["ids"])] = 1.0
+    ids = right_pad([e["ids"] for e in examples], pad_id, np.int64)
+    is_target = right_pad(
+        [[0.0] * e["n_prompt"] + [1.0] * (len(e["ids"]) - e["n_prompt"]) for e in examples], 0.0, np.float32
+    )
     first = max(1, min(e["n_prompt"] for e in examples))
     return {
-        "input_ids": torch.from_numpy(ids).to(device),
-        "keep": length - first + 1,  # logits at positions first-1 .. length-1; the last one is dropped
-        "targets": torch.from_numpy(ids[:, first:].copy()).to(device),
-        "mask": torch.from_numpy(is_target[:, first:].copy()).to(device),
+        "input_ids": on_device(ids, device),
+        "keep": ids.shape[1] - first + 1,  # logits at positions first-1 .. length-1; the last one is dropped
+        "targets": on_device(ids[:, first:], device),
+        "mask": on_device(is_target[:, first:], device),
     }
 
 
