@@ -9,7 +9,17 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/gsm8k_tiny.yaml
 ARGS ?=
 PYTEST_ARGS ?=
-COMPOSE ?= docker compose
+# GPU=0: CPU mode for every docker target (docker/compose.cpu.yml drops the GPU reservations).
+GPU ?= 1
+COMPOSE_FILES := -f docker-compose.yml $(if $(filter 0,$(GPU)),-f docker/compose.cpu.yml)
+COMPOSE ?= docker compose $(COMPOSE_FILES)
+# One compose project per checkout (its path's checksum), so two clones on one host never share containers or
+# networks. Plain `docker compose` by hand: export COMPOSE_PROJECT_NAME=$$(make -s compose-project).
+export COMPOSE_PROJECT_NAME ?= rldock-$(shell printf '%s' '$(CURDIR)' | cksum | cut -d' ' -f1)
+TAG ?= latest
+IMAGES ?= train scripts eval
+BUNDLE ?= rldock-$(TAG).tar
+BUNDLE_DATA ?= 0
 PROFILES ?= rollout env
 ALL_PROFILES := build train rollout env scripts model-merger formatter eval
 LOGS_DIR ?= logs
@@ -24,8 +34,9 @@ export HOST_UID ?= $(shell id -u)
 export HOST_GID ?= $(shell id -g)
 
 .PHONY: help
-help: ## List every target with one line
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+help: ## List every target with one line (colour only on a terminal)
+	@c=$$(test -t 1 && printf '\033[36m'); r=$$(test -t 1 && printf '\033[0m'); \
+	awk -v c="$$c" -v r="$$r" 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %s%-22s%s %s\n", c, $$1, r, $$2}' $(MAKEFILE_LIST)
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -55,8 +66,8 @@ lint: $(VENV)/.installed ## Check style without changing files (ruff check + ruf
 	$(PY) -m ruff check $(LINT_PATHS) && $(PY) -m ruff format --check $(LINT_PATHS)
 
 .PHONY: doctor
-doctor: $(VENV)/.installed ## Check the Docker setup: daemon, NVIDIA runtime, GPUs, images, ports, volumes
-	@$(PY) -m scripts.doctor
+doctor: ## Check the Docker setup: daemon, compose, NVIDIA runtime, GPUs, images, ports, volumes (no venv needed)
+	@$(PYTHON_BOOT) -m scripts.doctor $(if $(filter 0,$(GPU)),--cpu)
 
 .PHONY: local-up
 local-up: $(VENV)/.installed ## Run the PROFILES' services as local processes, no Docker (PROFILES="rollout env")
@@ -66,15 +77,23 @@ local-up: $(VENV)/.installed ## Run the PROFILES' services as local processes, n
 local-down: $(VENV)/.installed ## Stop exactly the processes local-up started
 	$(PY) -m scripts.local_stack down --logs $(LOGS_DIR)
 
+.PHONY: test-docker
+test-docker: $(VENV)/.installed ## Only the docker tier: builds the CPU images, runs every profile (needs an engine)
+	$(PY) -m pytest -m docker tests/docker $(PYTEST_ARGS)
+
+.PHONY: compose-project
+compose-project: ## Print the compose project name the docker-* targets use
+	@echo $(COMPOSE_PROJECT_NAME)
+
 .PHONY: docker-build
 docker-build: docker-build-base docker-build-train docker-build-scripts docker-build-eval ## Build every image, in layer order (TAG=latest)
 
 .PHONY: docker-build-base
-docker-build-base: ## Build rldock/base: CUDA, Python, PyTorch, flash-attn
+docker-build-base: ## Build rldock/base: OS image, Python, PyTorch (+ flash-attn)
 	$(COMPOSE) --profile build build base
 
 .PHONY: docker-build-train
-docker-build-train: docker-build-base ## Build rldock/train: base + the project + vLLM
+docker-build-train: docker-build-base ## Build rldock/train: base + the project (+ vLLM)
 	$(COMPOSE) --profile build build train
 
 .PHONY: docker-build-scripts
@@ -83,10 +102,10 @@ docker-build-scripts: docker-build-base ## Build rldock/scripts: base + merger, 
 
 .PHONY: docker-build-eval
 docker-build-eval: ## Build rldock/eval: slim Python, no CUDA, no torch
-	$(COMPOSE) --profile build build eval
+	$(COMPOSE) --profile build build eval-image
 
 .PHONY: docker-train-shell
-docker-train-shell: ## Open a shell in the train image, with the GPUs and volumes
+docker-train-shell: ## Open a shell in the train image, with the GPUs and volumes (stdin not a terminal: runs it)
 	@mkdir -p $(MOUNTED_DIRS)
 	$(COMPOSE) --profile train run --rm $(NO_TTY) train bash
 
@@ -106,9 +125,9 @@ docker-env: ## Start an env server, wait until healthy (ENV=gsm8k ENV_PORT=36001
 	$(COMPOSE) --profile env up -d --wait env
 
 .PHONY: docker-eval
-docker-eval: ## Evaluate MODEL on ENV; starts the rollout and env services (ENV=gsm8k MODEL=…)
+docker-eval: ## Evaluate MODEL on ENV with the rollout and env services; exits with the eval's code (EVAL_ARGS=…)
 	@mkdir -p $(MOUNTED_DIRS)
-	$(COMPOSE) --profile eval run --rm $(NO_TTY) eval
+	$(COMPOSE) --profile eval up --attach eval --exit-code-from eval
 
 .PHONY: docker-merge
 docker-merge: ## Merge a checkpoint into an HF folder (LOCAL_DIR=saves/<exp>/global_step_N [SAVE_DIR=…] [HF_UPLOAD_PATH=…])
@@ -126,7 +145,7 @@ docker-up: ## Start the PROFILES' services in the background (PROFILES="rollout 
 	$(COMPOSE) $(addprefix --profile ,$(PROFILES)) up -d
 
 .PHONY: docker-down
-docker-down: ## Stop and remove every rldock container, whatever its profile
+docker-down: ## Stop and remove this checkout's rldock containers and networks, whatever their profile
 	$(COMPOSE) $(addprefix --profile ,$(ALL_PROFILES)) down --remove-orphans
 
 .PHONY: docker-logs
@@ -134,5 +153,13 @@ docker-logs: ## Follow the services' logs (SERVICE=rollout for one)
 	$(COMPOSE) $(addprefix --profile ,$(ALL_PROFILES)) logs -f --tail 200 $(SERVICE)
 
 .PHONY: docker-clean
-docker-clean: ## docker-down, then remove the rldock images of TAG
-	$(COMPOSE) $(addprefix --profile ,$(ALL_PROFILES)) down --remove-orphans --rmi all
+docker-clean: docker-down ## docker-down, then remove the rldock images of TAG (and of no other tag)
+	@docker image ls --format '{{.Repository}}:{{.Tag}}' --filter 'reference=rldock/*:$(TAG)' | xargs -r docker image rm
+
+.PHONY: docker-bundle
+docker-bundle: ## Write the images of TAG to one archive for air-gapped hosts (BUNDLE=rldock-TAG.tar IMAGES="train scripts eval" BUNDLE_DATA=1 adds models/ data/)
+	$(PYTHON_BOOT) -m scripts.bundle save $(BUNDLE) --tag $(TAG) --images $(IMAGES) $(if $(filter 1,$(BUNDLE_DATA)),--with-data)
+
+.PHONY: docker-load
+docker-load: ## Load a bundle made by docker-bundle: its images, and models/ data/ when it holds them (BUNDLE=…)
+	$(PYTHON_BOOT) -m scripts.bundle load $(BUNDLE)

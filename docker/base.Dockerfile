@@ -1,67 +1,59 @@
-# syntax=docker/dockerfile:1.7
-# rldock/base: CUDA devel + Python + PyTorch + flash-attn, non-root user. train and scripts build FROM it.
-# Change a version here (or pass --build-arg / set it in .env); everything below is derived from these.
-ARG CUDA_VERSION=12.8.1
-ARG UBUNTU_VERSION=24.04
-
-FROM nvidia/cuda:${CUDA_VERSION}-cudnn-devel-ubuntu${UBUNTU_VERSION}
-
-# Python from the distribution when it ships this version (24.04: 3.12), else from the deadsnakes PPA.
-ARG PYTHON_VERSION=3.12
-# The torch wheel on PyPI for Linux x86_64 is built against CUDA 12.8 for 2.8; keep CUDA_VERSION's major in step.
-ARG TORCH_VERSION=2.8.0
-# flash-attn's installer fetches a prebuilt wheel matching torch/CUDA/Python when one exists, else compiles;
-# MAX_JOBS bounds the compile's parallelism (each job can take ~4 GB of RAM).
-ARG FLASH_ATTN_VERSION=2.8.3
-ARG MAX_JOBS=4
-ARG USER_UID=1000
+# rldock/base: an OS image with Python, then a venv with PyTorch (and flash-attn on CUDA). train and scripts build
+# FROM it. GPU flavour (the defaults): NVIDIA's CUDA devel image, PyPI's CUDA torch, flash-attn. CPU flavour: any
+# Debian/Ubuntu image with python3 (docker/debian-base.sh makes one from Debian's packages), a CPU torch wheel from
+# TORCH_INDEX_URL or docker/wheels/, FLASH_ATTN_VERSION empty. DOCS.md, "Images", lists every build arg.
+# Each ARG is declared just before the layer that reads it, so changing one rebuilds from there on only.
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
+FROM ${BASE_IMAGE}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# PIP_CACHE_DIR: HOME is /tmp at run time, but the build's pip cache mounts sit in /root/.cache/pip.
+# HOME and the caches point at places any uid can write, because compose runs as HOST_UID:HOST_GID.
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_CACHE_DIR=/root/.cache/pip \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH
-
-# ---------------------------------------------------------------- system packages and Python
-RUN apt-get update \
-    && if ! apt-cache show "python${PYTHON_VERSION}-venv" > /dev/null 2>&1; then \
-        apt-get install -y --no-install-recommends software-properties-common \
-        && add-apt-repository -y ppa:deadsnakes/ppa && apt-get update; \
-    fi \
-    && apt-get install -y --no-install-recommends \
-        "python${PYTHON_VERSION}" "python${PYTHON_VERSION}-venv" "python${PYTHON_VERSION}-dev" \
-        git ca-certificates tini \
-    && rm -rf /var/lib/apt/lists/* \
-    && "python${PYTHON_VERSION}" -m venv /opt/venv
-
-# ---------------------------------------------------------------- PyTorch, pinned for every later pip call
-# PIP_CONSTRAINT keeps torch at this version when train/scripts install packages that would upgrade it.
-RUN mkdir -p /etc/rldock && echo "torch==${TORCH_VERSION}" > /etc/rldock/constraints.txt
-ENV PIP_CONSTRAINT=/etc/rldock/constraints.txt
-RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --upgrade "pip>=24" "setuptools>=70" "wheel>=0.43" \
-    && pip install "torch==${TORCH_VERSION}" "packaging>=24" "ninja>=1.11" "psutil>=5.9"
-
-# ---------------------------------------------------------------- flash-attn
-RUN --mount=type=cache,target=/root/.cache/pip \
-    MAX_JOBS="${MAX_JOBS}" pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"
-
-# ---------------------------------------------------------------- runtime layout and non-root user
-# HOME and the caches point at places any uid can write, because compose runs as HOST_UID:HOST_GID.
-ENV HOME=/tmp \
+    PATH=/opt/venv/bin:$PATH \
+    HOME=/tmp \
     HF_HOME=/workspace/models/.hf_cache \
     WANDB_DIR=/workspace/saves \
     MPLCONFIGDIR=/tmp/matplotlib \
     RLDOCK_MODELS_DIR=/workspace/models
-COPY docker/entrypoint.sh /usr/local/bin/rldock-entrypoint
-RUN (userdel --remove ubuntu 2> /dev/null || true) \
-    && useradd --create-home --uid "${USER_UID}" --shell /bin/bash rldock \
-    && mkdir -p /workspace/models /workspace/saves /workspace/data \
-    && chown -R rldock:rldock /workspace
+
+# ---------------------------------------------------------------- the distribution's Python, in a venv
+# python3 is the base image's own (Ubuntu 24.04: 3.12, Debian bookworm: 3.11): no PPA, nothing beyond its mirror.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates tini \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+COPY docker/pip-install.sh docker/add-user.sh docker/entrypoint.sh /usr/local/bin/
+
+# ---------------------------------------------------------------- PyTorch, pinned for every later pip call
+# PIP_CONSTRAINT keeps torch at this version when train/scripts install packages that would move it (vLLM too).
+# TORCH_INDEX_URL picks the build (e.g. https://download.pytorch.org/whl/cu128 or .../cpu); empty = the default
+# index (PyPI: CUDA on Linux x86_64). A matching wheel in docker/wheels/ wins over both.
+ARG TORCH_VERSION=2.8.0
+ARG TORCH_INDEX_URL=
+RUN --mount=type=secret,id=pip_ca --mount=type=secret,id=pip_index_url \
+    --mount=type=bind,source=docker/wheels,target=/wheels \
+    mkdir -p /etc/rldock && echo "torch==${TORCH_VERSION}" > /etc/rldock/constraints.txt \
+    && pip-install.sh --upgrade "pip>=24" "setuptools>=70" "wheel>=0.43" "packaging>=24" "psutil>=5.9" \
+    && pip-install.sh ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
+ENV PIP_CONSTRAINT=/etc/rldock/constraints.txt
+
+# ---------------------------------------------------------------- flash-attn (optional: empty = left out)
+# Its installer fetches a prebuilt wheel matching torch/CUDA/Python when one exists, else compiles with the CUDA
+# toolkit of the devel image; MAX_JOBS bounds the compile's parallelism (each job can take ~4 GB of RAM).
+ARG FLASH_ATTN_VERSION=2.8.3
+ARG MAX_JOBS=4
+RUN --mount=type=secret,id=pip_ca --mount=type=secret,id=pip_index_url \
+    --mount=type=bind,source=docker/wheels,target=/wheels \
+    if [ -n "${FLASH_ATTN_VERSION}" ]; then \
+        apt-get update && apt-get install -y --no-install-recommends python3-dev git \
+        && rm -rf /var/lib/apt/lists/* \
+        && pip-install.sh "ninja>=1.11" \
+        && MAX_JOBS="${MAX_JOBS}" pip-install.sh --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"; \
+    fi
+
 WORKDIR /workspace
-USER ${USER_UID}
-ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/rldock-entrypoint"]
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/entrypoint.sh"]
 CMD ["bash"]

@@ -1,16 +1,14 @@
-# syntax=docker/dockerfile:1.7
-# rldock/eval: slim Python, no CUDA, no torch. Runs the env servers and the eval runner (HTTP mode); the
-# modules it serves import no torch (tests/test_docker_images.py checks that against eval-requirements.txt).
-ARG PYTHON_VERSION=3.12
-FROM python:${PYTHON_VERSION}-slim
-
-ARG USER_UID=1000
+# rldock/eval: slim Python, no CUDA, no torch. Runs the env servers and the eval runner (HTTP mode); the modules it
+# serves import no torch (tests/test_docker_images.py checks that against eval-requirements.txt).
+# BASE_IMAGE: any Debian/Ubuntu image with python3 and its venv module (python:*-slim, or docker/debian-base.sh's).
+ARG BASE_IMAGE=python:3.12-slim
+FROM ${BASE_IMAGE}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# PIP_CACHE_DIR: HOME is /tmp at run time, but the build's pip cache mounts sit in /root/.cache/pip.
 ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_CACHE_DIR=/root/.cache/pip \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     RLDOCK_MODELS_DIR=/workspace/models
 
@@ -19,23 +17,31 @@ RUN mkdir -p /usr/share/man/man1 \
     && apt-get update \
     && apt-get install -y --no-install-recommends tini default-jre-headless \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid "${USER_UID}" --shell /bin/bash rldock \
-    && mkdir -p /workspace/models /workspace/saves /workspace/data \
-    && chown -R rldock:rldock /workspace
+    && python3 -m venv /opt/venv
+COPY docker/pip-install.sh docker/add-user.sh docker/entrypoint.sh /usr/local/bin/
 
 # ---------------------------------------------------------------- dependencies (manifests only)
 COPY pyproject.toml docker/requirements.py docker/eval-requirements.txt /tmp/rldock-build/
-RUN --mount=type=cache,target=/root/.cache/pip \
+RUN --mount=type=secret,id=pip_ca --mount=type=secret,id=pip_index_url \
+    --mount=type=bind,source=docker/wheels,target=/wheels \
     python /tmp/rldock-build/requirements.py eval --pyproject /tmp/rldock-build/pyproject.toml \
         > /tmp/rldock-build/requirements.txt \
-    && pip install -r /tmp/rldock-build/requirements.txt
+    && pip-install.sh -r /tmp/rldock-build/requirements.txt
 
-# ---------------------------------------------------------------- sources
-COPY docker/entrypoint.sh /usr/local/bin/rldock-entrypoint
-COPY . /workspace
-RUN pip install --no-cache-dir --no-deps -e /workspace
+# ---------------------------------------------------------------- sources (by name: docker/wheels stays out)
+COPY pyproject.toml README.md /workspace/
+COPY rollout /workspace/rollout
+COPY env_servers /workspace/env_servers
+COPY scripts /workspace/scripts
+COPY trainer /workspace/trainer
+COPY configs /workspace/configs
+# The sources run from /workspace as they are (no install step: nothing to build, no network needed).
+ENV PYTHONPATH=/workspace
 
-WORKDIR /workspace
+# ---------------------------------------------------------------- user (last: another uid rebuilds this alone)
+ARG USER_UID=1000
+RUN add-user.sh "${USER_UID}"
 USER ${USER_UID}
-ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/rldock-entrypoint"]
+WORKDIR /workspace
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/entrypoint.sh"]
 CMD ["python", "-m", "env_servers", "--help"]

@@ -3,8 +3,8 @@ import-isolation tests both read, so an image's dependency list cannot drift fro
 
     python docker/requirements.py train|scripts|eval [--pyproject pyproject.toml]
 
-train and scripts take `[project].dependencies` from pyproject.toml (plus the vllm extra for train, ruff for
-scripts); torch and flash-attn come from the base image. eval is slim, no torch: docker/eval-requirements.txt plus
+train and scripts take `[project].dependencies` from pyproject.toml (plus ruff for scripts); torch and flash-attn
+come from the base image, vLLM from a layer of its own in train (VLLM_VERSION, pinned to the base's torch). eval is slim, no torch: docker/eval-requirements.txt plus
 the sciworld extra (its image has the Java runtime ScienceWorld needs).
 """
 
@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-EXTRAS = {"train": ["vllm"], "scripts": [], "eval": ["sciworld"]}
+EXTRAS = {"train": [], "scripts": [], "eval": ["sciworld"]}
 DEV_PICKS = {"train": [], "scripts": ["ruff"], "eval": []}
 
 

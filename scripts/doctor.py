@@ -1,8 +1,9 @@
 """`make doctor`: is this machine ready for rldock's Docker stack? One line per check: `ok` or what to do.
 
-Checks, through the Docker SDK: the daemon answers, the NVIDIA runtime is installed, containers see GPUs, the
-rldock images of TAG are built, the published ports are free (or held by rldock's own containers), and the mounted
-folders are writable by the uid the containers run as. With no daemon it prints that in one line and stops.
+Checks, through the docker CLI (standard library only: it runs before any venv exists): the daemon answers,
+compose v2 is there, the NVIDIA runtime is installed (or CPU mode, --cpu), containers see GPUs, the rldock images of
+TAG are built, the published ports are free (or held by rldock's own containers), and the mounted folders are
+writable by the uid the containers run as. Nothing is left behind (the GPU probe runs with --rm).
 Exit code: 0 when every check passes, 1 otherwise.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,119 +78,108 @@ def check_volumes(root: Path, uid: int, gid: int) -> list[Check]:
     return out
 
 
-# ---------------------------------------------------------------- checks through the daemon
+# ---------------------------------------------------------------- checks through the docker CLI
 
 
-def _why(err: Exception) -> str:
-    text = str(err)
-    if "Permission denied" in text:
-        return "permission denied: sudo usermod -aG docker $USER, then log in again"
-    if "No such file" in text or "FileNotFoundError" in text:
-        return "no socket there"
-    if "Connection refused" in text or "NewConnectionError" in text:
-        return "connection refused"
-    return (text.strip().splitlines() or [type(err).__name__])[0][:100]
+def docker(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def connect():
-    """A docker client, or a one-line reason why there is none."""
-    try:
-        import docker
-    except ImportError:
-        return None, "the docker Python SDK is missing: run make install"
-    try:
-        client = docker.from_env(timeout=10)
-        client.ping()
-    except Exception as err:  # the SDK raises many types (DockerException, requests errors, FileNotFoundError)
-        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-        return None, (
-            f"Docker daemon not reachable at {where} ({_why(err)}): start Docker (sudo systemctl start docker; "
-            "WSL2: enable Docker Desktop's WSL integration) or set DOCKER_HOST"
-        )
-    return client, None
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or ["no output"])[-1][:160]
 
 
-def check_daemon(client) -> list[Check]:
-    version = client.version()
-    out = [Check(True, f"Docker daemon {version.get('Version', '?')} reachable")]
+def check_daemon() -> tuple[list[Check], bool]:
+    """(checks, whether the daemon answers)."""
     if shutil.which("docker") is None:
-        out.append(Check(False, "docker CLI not on PATH: install docker-ce-cli and the compose plugin"))
-    runtimes = client.info().get("Runtimes", {})
-    if "nvidia" in runtimes or shutil.which("nvidia-container-runtime-hook"):
-        out.append(Check(True, "NVIDIA container runtime present"))
-    else:
-        out.append(
-            Check(
-                False,
-                "NVIDIA runtime missing: install nvidia-container-toolkit, run "
-                "sudo nvidia-ctk runtime configure --runtime=docker, restart Docker",
+        return [Check(False, "docker CLI not on PATH: install Docker Engine (docker-ce or docker.io)")], False
+    out = docker("version", "--format", "{{.Server.Version}}")
+    if out.returncode != 0:
+        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        why = _first_line(out.stderr)
+        fix = (
+            "sudo usermod -aG docker $USER, then log in again"
+            if "permission denied" in why.lower()
+            else (
+                "start Docker (sudo systemctl start docker; WSL2: Docker Desktop's WSL integration) or set DOCKER_HOST"
             )
         )
-    return out
+        return [Check(False, f"Docker daemon not reachable at {where} ({why}): {fix}")], False
+    checks = [Check(True, f"Docker daemon {out.stdout.strip()} reachable")]
+    compose = docker("compose", "version", "--short")
+    if compose.returncode == 0:
+        checks.append(Check(True, f"docker compose {compose.stdout.strip()} (v2)"))
+    else:
+        checks.append(
+            Check(False, "docker compose v2 missing: install the compose plugin (docker-compose-plugin) (DOCS.md, CI)")
+        )
+    return checks, True
 
 
-def check_images(client, tag: str) -> list[Check]:
-    import docker
+def check_nvidia(cpu: bool) -> tuple[list[Check], bool]:
+    """(checks, whether containers can ask for GPUs). With cpu=True a missing runtime is only reported."""
+    runtimes = docker("info", "--format", "{{json .Runtimes}}").stdout
+    if "nvidia" in runtimes or shutil.which("nvidia-container-runtime-hook"):
+        return [Check(True, "NVIDIA container runtime present")], True
+    if cpu:
+        return [Check(True, "no NVIDIA runtime: CPU mode (GPU=0), the GPU services run on the CPU")], False
+    return [
+        Check(
+            False,
+            "no NVIDIA runtime, so the GPU services (train, rollout) cannot start: install nvidia-container-toolkit "
+            "and run sudo nvidia-ctk runtime configure --runtime=docker, or use CPU mode: make docker-… GPU=0",
+        )
+    ], False
 
-    missing = []
-    for name in IMAGES:
-        try:
-            client.images.get(f"rldock/{name}:{tag}")
-        except docker.errors.ImageNotFound:
-            missing.append(f"rldock/{name}:{tag}")
+
+def check_images(tag: str) -> list[Check]:
+    missing = [f"rldock/{n}:{tag}" for n in IMAGES if docker("image", "inspect", f"rldock/{n}:{tag}").returncode]
     if missing:
         return [Check(False, f"images not built: {', '.join(missing)}: make docker-build TAG={tag}")]
     return [Check(True, f"images rldock/{{{','.join(IMAGES)}}}:{tag} built")]
 
 
-def check_gpus(client, tag: str) -> list[Check]:
-    """Run nvidia-smi -L in the base image with every GPU requested, as compose's reservations would."""
-    import docker
-
+def check_gpus(tag: str) -> list[Check]:
+    """nvidia-smi -L in the base image with every GPU requested, as compose's reservations would; --rm: no leftover."""
     image = f"rldock/base:{tag}"
-    try:
-        client.images.get(image)
-    except docker.errors.ImageNotFound:
+    if docker("image", "inspect", image).returncode != 0:
         return [Check(False, f"GPUs not tested: {image} is needed to run nvidia-smi: make docker-build-base")]
-    request = docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])
-    try:
-        out = client.containers.run(image, ["nvidia-smi", "-L"], device_requests=[request], remove=True)
-    except docker.errors.DockerException as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        return [Check(False, f"containers see no GPU ({first}): check the driver (nvidia-smi on the host) and toolkit")]
-    gpus = [line for line in out.decode(errors="replace").splitlines() if line.startswith("GPU ")]
+    out = docker("run", "--rm", "--gpus", "all", "--entrypoint", "nvidia-smi", image, "-L", timeout=120)
+    if out.returncode != 0:
+        return [Check(False, f"containers see no GPU ({_first_line(out.stderr)}): check nvidia-smi on the host")]
+    gpus = [line for line in out.stdout.splitlines() if line.startswith("GPU ")]
     return [Check(bool(gpus), f"{len(gpus)} GPU(s) visible in containers" + (f": {gpus[0]}" if gpus else ""))]
 
 
-def rldock_ports(client) -> dict[int, str]:
+def rldock_ports() -> dict[int, str]:
+    """Host ports published by running rldock containers (any compose project named rldock*)."""
+    out = docker("ps", "--filter", "name=rldock", "--format", "{{.Names}}\t{{.Ports}}").stdout
     held = {}
-    for container in client.containers.list():
-        if not container.name.startswith("rldock"):
-            continue
-        for bindings in (container.ports or {}).values():
-            for b in bindings or []:
-                held[int(b["HostPort"])] = container.name
+    for line in out.splitlines():
+        name, _, ports = line.partition("\t")
+        for port in re.findall(r":(\d+)->", ports):
+            held[int(port)] = name
     return held
 
 
-def run() -> int:
-    client, problem = connect()
-    if client is None:
-        print(f"FIX  {problem}")
-        return 1
+def run(cpu: bool) -> int:
+    checks, up = check_daemon()
     tag = setting("TAG", "latest")
     uid, gid = int(setting("HOST_UID", str(os.getuid()))), int(setting("HOST_GID", str(os.getgid())))
     ports = {"ROLLOUT_PORT": int(setting("ROLLOUT_PORT", "8000")), "ENV_PORT": int(setting("ENV_PORT", "36001"))}
-    checks = check_daemon(client) + check_images(client, tag) + check_gpus(client, tag)
-    checks += check_ports(ports, rldock_ports(client)) + check_volumes(ROOT, uid, gid)
+    if up:
+        nvidia, gpus_possible = check_nvidia(cpu)
+        checks += nvidia + check_images(tag) + (check_gpus(tag) if gpus_possible else [])
+    checks += check_ports(ports, rldock_ports() if up else {}) + check_volumes(ROOT, uid, gid)
     for check in checks:
         print(check.line())
     return 0 if all(c.ok for c in checks) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(prog="python -m scripts.doctor", description=__doc__.splitlines()[0]).parse_args(argv)
-    return run()
+    parser = argparse.ArgumentParser(prog="python -m scripts.doctor", description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="CPU mode (make … GPU=0): no NVIDIA runtime is fine")
+    return run(parser.parse_args(argv).cpu)
 
 
 if __name__ == "__main__":
