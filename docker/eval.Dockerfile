@@ -19,6 +19,7 @@ RUN mkdir -p /usr/share/man/man1 \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 COPY docker/pip-install.sh docker/add-user.sh docker/entrypoint.sh /usr/local/bin/
+WORKDIR /workspace
 
 # ---------------------------------------------------------------- dependencies (manifests only)
 COPY pyproject.toml docker/requirements.py docker/eval-requirements.txt /tmp/rldock-build/
@@ -42,6 +43,5 @@ ENV PYTHONPATH=/workspace
 ARG USER_UID=1000
 RUN add-user.sh "${USER_UID}"
 USER ${USER_UID}
-WORKDIR /workspace
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/entrypoint.sh"]
 CMD ["python", "-m", "env_servers", "--help"]

@@ -164,13 +164,15 @@ def rldock_ports() -> dict[int, str]:
 
 def run(cpu: bool) -> int:
     checks, up = check_daemon()
+    if not up:  # everything else would only repeat it
+        print(checks[0].line())
+        return 1
     tag = setting("TAG", "latest")
     uid, gid = int(setting("HOST_UID", str(os.getuid()))), int(setting("HOST_GID", str(os.getgid())))
     ports = {"ROLLOUT_PORT": int(setting("ROLLOUT_PORT", "8000")), "ENV_PORT": int(setting("ENV_PORT", "36001"))}
-    if up:
-        nvidia, gpus_possible = check_nvidia(cpu)
-        checks += nvidia + check_images(tag) + (check_gpus(tag) if gpus_possible else [])
-    checks += check_ports(ports, rldock_ports() if up else {}) + check_volumes(ROOT, uid, gid)
+    nvidia, gpus_possible = check_nvidia(cpu)
+    checks += nvidia + check_images(tag) + (check_gpus(tag) if gpus_possible else [])
+    checks += check_ports(ports, rldock_ports()) + check_volumes(ROOT, uid, gid)
     for check in checks:
         print(check.line())
     return 0 if all(c.ok for c in checks) else 1

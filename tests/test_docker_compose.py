@@ -20,7 +20,7 @@ VAR = re.compile(r"(?<!\$)\$\{(\w+)(:?[-?])?([^}]*)\}")
 
 def dockerfile_args(name: str) -> dict[str, str]:
     text = (ROOT / "docker" / f"{name}.Dockerfile").read_text()
-    return dict(re.findall(r"^ARG (\w+)=(\S+)$", text, flags=re.M))
+    return dict(re.findall(r"^ARG (\w+)=(\S*)$", text, flags=re.M))
 
 
 def test_profiles_are_the_documented_ones():
@@ -61,6 +61,38 @@ def test_build_arg_defaults_equal_the_dockerfile_arg_defaults():
             assert default == declared[arg], f"{name}: {arg} defaults to {default} here, {declared[arg]} in {stem}"
 
 
+def test_dockerfiles_pull_nothing_but_a_base_image_given_as_a_build_arg():
+    for path in sorted((ROOT / "docker").glob("*.Dockerfile")):
+        text = path.read_text()
+        assert not re.search(r"^#\s*syntax=", text, flags=re.M), f"{path.name}: a syntax line pulls a frontend image"
+        froms = re.findall(r"^FROM (\S+)", text, flags=re.M)
+        assert froms == ["${BASE_IMAGE}"], f"{path.name}: FROM {froms}"
+        assert not re.search(r"--mount=type=cache", text), f"{path.name}: cache mounts outlive the images (disk)"
+
+
+def test_each_arg_is_declared_just_before_the_instruction_that_reads_it():
+    """So that changing one (a uid, a version) rebuilds from its layer on, not the layers above it."""
+    for path in sorted((ROOT / "docker").glob("*.Dockerfile")):
+        lines = [ln for ln in path.read_text().split("\n") if ln.strip() and not ln.lstrip().startswith("#")]
+        joined, i = [], 0
+        while i < len(lines):  # join continuation lines into instructions
+            inst = lines[i]
+            while inst.endswith("\\") and i + 1 < len(lines):
+                i += 1
+                inst = inst[:-1] + " " + lines[i]
+            joined.append(inst)
+            i += 1
+        after_from = joined[next(i for i, ln in enumerate(joined) if ln.startswith("FROM")) + 1 :]
+        for at, inst in enumerate(after_from):
+            if not inst.startswith("ARG "):
+                continue
+            name = inst.split()[1].split("=")[0]
+            user = next(ln for ln in after_from[at + 1 :] if not ln.startswith("ARG "))
+            assert re.search(rf"\$\{{?{name}\b", user), (
+                f"{path.name}: ARG {name} is not read by the next step: {user[:80]}"
+            )
+
+
 def test_gpu_services_reserve_gpus_from_variables():
     for name in GPU_SERVICES:
         svc = SERVICES[name]
@@ -82,7 +114,7 @@ def test_ports_are_published_on_loopback_only():
 
 def test_runtime_services_mount_models_saves_data_and_run_as_the_host_user():
     for name, svc in SERVICES.items():
-        if name in {"base", "formatter"}:
+        if name in {"base", "eval-image", "formatter"}:
             continue
         assert WORKSPACE_VOLUMES <= set(svc["volumes"]), name
         assert svc["user"] == "${HOST_UID:-1000}:${HOST_GID:-1000}", name

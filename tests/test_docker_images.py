@@ -131,7 +131,7 @@ def test_dockerfiles_install_from_docker_requirements():
         assert re.search(rf"requirements\.py {image}\b", text), (
             f"{image}.Dockerfile must install requirements.py {image}"
         )
-        deps_at, sources_at = text.index("requirements.py " + image), text.index("COPY . /workspace")
+        deps_at, sources_at = text.index("requirements.py " + image), text.index("COPY trainer /workspace")
         assert deps_at < sources_at, f"{image}: dependencies must be installed before the sources are copied"
 
 
