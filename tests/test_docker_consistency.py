@@ -4,6 +4,7 @@ every service's command starts (`--help`) and accepts the flags compose gives it
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -248,3 +249,28 @@ def test_make_lint_fails_on_violations_and_make_format_fixes_them(tmp_path):
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
     assert (tmp_path / "bad.py").read_text() == "x = 1\n"
     assert subprocess.run([*make, "lint"], capture_output=True, timeout=60).returncode == 0
+
+
+def test_two_clones_get_different_compose_projects(tmp_path):
+    """Same folder name, different paths: the docker-* targets must not share containers or networks."""
+    names = []
+    for parent in ("a", "b"):
+        clone = tmp_path / parent / "rldock"
+        clone.mkdir(parents=True)
+        out = subprocess.run(
+            ["make", "-s", "-f", str(ROOT / "Makefile"), "-C", str(clone), "compose-project"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if k != "COMPOSE_PROJECT_NAME"},
+        )
+        assert out.returncode == 0, out.stderr
+        names.append(out.stdout.strip())
+    assert names[0] != names[1] and all(re.fullmatch(r"rldock-\d+", n) for n in names)
+    again = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "compose-project", "COMPOSE_PROJECT_NAME=mine"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.stdout.strip() == "mine"

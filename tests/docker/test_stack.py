@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
 import time
 from pathlib import Path
@@ -87,7 +88,7 @@ def test_secrets_stay_out_of_the_layers(stack):
         assert not [e for e in env if e.startswith(("PIP_CERT=", "PIP_INDEX_URL="))], env
     saved = stack.root.parent / "eval-image.tar"
     assert run(["docker", "save", "-o", str(saved), f"rldock/eval:{stack.tag}"], timeout=600).returncode == 0
-    hits = []
+    hits, scanned = [], 0
     with tarfile.open(saved) as image:
         for member in image.getmembers():
             if not member.name.endswith(("layer.tar", ".tar")) and "blobs/" not in member.name:
@@ -96,11 +97,13 @@ def test_secrets_stay_out_of_the_layers(stack):
                 layer = tarfile.open(fileobj=image.extractfile(member))
             except tarfile.TarError:
                 continue
+            scanned += 1
             for f in layer.getmembers():
                 if f.isfile() and f.size == wanted_size:
                     if hashlib.sha256(layer.extractfile(f).read()).hexdigest() == wanted:
                         hits.append(f.name)
     saved.unlink()
+    assert scanned >= len(layers(stack.image("eval"))) - 2, f"only {scanned} layers could be read"
     assert hits == [], f"the CA bundle is baked into {hits}"
 
 
@@ -122,6 +125,21 @@ def test_env_profile_serves_an_agentgym_episode_on_loopback(stack):
     assert wrong.status_code in (400, 409), wrong.text
     assert httpx.post(f"{url}/close", json={"env_idx": env_id}, timeout=30).status_code == 200
     assert_loopback_only(stack)
+
+
+@pytest.mark.parametrize("env_name,action", [("babyai", "turn left"), ("sciworld", "look around")])
+def test_env_profile_runs_the_agent_envs_with_their_runtimes(stack, env_name, action):
+    """babyai needs minigrid, sciworld a Java runtime: both only in the eval image."""
+    stack.must("docker-env", ENV=env_name, timeout=300)
+    url = http(stack, "ENV_PORT")
+    assert httpx.get(f"{url}/health", timeout=30).json()["env"] == env_name
+    env_id = httpx.post(f"{url}/create", json={}, timeout=120).json()["id"]
+    reset = httpx.post(f"{url}/reset", json={"env_idx": env_id, "data_idx": 0}, timeout=120).json()
+    assert reset["observation"].strip()
+    step = httpx.post(f"{url}/step", json={"env_idx": env_id, "action": action}, timeout=120)
+    assert step.status_code == 200 and step.json()["observation"].strip()
+    assert "Not an action" not in step.json()["observation"]
+    assert httpx.post(f"{url}/close", json={"env_idx": env_id}, timeout=30).status_code == 200
 
 
 def assert_loopback_only(stack):
@@ -186,10 +204,13 @@ def test_eval_profile_ends_with_the_eval_exit_code_and_results(stack):
 
 
 def test_make_docker_merge_verifies_the_logits(stack):
-    out = stack.must("docker-merge", "LOCAL_DIR=saves/tiny", "MERGE_ARGS=--verify", timeout=900)
+    out = stack.must(
+        "docker-merge", "LOCAL_DIR=saves/tiny", "SAVE_DIR=saves/tiny/hf", "MERGE_ARGS=--verify", timeout=900
+    )
     assert "verify ok" in out.stdout + out.stderr
-    merged = [p for p in (stack.root / "saves/tiny").rglob("*.safetensors") if "global_step" not in str(p.parent)]
+    merged = list((stack.root / "saves/tiny/hf").glob("*.safetensors"))
     assert merged and all(p.stat().st_uid == stack.uid for p in merged)
+    assert (stack.root / "saves/tiny/hf/config.json").is_file()
 
 
 def test_train_shell_runs_a_piped_script(stack):
@@ -201,6 +222,8 @@ def test_train_shell_runs_a_piped_script(stack):
 def test_docker_format_rewrites_the_checkout_as_the_host_user(stack):
     bad = stack.root / "scripts" / "_format_probe.py"
     bad.write_text("import os\nx=1\n")
+    if os.getuid() == 0:
+        os.chown(bad, stack.uid, stack.uid)  # as a clone of HOST_UID's own would be
     try:
         stack.must("docker-format", timeout=600)
         assert bad.read_text() == "x = 1\n"
