@@ -16,7 +16,8 @@ COMPOSE ?= docker compose $(COMPOSE_FILES)
 # One compose project per checkout (its path's checksum), so two clones on one host never share containers or
 # networks. Plain `docker compose` by hand: export COMPOSE_PROJECT_NAME=$$(make -s compose-project).
 export COMPOSE_PROJECT_NAME ?= rldock-$(shell printf '%s' '$(CURDIR)' | cksum | cut -d' ' -f1)
-TAG ?= latest
+# The image tag as compose sees it (shell, then .env, then latest), for the targets that call docker directly.
+TAG ?= $(or $(shell sed -n 's/^TAG=//p' .env 2> /dev/null | tail -n1),latest)
 IMAGES ?= train scripts eval
 BUNDLE ?= rldock-$(TAG).tar
 BUNDLE_DATA ?= 0

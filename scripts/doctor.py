@@ -85,8 +85,9 @@ def docker(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def _first_line(text: str) -> str:
-    return (text.strip().splitlines() or ["no output"])[-1][:160]
+def _error_line(text: str) -> str:
+    """The line of docker's stderr that says what went wrong (the last one), whole: no cut mid-word."""
+    return (text.strip().splitlines() or ["no output"])[-1]
 
 
 def check_daemon() -> tuple[list[Check], bool]:
@@ -96,7 +97,7 @@ def check_daemon() -> tuple[list[Check], bool]:
     out = docker("version", "--format", "{{.Server.Version}}")
     if out.returncode != 0:
         where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-        why = _first_line(out.stderr)
+        why = _error_line(out.stderr)
         fix = (
             "sudo usermod -aG docker $USER, then log in again"
             if "permission denied" in why.lower()
@@ -146,7 +147,7 @@ def check_gpus(tag: str) -> list[Check]:
         return [Check(False, f"GPUs not tested: {image} is needed to run nvidia-smi: make docker-build-base")]
     out = docker("run", "--rm", "--gpus", "all", "--entrypoint", "nvidia-smi", image, "-L", timeout=120)
     if out.returncode != 0:
-        return [Check(False, f"containers see no GPU ({_first_line(out.stderr)}): check nvidia-smi on the host")]
+        return [Check(False, f"containers see no GPU ({_error_line(out.stderr)}): check nvidia-smi on the host")]
     gpus = [line for line in out.stdout.splitlines() if line.startswith("GPU ")]
     return [Check(bool(gpus), f"{len(gpus)} GPU(s) visible in containers" + (f": {gpus[0]}" if gpus else ""))]
 
