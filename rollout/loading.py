@@ -43,6 +43,16 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
+def umask_modes(folder: Path) -> None:
+    """Give a finished folder's files the mode the umask gives new files (0644 under umask 022). safetensors writes
+    through a private temp file (0600), which keeps out everyone else: a container's uid, a model server, a colleague."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
+
+
 def convert_builtin(name: str, models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
     """Convert a built-in GGUF to an HF folder under models_dir (once; atomic rename)."""
     target = Path(models_dir) / name
@@ -62,6 +72,7 @@ def convert_builtin(name: str, models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
         del model.config.quantization_config
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    umask_modes(tmp)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, target)

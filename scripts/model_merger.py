@@ -23,6 +23,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from rollout.loading import umask_modes
+
 DTYPES = ("bfloat16", "float16", "float32")
 # Same weights and same kernels give identical logits; the margin only absorbs a different kernel choice. For half
 # precision it is a fraction of one bf16 step at |logit| ~ 10 (0.0625).
@@ -47,13 +49,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m scripts.model_merger",
         description="Merge an rldock DCP checkpoint (any number of ranks) into a Hugging Face model folder.",
     )
-    p.add_argument("--local_dir", required=True, help="saves/<exp>/global_step_N or .../actor (or saves/<exp>: latest)")
-    p.add_argument("--save_dir", help="output HF folder (default: <actor dir>/huggingface)")
+    p.add_argument(
+        "--local_dir",
+        "--local-dir",
+        dest="local_dir",
+        required=True,
+        help="saves/<exp>/global_step_N or .../actor (or saves/<exp>: latest)",
+    )
+    p.add_argument(
+        "--save_dir", "--save-dir", dest="save_dir", help="output HF folder (default: <actor dir>/huggingface)"
+    )
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="dtype of the saved weights")
-    p.add_argument("--max_shard_size", default="5GB", help="largest safetensors file, e.g. 500MB, 5GB")
+    p.add_argument(
+        "--max_shard_size",
+        "--max-shard-size",
+        dest="max_shard_size",
+        default="5GB",
+        help="largest safetensors file, e.g. 500MB, 5GB",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty SAVE_DIR")
     p.add_argument("--verify", action="store_true", help="reload the merged folder and compare logits")
-    p.add_argument("--hf_upload_path", help="upload to this hub repo (user/name); token from HF_TOKEN")
+    p.add_argument(
+        "--hf_upload_path",
+        "--hf-upload-path",
+        dest="hf_upload_path",
+        help="upload to this hub repo (user/name); token from HF_TOKEN",
+    )
     p.add_argument("--private", action="store_true", help="create the hub repo as private")
     return p.parse_args(argv)
 
@@ -260,6 +281,7 @@ def prepare_save_dir(save_dir: Path, overwrite: bool) -> Path:
 
 def publish(tmp: Path, save_dir: Path) -> None:
     """Replace SAVE_DIR by the finished temp folder (the old one is removed only once the new one is complete)."""
+    umask_modes(tmp)
     if save_dir.is_dir():
         shutil.rmtree(save_dir)
     elif save_dir.exists():

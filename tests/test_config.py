@@ -57,18 +57,26 @@ def test_overrides_take_precedence_over_the_preset():
     assert cfg.data.max_train_samples == 200  # untouched preset values stay
 
 
-@pytest.mark.parametrize("override", ["train.lrr=1", "trainer.lr=1", "lr=1"])
-def test_unknown_override_keys_list_the_valid_ones(override):
+@pytest.mark.parametrize("override", ["train.lrr=1", "trainer.lr=1", "lr=1", "trian.lr=1"])
+def test_unknown_override_keys_suggest_the_near_miss_and_list_its_section(override):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     msg = str(err.value)
-    assert repr(override.split("=")[0]) in msg and "valid keys:" in msg and "train.lr" in msg and "\n" not in msg
+    assert repr(override.split("=")[0]) in msg and "did you mean 'train.lr'?" in msg and "\n" not in msg
+    assert "keys of train: lr, " in msg and "temperature" not in msg, "only the train section's keys"
+
+
+def test_a_key_like_nothing_lists_the_top_level_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["zzz.qqq=1"])
+    msg = str(err.value)
+    assert "did you mean" not in msg and "top-level keys: checkpoint, data," in msg and len(msg) < 300
 
 
 def test_unknown_keys_in_a_yaml_file_are_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: 1.0e-6\n  learning_rate: 3\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rate'; valid keys: .*train.lr"):
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rate'; .*keys of train: lr"):
         load_config(bad)
 
 

@@ -200,8 +200,11 @@ def tiny_step(tmp_path, model_path) -> Path:
 def test_experiment_dir_follows_latest_and_verifies_tiny(tiny_step, capsys):
     from scripts.model_merger import main
 
-    assert main(["--local_dir", str(tiny_step.parent), "--dtype", "float16", "--verify"]) == 0
+    assert main(["--local-dir", str(tiny_step.parent), "--dtype", "float16", "--verify"]) == 0  # either spelling
     out = tiny_step / "actor" / "huggingface"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~mask}, "merged files private"
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     assert (out / "generation_config.json").is_file()  # derived from config.json when the actor had none
     assert "verify ok" in capsys.readouterr().out

@@ -3,6 +3,7 @@ bit-identical weights; versions advance and show in samples; a restarted service
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -107,6 +108,12 @@ def test_generation_never_mixes_versions_during_a_push(client, nccl, trainer_mod
     assert client.weights_checksum(client.urls[0]) == expected and versions(client) == {3}
 
 
+def umask_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def test_disk_sync_is_atomic_and_keeps_two(client, trainer_model, tmp_path):
     weights = tmp_path / "weights"
     for old in ("v1", "v2", "v3"):
@@ -116,6 +123,7 @@ def test_disk_sync_is_atomic_and_keeps_two(client, trainer_model, tmp_path):
     assert disk.push(trainer_model, 4) == 4
     assert sorted(p.name for p in weights.iterdir()) == ["v3", "v4"]  # pruned, no *.tmp left behind
     assert sorted(p.name for p in (weights / "v4").iterdir()) == ["config.json", "model.safetensors"]
+    assert {p.stat().st_mode & 0o777 for p in (weights / "v4").iterdir()} == {umask_file_mode()}
     assert client.weights_checksum(client.urls[0]) == expected and versions(client) == {4}
 
 

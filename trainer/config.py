@@ -5,6 +5,7 @@ Importing this module does not import torch, so `python -m trainer --help` and c
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,6 +236,28 @@ def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+def unknown_key(key: str) -> str:
+    """One line for a key that is not in the config: a near miss, then the valid keys of its section only."""
+    keys = valid_keys()
+    leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
+    guess = difflib.get_close_matches(key, keys, n=1, cutoff=0.6) or [
+        leaves[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1, cutoff=0.8)
+    ]
+    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    if guess and not key.startswith(guess[0].rsplit(".", 1)[0] + "."):
+        section = guess[0].rsplit(".", 1)[0] + "."
+    siblings = [k.removeprefix(section) for k in keys if section and k.startswith(section)]
+    where = (
+        f"keys of {section[:-1]}: {', '.join(siblings)}"
+        if siblings
+        else (
+            f"top-level keys: {', '.join(sorted({k.split('.')[0] for k in keys}))} (python -m trainer --help lists all)"
+        )
+    )
+    hint = f"did you mean {guess[0]!r}? " if guess else ""
+    return f"unknown key {key!r}; {hint}{where}"
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -252,7 +275,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. train.lr=1e-6")
         key, raw = item.split("=", 1)
         if key not in valid_keys():
-            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(valid_keys())}")
+            raise ConfigError(unknown_key(key))
         _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else None)
     return tree
 
@@ -268,7 +291,7 @@ def _explain(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        return f"unknown key {where!r}; valid keys: {', '.join(valid_keys())}"
+        return unknown_key(where)
     return f"{where}: {first['msg']} (got {first.get('input')!r})"
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from rollout import payloads as P
 from rollout.api import RolloutEngine
 from rollout.client import HTTPRolloutClient, ServiceError
+from rollout.loading import umask_modes
 from rollout.weight_transfer import SyncGroup, listen, send_weights, tensor_spec, unique_tensors
 
 Weights = nn.Module | dict[str, torch.Tensor]
@@ -73,6 +74,7 @@ def write_weights(weights: Weights, folder: Path) -> Path:
     config = getattr(weights, "config", None)
     if hasattr(config, "to_json_file"):
         config.to_json_file(str(tmp / "config.json"))
+    umask_modes(tmp)
     shutil.rmtree(folder, ignore_errors=True)  # the same version pushed again (e.g. after a resume)
     os.replace(tmp, folder)
     return folder
