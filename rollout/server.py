@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from rollout import payloads as P
 from rollout.api import Completion, RolloutEngine, SamplingParams
@@ -227,6 +227,9 @@ class Service:
         except ValueError as err:  # the engine refused the input (its own limits): the caller's to fix
             raise HTTPException(400, str(err)) from None
 
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.name, "object": "model", "created": 0, "owned_by": "rldock", "max_model_len": self.max_len}
+
     def health(self) -> dict[str, Any]:
         return {
             "status": "ok",
@@ -298,34 +301,55 @@ def _cut_at_stop(tokenizer, ids: list[int], stops: list[str]) -> int:
     return lo
 
 
-def _finish(tokenizer, c: Completion, stops: list[str]) -> tuple[str, str, list[int], list[float]]:
-    """(text, finish reason, token ids, logprobs) of a completion, cut before the first stop string."""
+def _finish(tokenizer, c: Completion, stops: list[str]) -> tuple[str, str, list[int], list[float], int]:
+    """(text, finish reason, token ids, logprobs, tokens generated) of a completion, cut before the first stop
+    string. The ending special token (EOS, end of turn) is generated but not part of the text: its id and logprob
+    are left out too, so the logprob list matches the returned text."""
     ids, logprobs, finish = c.token_ids, list(c.logprobs), c.finish_reason
     text = tokenizer.decode(ids, skip_special_tokens=True)
     cut = P.first_stop(text, stops) if stops else None
     if cut is not None:
         keep = _cut_at_stop(tokenizer, ids, stops)
         ids, logprobs, text, finish = ids[:keep], logprobs[:keep], text[:cut], "stop"
-    return text, finish, ids, logprobs
+    generated = len(ids)
+    special = set(tokenizer.all_special_ids)
+    while ids and ids[-1] in special:
+        ids, logprobs = ids[:-1], logprobs[:-1]
+    return text, finish, ids, logprobs, generated
 
 
-def _openai_body(service: Service, req: P.OpenAISampling, prompts: list[list[int]], completions) -> dict:
-    """The answer of /v1/completions or (for a ChatCompletionsRequest) /v1/chat/completions."""
+def _text_parts(tokenizer, ids: list[int], text: str) -> list[str]:
+    """`text` split at token boundaries, one part per id, the parts concatenating to `text` (for streaming): each
+    boundary is the length of the decoded prefix, clipped to the text (a stop string may have cut it)."""
+    ends = [min(len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True)), len(text)) for k in range(len(ids))]
+    starts = [0, *ends[:-1]]
+    parts = [text[a:b] if b > a else "" for a, b in zip(starts, ends, strict=True)]
+    if parts:
+        parts[-1] += text[ends[-1] :]
+    return parts
+
+
+def _openai_body(service: Service, req: P.OpenAISampling, prompts: list[list[int]], completions):
+    """The answer of /v1/completions or (for a ChatCompletionsRequest) /v1/chat/completions, and per choice the
+    token-sized parts of its text when the request streams."""
     chat = isinstance(req, P.ChatCompletionsRequest)
     want = req.logprobs if chat else req.logprobs is not None
-    tok, choices, used = service.tokenizer, [], 0
+    tok, choices, parts, used = service.tokenizer, [], [], 0
     for i, c in enumerate(completions):
-        text, finish, ids, logprobs = _finish(tok, c, req.stop_strings())
+        text, finish, ids, logprobs, generated = _finish(tok, c, req.stop_strings())
         pieces = [tok.decode([t]) for t in ids] if want else None
-        used += len(ids)
+        used += generated
+        if req.stream:
+            parts.append(_text_parts(tok, ids, text))
         if chat:
-            choices.append(P.chat_choice(i, text, finish, pieces, logprobs))
+            choices.append(P.chat_choice(i, text, finish, pieces, logprobs, req.top_logprobs or 0))
         else:
             offsets = list(accumulate((len(p) for p in pieces[:-1]), initial=0)) if pieces else []
             choices.append(P.completion_choice(i, text, finish, pieces, logprobs, offsets))
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     prompt_tokens = sum(len(p) for p in prompts)
-    return P.completions_response(request_id, int(time.time()), service.name, choices, prompt_tokens, used)
+    body = P.completions_response(request_id, int(time.time()), service.name, choices, prompt_tokens, used)
+    return body, parts
 
 
 # ---- the app -------------------------------------------------------------------------------------------------------
@@ -338,8 +362,13 @@ def _generation_routes(app: FastAPI, svc: Service) -> None:
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": svc.name, "object": "model", "created": 0, "owned_by": "rldock", "max_model_len": svc.max_len}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [svc.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != svc.name:
+            raise HTTPException(404, f"model {model_id!r} is not served here; this service serves {svc.name!r}")
+        return svc.model_card()
 
     @app.post("/generate")
     async def generate(req: P.GenerateRequest):
@@ -356,11 +385,19 @@ def _generation_routes(app: FastAPI, svc: Service) -> None:
         return await _openai(svc, req, [_render_chat(svc, req)], default_max_tokens=512)
 
 
-async def _openai(svc: Service, req: P.OpenAISampling, prompts: list[list[int]], default_max_tokens: int) -> dict:
+async def _openai(svc: Service, req: P.OpenAISampling, prompts: list[list[int]], default_max_tokens: int):
     if req.model not in (None, svc.name):
         raise HTTPException(404, f"model {req.model!r} is not served here; this service serves {svc.name!r}")
+    refused = req.refused_field()
+    if refused:
+        raise HTTPException(400, refused)
     out = await svc.generate(prompts, req.sampling_params(default_max_tokens))
-    return await asyncio.to_thread(_openai_body, svc, req, prompts, out)
+    body, parts = await asyncio.to_thread(_openai_body, svc, req, prompts, out)
+    if not req.stream:
+        return body
+    # The engine answers a request whole; the stream hands it over token by token once it is done.
+    usage = bool(req.stream_options and req.stream_options.include_usage)
+    return StreamingResponse(iter(P.stream_events(body, parts, usage)), media_type="text/event-stream")
 
 
 def _admin_routes(app: FastAPI, svc: Service) -> None:

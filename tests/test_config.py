@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,17 @@ def test_every_field_has_a_docstring_and_is_a_valid_key():
     assert not undocumented, f"fields without a docstring: {undocumented}"
     assert sorted(fields) == sorted(valid_keys())
     assert len(fields) > 40
+
+
+def test_trainer_outside_the_venv_says_how_to_get_one():
+    """An interpreter without the dependencies (here: no site-packages at all) gets one line, not a traceback."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-S", "-m", "trainer", "configs/gsm8k_tiny.yaml"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.count("\n") == 1 and "is not installed for" in out.stderr and "make train" in out.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -275,3 +276,21 @@ def test_local_model_in_process(model_path, tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["target"] == "local:cpu" and results["metrics"]["samples"] == 4
     assert "pass@2" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_make_eval_runs_locally_with_the_docker_targets_variables(model_path, tmp_path):
+    """`make eval` (no Docker) takes MODEL, ENV and EVAL_ARGS like `make docker-eval`; ENV=gsm8k scores the
+    shipped test set in-process even when the shell has ENV set to something else."""
+    out = tmp_path / "make_eval"
+    args = f"--limit 2 --max-new-tokens 8 --device cpu --out-dir {out}"
+    run = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "eval", f"MODEL={model_path}", f"EVAL_ARGS={args}"],
+        env={**os.environ, "ENV": "/etc/shrc"},  # POSIX shells' ENV: must not turn into an env-server URL
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["metrics"]["samples"] == 2 and results["config"]["target"] == "local:cpu"

@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from trainer.metrics import MetricsLogger, bar_postfix, progress_bar, read_metrics
+from trainer.metrics import MetricsLogger, bar_postfix, curves_figure, progress_bar, read_metrics, summary_table
 
 
 def _fill(logger, steps):
@@ -104,9 +104,31 @@ def test_a_wandb_failure_is_a_warning_not_a_crash(tmp_path, monkeypatch):
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["reward"] == 1.0
 
 
+def test_curves_name_lines_by_their_keys_on_one_scale_with_zero_visible():
+    import matplotlib.pyplot as plt
+
+    rows = [
+        {"step": 1, "reward": 1.4, "accuracy": 0.0, "format": 0.8},
+        {"step": 2, "reward": 0.2, "accuracy": 0.0, "format": 0.4, "eval/accuracy": 0.0, "eval/format": 0.5},
+    ]
+    fig = curves_figure(rows)
+    left, right = fig.axes[:2]
+    assert [t.get_text() for t in left.get_legend().get_texts()] == ["reward", "accuracy", "format"]
+    assert [t.get_text() for t in right.get_legend().get_texts()] == ["eval/accuracy", "eval/format"]
+    assert left.get_ylim() == right.get_ylim() and left.get_ylim()[0] < 0 and left.get_ylim()[1] >= 1.4
+    plt.close(fig)
+
+
+def test_summary_table_gives_first_and_last_of_each_headline_metric():
+    rows = [{"step": 0, "eval/accuracy": 0.125}, {"step": 1, "reward": 0.25}, {"step": 8, "eval/accuracy": 0.5}]
+    table = summary_table(rows).splitlines()
+    assert table[0].split() == ["eval/accuracy", "0.125", "at", "step", "0", "->", "0.500", "at", "step", "8"]
+    assert table[1].split()[0] == "reward" and len(table) == 2
+
+
 def test_bar_helpers():
-    assert bar_postfix({"step": 3, "reward": 0.5, "accuracy": 0.25}) == {"step": "3", "reward": "0.500", "acc": "0.250"}
-    assert bar_postfix({"step": 4, "eval/accuracy": 0.125})["eval"] == "0.125"
+    assert bar_postfix({"step": 3, "reward": 0.5, "accuracy": 0.25}) == {"reward": "0.500", "accuracy": "0.250"}
+    assert bar_postfix({"step": 4, "eval/accuracy": 0.125})["eval/accuracy"] == "0.125"
     bar = progress_bar(10, initial=4, rank=1)
     assert bar.disable and bar.n == 4
     bar.close()

@@ -301,3 +301,17 @@ if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/test_model_merge
 
     torch.set_num_threads(1)
     write_checkpoint(sys.argv[1], Path(sys.argv[2]), 5, shard_model=True)
+
+
+def test_make_merge_runs_locally_with_the_docker_targets_variables(tiny_step, tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    save = tmp_path / "merged"
+    run = subprocess.run(
+        ["make", "-s", "-C", str(root), "merge", f"LOCAL_DIR={tiny_step.parent}", f"SAVE_DIR={save}",
+         "MERGE_ARGS=--verify --dtype float32"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "verify ok" in run.stdout and (save / "config.json").is_file()
+    missing = subprocess.run(["make", "-s", "-C", str(root), "merge"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "set LOCAL_DIR" in missing.stdout

@@ -156,7 +156,10 @@ BAD_GENERATE = [
 BAD_COMPLETIONS = [
     {"prompt": ""},
     {"prompt": []},
-    {"prompt": "hi", "stream": True},
+    {"prompt": "hi", "presence_penalty": 0.5},
+    {"prompt": "hi", "logit_bias": {"50": 10}},
+    {"prompt": "hi", "best_of": 3},
+    {"prompt": "hi", "min_p": 0.1},
     {"prompt": "hi", "echo": True},
     {"prompt": "hi", "logprobs": -1},
     {"prompt": "hi", "stop": [""]},
@@ -170,6 +173,9 @@ BAD_CHAT = [
     {"messages": [{"content": "no role"}]},
     {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
     {"messages": [{"role": "user", "content": [{"type": "image_url", "url": "x"}]}]},
+    {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+    {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+    {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 1.0},
 ]
 BAD_ADMIN = [
     ("/update_weights", {"path": "/definitely/not/here"}),
@@ -195,6 +201,9 @@ def test_bad_generate_is_4xx(server, body):
 def test_bad_completions_is_4xx(server, body):
     r = post(server, "/v1/completions", body)
     assert 400 <= r.status_code < 500 and r.json()["detail"], r.text
+    unhonoured = set(body) & {"presence_penalty", "logit_bias", "best_of", "min_p"}
+    if unhonoured:  # refused by name, never answered as if it had been applied
+        assert r.status_code == 400 and repr(unhonoured.pop()) in r.json()["detail"]
 
 
 @pytest.mark.parametrize("body", BAD_CHAT)
@@ -288,3 +297,67 @@ def test_cli_errors_are_one_line(tmp_path):
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rollout.server: error:") and "not found" in lines[0]
+
+
+# ---- the official OpenAI client -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_openai_client_streams_completions_as_the_whole_answer(client):
+    kw = {"model": "smol", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0, "seed": 1}
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text and len([c for c in chunks if c.choices]) > 2
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_openai_client_streams_chat_and_logprobs_match_the_text(client):
+    kw = {
+        "model": "smol",
+        "messages": [{"role": "user", "content": "Say just: hello"}],
+        "max_tokens": 64,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    whole = client.chat.completions.create(**kw)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "stop", "the answer should end by itself (end of turn) within 64 tokens"
+    tokens = [t.token for t in choice.logprobs.content]
+    assert "".join(tokens) == choice.message.content, "no end-of-turn token beyond the text"
+    assert all(len(t.top_logprobs) == 1 and t.top_logprobs[0].token == t.token for t in choice.logprobs.content)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == choice.message.content and chunks[-1].choices[0].finish_reason == "stop"
+    streamed_lp = [e.logprob for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed_lp == pytest.approx([t.logprob for t in choice.logprobs.content])
+
+
+def test_openai_client_completions_top_logprobs_are_lists(client):
+    out = client.completions.create(model="smol", prompt="2 + 2 =", max_tokens=4, temperature=0, logprobs=1)
+    lp = out.choices[0].logprobs
+    assert isinstance(lp.top_logprobs, list) and len(lp.top_logprobs) == len(lp.tokens)
+    assert all(top == {tok: p} for top, tok, p in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs, strict=True))
+
+
+def test_openai_client_models_and_refusals(client):
+    import openai
+
+    assert client.models.retrieve("smol").id == "smol"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    messages = [{"role": "user", "content": "hi"}]
+    for extra in ({"presence_penalty": 0.3}, {"response_format": {"type": "json_object"}}):
+        with pytest.raises(openai.BadRequestError, match=next(iter(extra))):
+            client.chat.completions.create(model="smol", messages=messages, max_tokens=2, **extra)
+    fine = client.chat.completions.create(model="smol", messages=messages, max_tokens=2, presence_penalty=0, user="u")
+    assert fine.choices[0].message.role == "assistant"

@@ -56,7 +56,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def missing_dependency() -> str | None:
+    """The first training dependency this interpreter lacks (found without importing anything)."""
+    import importlib.util
+
+    return next((m for m in ("yaml", "pydantic", "torch", "transformers") if importlib.util.find_spec(m) is None), None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    missing = missing_dependency()
+    if missing:
+        print(
+            f"error: {missing} is not installed for {sys.executable}: run `make train` (it installs .venv first), "
+            "or `make install` and then .venv/bin/python -m trainer …",
+            file=sys.stderr,
+        )
+        return 2
     args = parse_args(argv)
     # Idle OpenMP workers sleep instead of spinning: on a busy CPU spinning threads slow every op ~10x (measured on
     # 2 shared cores); set before torch is imported, and only when the user has not chosen a policy.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from trainer.config import Config, ConfigError, save_config
 from trainer.data import DataCursor, load_eval_items, load_train_items, num_steps
 from trainer.dist import Dist
 from trainer.grpo import group_advantages, loss_norms, masked_mean, policy_loss
-from trainer.metrics import MetricsLogger, bar_postfix, progress_bar
+from trainer.metrics import MetricsLogger, bar_postfix, progress_bar, read_metrics, summary_table
 from trainer.policy import on_device, right_pad, token_logprobs
 from trainer.rollout_factory import WeightPusher, compute_dtype, make_engine
 from trainer.workflow import SingleTurnWorkflow
@@ -83,11 +84,17 @@ def train(cfg: Config) -> dict:
             warm_start(run)
         run.source = make_rollout_source(run)
         if run.step == 0 and cfg.eval.every and cfg.eval.at_start:
+            say(
+                run,
+                f"eval before training: {len(run.eval_items)} items, greedy, up to {cfg.eval.max_new_tokens} tokens",
+            )
             record_eval(run)
+            say(run, "eval: " + " ".join(f"{k}={v:.3f}" for k, v in run.logger.latest.items() if k.startswith("eval/")))
         bar = progress_bar(run.total_steps, run.step, cfg.logging.progress, d.rank)
         with bar:
             while run.step < run.total_steps and not out_of_time(run):
-                stats = train_step(run)
+                # The bar says which phase a step is in: on a CPU one step can take minutes.
+                stats = train_step(run, lambda phase: bar.set_postfix({**bar_postfix(run.logger.latest), "now": phase}))
                 after_step(run, stats, bar)
         finish(run)
         return summary(run)
@@ -262,12 +269,18 @@ def start_logging(run: Run, resumed: bool) -> None:
     run.logger = MetricsLogger(
         run.exp_dir, cfg.model_dump(mode="json"), cfg.logging.wandb, run.d.rank, resume_step, cfg.logging.wandb_project
     )
-    if run.d.is_main:
-        how = f"resumed at step {run.step}" if resumed else "fresh start"
-        print(
-            f"[rldock] {cfg.experiment_name}: {how}, {run.total_steps} steps, {run.d.world_size} rank(s), "
-            f"device {run.d.device}, outputs in {run.exp_dir}",
-            flush=True,
+    how = f"resumed at step {run.step}" if resumed else "fresh start"
+    say(
+        run,
+        f"{cfg.experiment_name}: {how}, {run.total_steps} steps, {run.d.world_size} rank(s), "
+        f"device {run.d.device}, outputs in {run.exp_dir}",
+    )
+    if resumed and run.step >= run.total_steps:
+        say(
+            run,
+            f"{cfg.experiment_name} already finished its {run.total_steps} steps: to go on, raise the total "
+            f"(train.total_steps={2 * run.total_steps} resumes from step {run.step}); to start over, "
+            "checkpoint.resume=false or another experiment_name",
         )
 
 
@@ -291,15 +304,18 @@ def make_rollout_source(run: Run):
 # ---------------------------------------------------------------------------------------------------------- a step
 
 
-def train_step(run: Run) -> dict[str, Any]:
+def train_step(run: Run, on_phase: Callable[[str], None] = lambda phase: None) -> dict[str, Any]:
     """One GRPO step: rollout, update, weight sync. Returns the step's metrics (already reduced over ranks)."""
     t0 = time.perf_counter()
+    on_phase("rollout")
     trajectories = [t for t in run.source.next_batch(run.version) if t is not None]
     t1 = time.perf_counter()
+    on_phase("update")
     stats = rollout_stats(run, trajectories)
     stats.update(update_policy(run, trajectories))
     run.step += 1
     t2 = time.perf_counter()
+    on_phase("weight sync")
     run.version = stats["weight_version"] = run.pusher.push(run.model, run.version + 1)
     t3 = time.perf_counter()
     stats.update({"time/rollout": t1 - t0, "time/update": t2 - t1, "time/sync": t3 - t2, "time/step": t3 - t0})
@@ -563,6 +579,15 @@ def finish(run: Run) -> None:
     if run.last_save != run.step:
         save(run)
     run.logger.plot()
+    table = summary_table(read_metrics(run.logger.path)) if run.d.is_main else ""
+    if table:
+        say(run, f"{run.cfg.experiment_name}: step {run.step}/{run.total_steps}, first -> last:\n{table}")
+
+
+def say(run: Run, text: str) -> None:
+    """One status line from rank 0 (the bar is rank 0's too)."""
+    if run.d.is_main:
+        print(f"[rldock] {text}", flush=True)
 
 
 def summary(run: Run) -> dict[str, Any]:

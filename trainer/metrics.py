@@ -21,9 +21,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-TRAIN_CURVES = {"reward": "reward (mean)", "accuracy": "correct (train)", "format": "format ok (train)"}
+# One name per quantity: the keys of metrics.jsonl are also the plot's legend, the bar's fields and wandb's charts.
+TRAIN_CURVES = ("reward", "accuracy", "format")
 EVAL_CURVE = "eval/accuracy"
-EVAL_EXTRA = {"eval/format": "format ok (eval)"}
+EVAL_EXTRA = ("eval/format",)
+BAR_FIELDS = ("reward", "accuracy", EVAL_CURVE)
+SUMMARY_KEYS = (EVAL_CURVE, "eval/strict_accuracy", "eval/format", "reward", "accuracy", "format")
 SFT_CURVE = ("sft/step", "sft/loss")
 KEY_FILE = Path("wandb") / ".wandb_api_key"
 
@@ -163,8 +166,21 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_curves(rows: list[dict], out: str | Path, title: str = "") -> Path:
-    """Train reward / correctness / format (left) and eval accuracy (+ format) (right) vs step, as a PNG at `out`;
-    a third panel with the supervised warm-start loss when the run had one."""
+    """`curves_figure(rows)` as a PNG at `out`, replaced atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(rows, title)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def curves_figure(rows: list[dict], title: str = ""):
+    """Train reward / accuracy / format (left) and eval accuracy (+ format) (right) vs step, legends named by the
+    metrics.jsonl keys; a third panel with the supervised warm-start loss when the run had one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,29 +192,28 @@ def plot_curves(rows: list[dict], out: str | Path, title: str = "") -> Path:
     if sft:
         axes[2].plot([s for s, _ in sft], [v for _, v in sft], color="tab:purple")
         axes[2].set(title="SFT warm start", xlabel="SFT step", ylabel="cross-entropy (solution tokens)")
-    for key, label in TRAIN_CURVES.items():
+    for key in TRAIN_CURVES:
         steps, values = _series(rows, key)
         if steps:
-            left.plot(steps, values, marker=".", label=label)
-    left.set(title="train", xlabel="step", ylabel="reward / fraction")
-    if left.lines:
-        left.legend(loc="best")
+            left.plot(steps, values, marker=".", label=key)
     steps, values = _series(rows, EVAL_CURVE)
-    right.plot(steps, values, marker="o", color="tab:red", label="accuracy (eval)")
-    for key, label in EVAL_EXTRA.items():
+    right.plot(steps, values, marker="o", color="tab:red", label=EVAL_CURVE)
+    for key in EVAL_EXTRA:
         steps, values = _series(rows, key)
         if steps:
-            right.plot(steps, values, marker="o", linestyle="--", color="tab:gray", label=label)
-    right.set(title="eval (greedy)", xlabel="step", ylabel="fraction", ylim=(0, 1))
-    right.legend(loc="best")
+            right.plot(steps, values, marker="o", linestyle="--", color="tab:gray", label=key)
+    # One y-scale for both panels (fractions and the reward compare directly), with room below 0 so that a line
+    # lying on 0 is not hidden by the axis.
+    top = max([1.0] + [v for line in left.lines for v in line.get_ydata()])
+    left.set(title="train", xlabel="step", ylabel="reward / fraction", ylim=(-0.05 * top, 1.05 * top))
+    right.set(title="eval (greedy)", xlabel="step", ylabel="fraction", ylim=(-0.05 * top, 1.05 * top))
+    for ax in (left, right):
+        if ax.lines:
+            ax.legend(loc="best")
+        ax.axhline(0, color="black", linewidth=0.6, zorder=0)
     fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return fig
 
 
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, rank: int = 0):
@@ -209,11 +224,16 @@ def progress_bar(total: int, initial: int = 0, enabled: bool = True, rank: int =
 
 
 def bar_postfix(latest: dict[str, Any]) -> dict[str, str]:
-    """step, reward, train accuracy and the last eval accuracy, formatted for `bar.set_postfix`."""
-    fields = {"step": "step", "reward": "reward", "acc": "accuracy", "eval": EVAL_CURVE}
-    out = {}
-    for name, key in fields.items():
-        v = latest.get(key)
-        if v is not None:
-            out[name] = str(v) if name == "step" else f"{v:.3f}"
-    return out
+    """reward, train accuracy and the last eval accuracy under their metrics.jsonl names, for `bar.set_postfix`."""
+    return {key: f"{latest[key]:.3f}" for key in BAR_FIELDS if latest.get(key) is not None}
+
+
+def summary_table(rows: list[dict]) -> str:
+    """First and last value of each headline metric over a run: the before/after printed when it ends."""
+    lines = []
+    for key in SUMMARY_KEYS:
+        points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
+        if points:
+            (s0, v0), (s1, v1) = points[0], points[-1]
+            lines.append(f"  {key:<22} {v0:>8.3f} at step {s0:<5} -> {v1:>8.3f} at step {s1}")
+    return "\n".join(lines)
