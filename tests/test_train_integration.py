@@ -86,6 +86,7 @@ def test_train_resume_and_fresh_start(workdir, model_path, tokenizer):
     first = run_trainer(workdir, "train.total_steps=2", "logging.wandb=true")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "fresh start" in first.stdout
+    assert "first -> last:" in first.stdout and "eval/accuracy" in first.stdout.split("first -> last:")[1]
 
     rows = train_rows(exp)
     assert [r["step"] for r in rows] == [1, 2]
@@ -118,6 +119,9 @@ def test_train_resume_and_fresh_start(workdir, model_path, tokenizer):
     assert state["step"] == 3 and state["weight_version"] == 3
     assert (exp / "latest").read_text().strip() == "global_step_3"
     assert not (exp / "global_step_2").exists(), "keep_last=1 should have pruned global_step_2"
+    again = run_trainer(workdir, "train.total_steps=3")
+    assert again.returncode == 0 and "already finished its 3 steps" in again.stdout
+    assert "train.total_steps=6 resumes from step 3" in again.stdout and len(train_rows(exp)) == 3
 
     # fresh start, this time with the KL term (the frozen reference model is loaded only when beta > 0)
     fresh = run_trainer(workdir, "train.total_steps=1", "checkpoint.resume=false", "eval.every=0", "grpo.beta=0.05")
