@@ -6,6 +6,9 @@ PYTHON_BOOT ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# Index torch comes from (empty: pip's own); e.g. https://download.pytorch.org/whl/cpu for a CPU build anywhere.
+# The docker builds read the same variable for the base image.
+TORCH_INDEX_URL ?=
 CONFIG ?= configs/gsm8k_tiny.yaml
 ARGS ?=
 # make eval / make merge take the docker targets' variables (compose reads the same names from .env).
@@ -53,7 +56,7 @@ $(VENV)/.installed: pyproject.toml
 	@echo "[install] 1/4 pip"
 	@$(PY) -m pip install -q --upgrade pip
 	@echo "[install] 2/4 $(TORCH_SPEC) (pinned first; README: the CPU or the CUDA build)"
-	@$(PY) -m pip install -q "$(TORCH_SPEC)"
+	@$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)")
 	@echo "[install] 3/4 rldock with its dependencies and the dev/sciworld extras (the longest step, ~2 min)"
 	@# setuptools' notices about editable installs are advice for package authors, not for this user: silenced.
 	@PYTHONWARNINGS=ignore $(PY) -m pip install -q -e ".[dev,sciworld]"
