@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -50,6 +51,21 @@ def tokenizer(model_path):
     from rollout.loading import load_tokenizer
 
     return load_tokenizer(model_path)
+
+
+@pytest.fixture(scope="session")
+def scratch_dir(tmp_path_factory):
+    """`mktemp` for GB-sized outputs (real checkpoints, full weight copies): removed at the end of the session even
+    when a test failed, so a failing run does not leave gigabytes behind (pytest keeps failed runs' temp folders)."""
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -66,9 +66,9 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="session")
-def one_rank(model_path, tmp_path_factory):
+def one_rank(model_path, scratch_dir):
     """(step folder, the fp32 weights it holds)."""
-    return write_checkpoint(model_path, tmp_path_factory.mktemp("exp1"), 3, shard_model=False)
+    return write_checkpoint(model_path, scratch_dir("exp1"), 3, shard_model=False)
 
 
 @pytest.fixture(scope="session")
@@ -82,8 +82,8 @@ def perturbed(one_rank) -> dict:
 
 
 @pytest.fixture(scope="session")
-def two_rank_step(model_path, tmp_path_factory) -> Path:
-    exp = tmp_path_factory.mktemp("exp2")
+def two_rank_step(model_path, scratch_dir) -> Path:
+    exp = scratch_dir("exp2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, model_path, str(exp)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)

@@ -200,7 +200,7 @@ def services(model_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def new_weights(model_path, tmp_path_factory):
+def new_weights(model_path, scratch_dir):
     """The model's weights, slightly changed, as an HF safetensors folder; and their checksum."""
     import torch
     from safetensors.torch import load_file, save_file
@@ -210,7 +210,7 @@ def new_weights(model_path, tmp_path_factory):
     state = load_file(str(Path(model_path) / "model.safetensors"))
     gen = torch.Generator().manual_seed(0)
     state = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
-    folder = tmp_path_factory.mktemp("weights") / "v1"
+    folder = scratch_dir("weights") / "v1"
     folder.mkdir()
     save_file(state, str(folder / "model.safetensors"))
     return folder, checksum(state.items())

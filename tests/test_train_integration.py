@@ -47,8 +47,8 @@ def make_workdir(root: Path, **train: object) -> Path:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return make_workdir(tmp_path_factory.mktemp("train"))
+def workdir(scratch_dir) -> Path:
+    return make_workdir(scratch_dir("train"))
 
 
 def run_trainer(workdir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
