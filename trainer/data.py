@@ -34,7 +34,12 @@ def load_split(path: str, split: str, hub_config: str = "main"):
             raise ConfigError(
                 f"{split} data file {path} not found; set {key}=PATH to a GSM8K JSONL file or a hub id like openai/gsm8k"
             )
-        return datasets.load_dataset("json", data_files=str(Path(path).expanduser()), split="train")
+        # A local file loads in a blink: its "Generating train split" bars would only be noise before the step bar.
+        datasets.disable_progress_bars()
+        try:
+            return datasets.load_dataset("json", data_files=str(Path(path).expanduser()), split="train")
+        finally:
+            datasets.enable_progress_bars()
     return datasets.load_dataset(path, hub_config, split=split)
 
 
