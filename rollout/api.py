@@ -12,6 +12,8 @@ from typing import Any
 FINISH_STOP = "stop"  # an EOS / stop token was sampled (it is included in token_ids)
 FINISH_LENGTH = "length"  # max_new_tokens reached
 FINISH_ABORT = "abort"  # generation was paused/aborted mid-way
+# Above this the distribution is uniform to float32 precision: a larger value only overflows (1e39 did, as a 500).
+MAX_TEMPERATURE = 100.0
 
 
 @dataclass
@@ -29,8 +31,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # NaN fails this too
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

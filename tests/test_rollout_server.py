@@ -144,6 +144,7 @@ BAD_GENERATE = [
     {"prompts": "abc"},
     {"prompts": [[1, 2]], "n": 0},
     {"prompts": [[1, 2]], "temperature": -1},
+    {"prompts": [[1, 2]], "temperature": 1e39},
     {"prompts": [[1, 2]], "top_p": 0},
     {"prompts": [[1, 2]], "max_new_tokens": 0},
     {"prompts": [[1, 2]], "max_new_tokens": 10**6},
@@ -176,6 +177,7 @@ BAD_CHAT = [
     {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
     {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
     {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 1.0},
+    {"messages": [{"role": "user", "content": "hi"}], "temperature": 1e39},
 ]
 BAD_ADMIN = [
     ("/update_weights", {"path": "/definitely/not/here"}),

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rollout.api import MAX_TEMPERATURE
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
@@ -54,7 +56,7 @@ class RolloutConfig(Section):
     """Rollout service base URLs (backend=http); requests are spread round-robin."""
     n: int = Field(4, ge=1)
     """Completions per prompt (the GRPO group size)."""
-    temperature: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE)
     """Sampling temperature for training rollouts."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass."""
