@@ -13,18 +13,21 @@ into `docker load` and unpacks models/ and data/ into the checkout, keeping file
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
 
+from scripts.docker_cli import IMAGES, docker, error_line, image_ref, not_built
+
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "rldock-bundle.json"
 IMAGES_MEMBER = "images.tar"
 DATA_DIRS = ("models", "data")
-KNOWN_IMAGES = ("base", "train", "scripts", "eval")
 CHUNK = 1 << 20
 
 
@@ -32,35 +35,28 @@ class BundleError(Exception):
     """A problem the user can fix; printed as one line."""
 
 
-def docker(*args: str, **kw) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(["docker", *args], capture_output=True, text=True, **kw)
-    except FileNotFoundError:
-        raise BundleError("the docker CLI is not on PATH") from None
-
-
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.0f} MB"
 
 
 def save(path: Path, tag: str, images: list[str], with_data: bool, root: Path = ROOT) -> dict:
-    refs = [f"rldock/{name}:{tag}" for name in images]
-    missing = [r for r in refs if docker("image", "inspect", r).returncode != 0]
+    refs = [image_ref(name, tag) for name in images]
+    missing = not_built(refs)
     if missing:
         raise BundleError(f"not built: {', '.join(missing)} (make docker-build TAG={tag})")
     tmp = path.with_name(path.name + ".images.tmp")
     manifest = {"tag": tag, "images": refs, "data": list(DATA_DIRS) if with_data else [], "created": time.time()}
     try:
         print(f"bundle: docker save {' '.join(refs)}", flush=True)
-        out = docker("save", "-o", str(tmp), *refs)
+        out = docker("save", "-o", str(tmp), *refs, timeout=None)
         if out.returncode != 0:
-            raise BundleError(f"docker save failed: {out.stderr.strip()[:300]}")
+            raise BundleError(f"docker save failed: {error_line(out.stderr)}")
         print(f"bundle: images {_mb(tmp.stat().st_size)}; writing {path}", flush=True)
         with tarfile.open(path, "w") as tar:
             info = tarfile.TarInfo(MANIFEST)
             blob = json.dumps(manifest, indent=2).encode()
             info.size, info.mtime = len(blob), int(time.time())
-            tar.addfile(info, _Bytes(blob))
+            tar.addfile(info, io.BytesIO(blob))
             tar.add(tmp, arcname=IMAGES_MEMBER)
             for name in manifest["data"]:
                 if (root / name).is_dir():
@@ -78,17 +74,6 @@ def save(path: Path, tag: str, images: list[str], with_data: bool, root: Path = 
 def _no_links_out(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     """Symlinks would point at this host's paths: leave them out (HF caches hold some)."""
     return None if info.issym() or info.islnk() else info
-
-
-class _Bytes:
-    def __init__(self, data: bytes):
-        self.data, self.at = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        n = len(self.data) - self.at if n < 0 else n
-        chunk = self.data[self.at : self.at + n]
-        self.at += len(chunk)
-        return chunk
 
 
 def _safe_member(member: tarfile.TarInfo, allowed: list[str]) -> bool:
@@ -116,17 +101,15 @@ def load(path: Path, overwrite: bool = False, root: Path = ROOT) -> dict:
 
 def _load_images(tar: tarfile.TarFile, refs: list[str]) -> None:
     print(f"bundle: docker load ({_mb(tar.getmember(IMAGES_MEMBER).size)})", flush=True)
-    source = tar.extractfile(IMAGES_MEMBER)
     proc = subprocess.Popen(["docker", "load", "-q"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=False)
     try:
-        while chunk := source.read(CHUNK):
-            proc.stdin.write(chunk)
+        shutil.copyfileobj(tar.extractfile(IMAGES_MEMBER), proc.stdin, CHUNK)
     finally:
         proc.stdin.close()
     out = proc.stdout.read().decode(errors="replace")
     if proc.wait() != 0:
-        raise BundleError(f"docker load failed: {out.strip()[:300]}")
-    missing = [r for r in refs if docker("image", "inspect", r).returncode != 0]
+        raise BundleError(f"docker load failed: {error_line(out)}")
+    missing = not_built(refs)
     if missing:
         raise BundleError(f"docker load did not restore {', '.join(missing)}")
 
@@ -150,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p_save = sub.add_parser("save", help="write images (and models/ data/) to BUNDLE")
     p_save.add_argument("bundle", type=Path)
     p_save.add_argument("--tag", default="latest", help="image tag (TAG)")
-    p_save.add_argument("--images", nargs="+", default=["train", "scripts", "eval"], choices=KNOWN_IMAGES)
+    p_save.add_argument("--images", nargs="+", default=["train", "scripts", "eval"], choices=IMAGES)
     p_save.add_argument("--with-data", action="store_true", help="also models/ and data/ of the checkout")
     p_load = sub.add_parser("load", help="load BUNDLE's images, unpack its models/ data/ into the checkout")
     p_load.add_argument("bundle", type=Path)
@@ -163,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             load(args.bundle, args.overwrite)
     except BundleError as err:
         print(f"bundle: {err}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as err:  # no docker CLI (or a path that vanished mid-way)
+        print(f"bundle: {err.filename or err}: not found", file=sys.stderr)
         return 1
     return 0
 

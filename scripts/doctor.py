@@ -13,15 +13,14 @@ import argparse
 import os
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from scripts.docker_cli import IMAGES, docker, error_line, image_ref, not_built
 from scripts.local_stack import port_free
 
 ROOT = Path(__file__).resolve().parent.parent
-IMAGES = ("base", "train", "scripts", "eval")
 VOLUMES = ("models", "saves", "data")
 
 
@@ -81,15 +80,6 @@ def check_volumes(root: Path, uid: int, gid: int) -> list[Check]:
 # ---------------------------------------------------------------- checks through the docker CLI
 
 
-def docker(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def _error_line(text: str) -> str:
-    """The line of docker's stderr that says what went wrong (the last one), whole: no cut mid-word."""
-    return (text.strip().splitlines() or ["no output"])[-1]
-
-
 def check_daemon() -> tuple[list[Check], bool]:
     """(checks, whether the daemon answers)."""
     if shutil.which("docker") is None:
@@ -97,7 +87,7 @@ def check_daemon() -> tuple[list[Check], bool]:
     out = docker("version", "--format", "{{.Server.Version}}")
     if out.returncode != 0:
         where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-        why = _error_line(out.stderr)
+        why = error_line(out.stderr)
         fix = (
             "sudo usermod -aG docker $USER, then log in again"
             if "permission denied" in why.lower()
@@ -134,7 +124,7 @@ def check_nvidia(cpu: bool) -> tuple[list[Check], bool]:
 
 
 def check_images(tag: str) -> list[Check]:
-    missing = [f"rldock/{n}:{tag}" for n in IMAGES if docker("image", "inspect", f"rldock/{n}:{tag}").returncode]
+    missing = not_built([image_ref(n, tag) for n in IMAGES])
     if missing:
         return [Check(False, f"images not built: {', '.join(missing)}: make docker-build TAG={tag}")]
     return [Check(True, f"images rldock/{{{','.join(IMAGES)}}}:{tag} built")]
@@ -142,12 +132,12 @@ def check_images(tag: str) -> list[Check]:
 
 def check_gpus(tag: str) -> list[Check]:
     """nvidia-smi -L in the base image with every GPU requested, as compose's reservations would; --rm: no leftover."""
-    image = f"rldock/base:{tag}"
-    if docker("image", "inspect", image).returncode != 0:
+    image = image_ref("base", tag)
+    if not_built([image]):
         return [Check(False, f"GPUs not tested: {image} is needed to run nvidia-smi: make docker-build-base")]
     out = docker("run", "--rm", "--gpus", "all", "--entrypoint", "nvidia-smi", image, "-L", timeout=120)
     if out.returncode != 0:
-        return [Check(False, f"containers see no GPU ({_error_line(out.stderr)}): check nvidia-smi on the host")]
+        return [Check(False, f"containers see no GPU ({error_line(out.stderr)}): check nvidia-smi on the host")]
     gpus = [line for line in out.stdout.splitlines() if line.startswith("GPU ")]
     return [Check(bool(gpus), f"{len(gpus)} GPU(s) visible in containers" + (f": {gpus[0]}" if gpus else ""))]
 
