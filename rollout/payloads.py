@@ -15,6 +15,7 @@ from rollout.api import MAX_TEMPERATURE, Completion, SamplingParams
 
 TokenId = Annotated[int, Field(ge=0)]
 Prompt = Annotated[list[TokenId], Field(min_length=1)]
+Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)]
 
 # Bytes per element of every dtype a weight manifest may name (torch dtype names).
 DTYPE_BYTES = {
@@ -46,7 +47,7 @@ class GenerateRequest(Strict):
 
     prompts: list[Prompt] = Field(min_length=1)
     n: int = Field(1, ge=1)
-    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    temperature: Temperature = 1.0
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     max_new_tokens: int = Field(256, ge=1)
@@ -93,7 +94,7 @@ class OpenAISampling(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    temperature: Temperature = 1.0
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     n: int = Field(1, ge=1)

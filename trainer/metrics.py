@@ -232,8 +232,9 @@ def summary_table(rows: list[dict]) -> str:
     """First and last value of each headline metric over a run: the before/after printed when it ends."""
     lines = []
     for key in SUMMARY_KEYS:
-        points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
-        if points:
-            (s0, v0), (s1, v1) = points[0], points[-1]
-            lines.append(f"  {key:<22} {v0:>8.3f} at step {s0:<5} -> {v1:>8.3f} at step {s1}")
+        steps, values = _series(rows, key)
+        if steps:
+            lines.append(
+                f"  {key:<22} {values[0]:>8.3f} at step {steps[0]:<5} -> {values[-1]:>8.3f} at step {steps[-1]}"
+            )
     return "\n".join(lines)
