@@ -98,11 +98,17 @@ def all_gather_object(d: Dist, obj) -> list:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks, found by the class names HF lists in `_no_split_modules` (LlamaDecoderLayer, ...)."""
+    """The transformer blocks, found by the class names HF lists in `_no_split_modules` (LlamaDecoderLayer, ...).
+
+    Matched along each module's class hierarchy: `fully_shard` swaps a sharded module's class for a subclass named
+    `FSDP<Name>`, and the layers must still be found after sharding (to compile them)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not layers:
-        raise ValueError(f"{type(model).__name__}: cannot find its decoder layers to shard (no _no_split_modules)")
+        raise ValueError(
+            f"{type(model).__name__}: cannot find its decoder layers (none of the classes in _no_split_modules "
+            f"{sorted(names)} is among its modules)"
+        )
     return layers
 
 
