@@ -139,6 +139,7 @@ def test_train_resume_and_fresh_start(workdir, model_path, tokenizer):
         (["train.lrr=1"], "unknown key 'train.lrr'"),
         (["train.lr=-1"], "train.lr"),
         (["model.path=/no/such/model"], "model.path"),
+        (["train.cpu_offload=true"], "train.cpu_offload needs CUDA and torchrun"),
     ],
 )
 def test_bad_config_exits_with_one_line(workdir, overrides, message):

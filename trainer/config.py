@@ -138,6 +138,10 @@ class TrainConfig(Section):
     compile: bool = True
     """On CUDA, compile each decoder layer with torch.compile (fuses norms, RoPE and SwiGLU; the first steps pay
     the compile). Ignored on CPU and with gradient checkpointing."""
+    cpu_offload: bool = False
+    """FSDP2 keeps the fp32 master weights, gradients and AdamW state in host memory and steps the optimizer on
+    the CPU: a model whose optimizer state does not fit the GPUs trains, slower. Needs CUDA and torchrun (also for one
+    GPU: `torchrun --nproc_per_node 1 -m trainer ...`)."""
     weight_sync: Literal["inprocess", "disk", "nccl"] = "inprocess"
     """How new weights reach the engine: shared memory in-process, HF safetensors on disk, or NCCL broadcast."""
     weight_sync_keep: int = Field(2, ge=1)
@@ -176,6 +180,8 @@ class CheckpointConfig(Section):
     """Checkpoint every N steps (0 = only at the end)."""
     keep_last: int = Field(2, ge=1)
     """Keep the newest K checkpoints."""
+    at_end: bool = True
+    """Save when the run ends (false: a throwaway or benchmark run that need not write its weights and optimizer)."""
     resume: bool = True
     """Resume from saves/<exp>/latest when it exists; false starts fresh (old checkpoints are left in place)."""
 

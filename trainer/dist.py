@@ -54,9 +54,10 @@ def init(device_preference: str = "auto") -> Dist:
     device = pick_device(device_preference, local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    if not dist.is_initialized():  # on CUDA also gloo for CPU tensors: the shards of train.cpu_offload live there
         dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+            "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+            device_id=device if device.type == "cuda" else None,
         )
     return Dist(rank, world, local, device, True)
 
@@ -112,12 +113,16 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def shard(model: nn.Module, d: Dist, param_dtype: torch.dtype | None = None) -> nn.Module:
-    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm and a tied lm_head stay together)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def shard(model: nn.Module, d: Dist, param_dtype: torch.dtype | None = None, cpu_offload: bool = False) -> nn.Module:
+    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm and a tied lm_head stay together).
+    `cpu_offload` keeps the shards, their gradients and so the optimizer state in (pinned) host memory."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
-    kwargs = {"mp_policy": mp} if mp else {}
+    kwargs: dict = {}
+    if param_dtype:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
@@ -131,6 +136,11 @@ def full_state_dict(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+def peak_memory_gib(d: Dist) -> float:
+    """The most GPU memory this rank's tensors have held since the process started (0 on CPU)."""
+    return torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else 0.0
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

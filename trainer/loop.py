@@ -114,6 +114,11 @@ def seed_everything(seed: int) -> None:
 
 def build(cfg: Config, d: Dist) -> Run:
     """Model, engine, optimizer, data and workflows for this rank; the resolved config is saved first."""
+    if cfg.train.cpu_offload and not (d.distributed and d.device.type == "cuda"):
+        raise ConfigError(
+            "train.cpu_offload needs CUDA and torchrun (FSDP2 offloads the shards): on one GPU run "
+            "`torchrun --nproc_per_node 1 -m trainer ...`"
+        )
     if d.is_main:
         cfg.exp_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.exp_dir / "config.yaml")
@@ -124,7 +129,7 @@ def build(cfg: Config, d: Dist) -> Run:
     model, tokenizer, path = load_policy(cfg, d)
     engine = make_engine(cfg, model, tokenizer, d, path)  # before sharding: it may alias the full parameters
     if d.distributed:
-        dist.shard(model, d, param_dtype=None if dtype == torch.float32 else dtype)
+        dist.shard(model, d, None if dtype == torch.float32 else dtype, cfg.train.cpu_offload)
     if cfg.train.compile and d.device.type == "cuda" and not cfg.model.gradient_checkpointing:
         compile_layers(model)
     optimizer, scheduler = make_optimizer(cfg, model)
@@ -319,8 +324,19 @@ def train_step(run: Run, on_phase: Callable[[str], None] = lambda phase: None) -
     run.version = stats["weight_version"] = run.pusher.push(run.model, run.version + 1)
     t3 = time.perf_counter()
     stats.update({"time/rollout": t1 - t0, "time/update": t2 - t1, "time/sync": t3 - t2, "time/step": t3 - t0})
+    stats.update(rank_profile(run, t1 - t0))
     stats["item_ids"] = trained_items(run, trajectories)
     return stats
+
+
+def rank_profile(run: Run, rollout_s: float) -> dict[str, float]:
+    """What the slowest rank did: its rollout time (the others wait for it in the update's collectives) and the
+    highest per-GPU peak memory. On one rank these are rank 0's own."""
+    per_rank = dist.all_gather_object(run.d, (rollout_s, dist.peak_memory_gib(run.d)))
+    out = {"time/rollout_slowest": max(r for r, _ in per_rank)}
+    if run.d.device.type == "cuda":
+        out["memory/peak_gib"] = max(m for _, m in per_rank)
+    return out
 
 
 def trained_items(run: Run, trajectories: list[Trajectory]) -> list[int]:
@@ -567,7 +583,8 @@ def save(run: Run) -> Path:
 
 
 def finish(run: Run) -> None:
-    """Final eval and checkpoint (unless this very step already had them), then the final plot."""
+    """Final eval and checkpoint (unless this very step already had them, or checkpoint.at_end=false), then the
+    final plot."""
     if run.step < run.total_steps and run.d.is_main:
         print(
             f"[rldock] train.time_limit_s={run.cfg.train.time_limit_s:g} reached at step {run.step} "
@@ -576,7 +593,7 @@ def finish(run: Run) -> None:
         )
     if run.cfg.eval.every and run.last_eval != run.step and run.step > run.start_step:
         record_eval(run)
-    if run.last_save != run.step:
+    if run.last_save != run.step and run.cfg.checkpoint.at_end:
         save(run)
     run.logger.plot()
     table = summary_table(read_metrics(run.logger.path)) if run.d.is_main else ""
