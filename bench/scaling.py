@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="part dp: GPU counts to run")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of the plumbing")
     p.add_argument("--shape", choices=("w", "qwen7b", "tiny"), help="model of parts dp/big (default: w / qwen7b)")
+    p.add_argument("--only", nargs="+", help="part big: run only these (big_2gpu, big_1gpu, big_1gpu_offload)")
     p.add_argument("--timeout", type=float, default=480, help="seconds one trainer run may take")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra trainer overrides for every run")
     return p.parse_args(argv)
@@ -137,13 +138,14 @@ def train(args, name: str, nproc: int, overrides: list[str], gpus: str | None, b
     cmd = trainer_cmd(nproc, config, [*QUIET, *exp, *overrides, *args.overrides])
     log(f"{name}: {' '.join(cmd[1:])}")
     t0 = time.monotonic()
-    with open(work / f"{name}.log", "w") as out:
+    log_path = Path(args.out) / f"{name}.log"  # in --out, so a run cut short by the device's limit still returns it
+    with open(log_path, "w") as out:
         try:
             rc = subprocess.run(cmd, cwd=ROOT, env=child_env(gpus), stdout=out, stderr=subprocess.STDOUT,
                                 timeout=args.timeout).returncode  # fmt: skip
         except subprocess.TimeoutExpired:
             rc = 124
-    text = (work / f"{name}.log").read_text(errors="replace")
+    text = log_path.read_text(errors="replace")
     metrics = work / "saves" / name / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     rows = [r for r in rows if "time/step" in r]
@@ -193,6 +195,7 @@ def part_dp(args) -> dict:
         # One GPU is a plain process (what `python -m trainer` gives, no FSDP); more are torchrun ranks.
         run = train(args, f"dp_{n}gpu", n if n > 1 else 0, overrides, ",".join(str(i) for i in range(n)))
         res[f"{n}gpu"] = medians(run, args.warmup)
+        write_results(args, res)
     return res
 
 
@@ -216,7 +219,7 @@ def start_service(args, model: str, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "rollout.server", "--model", model, "--port", str(port), "--device", args.device,
            "--max-batch-size", "512", "--log-level", "warning"]  # fmt: skip
     log("service: " + " ".join(cmd[1:]))
-    out = open(Path(args.work) / f"service_{port}.log", "w")
+    out = open(Path(args.out) / f"service_{port}.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env("1"), stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -317,7 +320,10 @@ def part_big(args) -> dict:
             ("big_1gpu_offload", 1, "0", ["train.batch_size=8", "train.cpu_offload=true"]))  # fmt: skip
     res = {}
     for name, n, gpus, extra in runs:
+        if args.only and name not in args.only:
+            continue
         res[name] = medians(train(args, name, n, [*common, *extra], gpus), min(args.warmup, steps - 1))
+        write_results(args, res)
     return res
 
 
@@ -332,14 +338,8 @@ def big_table(res: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    Path(args.work).mkdir(parents=True, exist_ok=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    part, table = {"dp": (part_dp, dp_table), "async": (part_async, async_table), "big": (part_big, big_table)}[
-        args.part
-    ]
-    res = part(args)
+def write_results(args, res: dict) -> dict:
+    """--out/scaling_<part>.json, rewritten after every run (a call cut short keeps what finished)."""
     meta = {"part": args.part, "argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     try:
         import torch
@@ -350,7 +350,18 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # the table matters more than the versions line
         meta["versions_error"] = str(err)
     (Path(args.out) / f"scaling_{args.part}.json").write_text(json.dumps({**meta, "results": res}, indent=1))
-    print(json.dumps(meta))
+    return meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    part, table = {"dp": (part_dp, dp_table), "async": (part_async, async_table), "big": (part_big, big_table)}[
+        args.part
+    ]
+    res = part(args)
+    print(json.dumps(write_results(args, res)))
     print(table(res))
 
 

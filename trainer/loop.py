@@ -10,6 +10,7 @@ groups, so advantages need no communication); losses are normalised by the globa
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import time
 from collections.abc import Callable
@@ -122,8 +123,7 @@ def build(cfg: Config, d: Dist) -> Run:
     if d.is_main:
         cfg.exp_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.exp_dir / "config.yaml")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    torch.set_num_threads(cpu_threads(cfg))
     seed_everything(cfg.train.seed)
     dtype = compute_dtype(cfg, d.device)
     model, tokenizer, path = load_policy(cfg, d)
@@ -142,6 +142,16 @@ def build(cfg: Config, d: Dist) -> Run:
     run.workflow, run.eval_workflow = workflow, eval_workflow
     run.pusher = WeightPusher(cfg, engine, d)
     return run
+
+
+def cpu_threads(cfg: Config) -> int:
+    """train.threads, else torch's default; with train.cpu_offload the AdamW step runs on the host, so each rank takes
+    its share of the cores (torchrun sets OMP_NUM_THREADS=1, which made a 7 B step take minutes)."""
+    if cfg.train.threads:
+        return cfg.train.threads
+    if cfg.train.cpu_offload:
+        return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return torch.get_num_threads()
 
 
 def load_policy(cfg: Config, d: Dist):
@@ -183,7 +193,9 @@ def load_reference(cfg: Config, path: str, d: Dist, dtype: torch.dtype) -> nn.Mo
 def make_optimizer(cfg: Config, model: nn.Module):
     """AdamW + linear warm-up to `train.lr` over `train.warmup_steps`, constant afterwards."""
     t = cfg.train
-    fused = next(model.parameters()).is_cuda  # one kernel for all parameters instead of a chain of foreach ops
+    # One kernel for all parameters instead of a chain of foreach ops; on the host only for offloaded shards (CPU
+    # runs keep the foreach path their tests were written against).
+    fused = next(model.parameters()).is_cuda or t.cpu_offload
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=fused or None
     )
@@ -414,7 +426,10 @@ def update_policy(run: Run, trajectories: list[Trajectory]) -> dict[str, float]:
 def to_host(parts: list[dict[str, torch.Tensor]], grad_norm: torch.Tensor) -> tuple[list[dict[str, float]], float]:
     """Every micro-batch metric and the grad norm as Python floats, in one device-to-host copy."""
     keys = list(parts[0])
-    flat = torch.stack([p[k].float().reshape(()) for p in parts for k in keys] + [grad_norm.float().reshape(())])
+    device = parts[0][keys[0]].device  # the grad norm is on the host when train.cpu_offload keeps the gradients there
+    flat = torch.stack(
+        [p[k].float().reshape(()) for p in parts for k in keys] + [grad_norm.float().reshape(()).to(device)]
+    )
     values = flat.tolist()
     return [
         dict(zip(keys, values[i * len(keys) : (i + 1) * len(keys)], strict=True)) for i in range(len(parts))
