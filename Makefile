@@ -22,7 +22,11 @@ MERGE_ARGS ?=
 PYTEST_ARGS ?=
 # GPU=0: CPU mode for every docker target (docker/compose.cpu.yml drops the GPU reservations).
 GPU ?= 1
-COMPOSE_FILES := -f docker-compose.yml $(if $(filter 0,$(GPU)),-f docker/compose.cpu.yml)
+# MULTINODE=1: the train service on the host's network, for a job over several nodes (docker/compose.multinode.yml).
+MULTINODE ?= 0
+COMPOSE_FILES := -f docker-compose.yml $(if $(filter 0,$(GPU)),-f docker/compose.cpu.yml) \
+	$(if $(filter 1,$(MULTINODE)),-f docker/compose.multinode.yml)
+TWO_NODES_FILES := -f docker/compose.two-nodes.yml $(if $(filter 0,$(GPU)),-f docker/compose.two-nodes.cpu.yml)
 COMPOSE ?= docker compose $(COMPOSE_FILES)
 # One compose project per checkout (its path's checksum), so two clones on one host never share containers or
 # networks. Plain `docker compose` by hand: export COMPOSE_PROJECT_NAME=$$(make -s compose-project).
@@ -142,6 +146,17 @@ docker-train-shell: ## Open a shell in the train image, with the GPUs and volume
 docker-train: ## Train in the train image (CONFIG=configs/gsm8k_tiny.yaml ARGS="train.lr=1e-6")
 	@mkdir -p $(MOUNTED_DIRS)
 	$(if $(ARGS),TRAIN_ARGS='$(ARGS)') $(COMPOSE) --profile train run --rm $(NO_TTY) --use-aliases train
+
+.PHONY: docker-train-two-nodes
+docker-train-two-nodes: ## Rehearse multi-node on this host: two train containers as two nodes (NPROC ranks each)
+	@mkdir -p $(MOUNTED_DIRS)
+	$(if $(ARGS),TRAIN_ARGS='$(ARGS)') $(COMPOSE) $(TWO_NODES_FILES) --profile train up -d --no-build train train-node1
+	$(COMPOSE) $(TWO_NODES_FILES) --profile train logs -f train train-node1
+	@# Both nodes must succeed; the containers go either way (no --abort-on-container-exit: the node that ends first
+	@# would stop the other while it still writes its plots).
+	@codes="$$($(COMPOSE) $(TWO_NODES_FILES) --profile train ps -a --format '{{.ExitCode}}' train train-node1)"; \
+	$(COMPOSE) $(TWO_NODES_FILES) --profile train rm -fs train train-node1 > /dev/null 2>&1; \
+	echo "node exit codes:" $$codes; test "$$(echo $$codes)" = "0 0"
 
 .PHONY: docker-rollout
 docker-rollout: ## Start the rollout service on 127.0.0.1:8000, wait until healthy (MODEL=… ROLLOUT_BACKEND=vllm)

@@ -213,6 +213,34 @@ def test_make_docker_merge_verifies_the_logits(stack):
     assert (stack.root / "saves/tiny/hf/config.json").is_file()
 
 
+def test_two_train_containers_as_two_nodes_checkpoint_resume_and_merge(stack):
+    """The multi-node recipe on one host: `train` and `train-node1` (docker/compose.two-nodes.yml) rendezvous over
+    the compose network (torchrun c10d), one gloo rank each; both write their shard of one checkpoint, a second run
+    resumes from it, and the merger turns the 2-rank checkpoint into one verified HF folder."""
+    exp = stack.root / "saves/nodes"
+    args = f"experiment_name=nodes {TINY} checkpoint.every=1"
+    first = stack.must("docker-train-two-nodes", f"ARGS={args} train.total_steps=1", timeout=1200)
+    assert "fresh start, 1 steps, 2 rank(s)" in first.stdout, first.stdout[-3000:]
+    shards = sorted(p.name for p in (exp / "global_step_1/actor/model").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    assert json.loads((exp / "global_step_1/actor/meta.json").read_text())["world_size"] == 2
+    second = stack.must("docker-train-two-nodes", f"ARGS={args} train.total_steps=2", timeout=1200)
+    assert "resumed at step 1" in second.stdout, second.stdout[-3000:]
+    rows = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2]
+    label = f"label=com.docker.compose.project={stack.project}"
+    for service in ("train", "train-node1"):
+        left = run(
+            ["docker", "ps", "-a", "-q", "--filter", label, "--filter", f"label=com.docker.compose.service={service}"]
+        )
+        assert not left.stdout.split(), f"{service} containers were left behind"
+    out = stack.must(
+        "docker-merge", "LOCAL_DIR=saves/nodes", "SAVE_DIR=saves/nodes/hf", "MERGE_ARGS=--verify", timeout=900
+    )
+    assert "verify ok" in out.stdout + out.stderr
+    assert list((exp / "hf").glob("*.safetensors"))
+
+
 def test_train_shell_runs_a_piped_script(stack):
     script = "python -c 'import trainer, rollout, torch; print(\"shell-ok\", torch.__version__)'\nid -u\n"
     out = stack.must("docker-train-shell", input=script, timeout=300)
