@@ -101,6 +101,18 @@ def resolve_actor_dir(local_dir: str) -> Path:
     raise MergeError(f"--local_dir {path}: no model/ checkpoint folder in it or in {path / 'actor'}")
 
 
+def check_manifest(actor_dir: Path) -> None:
+    """Refuse a checkpoint whose files differ from its manifest (trainer/manifest.py; older checkpoints have none)."""
+    from trainer import manifest
+
+    step_dir = actor_dir.parent if actor_dir.name == "actor" else actor_dir
+    if (step_dir / manifest.MANIFEST).is_file():
+        try:
+            manifest.check(step_dir)
+        except manifest.DamagedCheckpoint as err:
+            raise MergeError(f"{step_dir} is damaged: {err}; merge an earlier global_step_N instead") from None
+
+
 def normalise_name(name: str) -> str:
     for segment in WRAPPER_SEGMENTS:
         name = name.replace(segment, "")
@@ -293,6 +305,7 @@ def merge(args: argparse.Namespace) -> Path:
     import torch
 
     actor_dir = resolve_actor_dir(args.local_dir)
+    check_manifest(actor_dir)
     save_dir = Path(args.save_dir).expanduser() if args.save_dir else actor_dir / "huggingface"
     max_bytes = parse_size(args.max_shard_size)
     ckpt = Checkpoint(actor_dir / "model")

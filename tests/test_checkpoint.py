@@ -138,3 +138,114 @@ def test_no_checkpoint_means_none(tmp_path):
     assert checkpoint.find_latest(tmp_path) is None
     with pytest.raises(ValueError, match="global_step_N"):
         checkpoint.step_of(tmp_path / "weights")
+
+
+# ---------------------------------------------------------------- integrity: manifest, fallback, full disk
+
+
+def resume(exp_dir, warnings: list[str], parts=None):
+    model, opt, sched = parts or trained_parts(seed=5, steps=1)
+    return checkpoint.load_newest_intact(
+        exp_dir, model=model, optimizer=opt, scheduler=sched, d=Dist(), warn=warnings.append
+    )
+
+
+def test_the_manifest_lists_every_file_with_size_and_sha256(tmp_path, tokenizer):
+    import hashlib
+
+    from trainer import manifest
+
+    path = save_at(tmp_path, 1, tokenizer)
+    files = manifest.read(path)
+    on_disk = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    assert sorted(files) == [n for n in on_disk if n != "manifest.json"]
+    some = path / "actor/model/__0_0.distcp"
+    entry = files["actor/model/__0_0.distcp"]
+    assert entry["size"] == some.stat().st_size and entry["sha256"] == hashlib.sha256(some.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, tokenizer, damage):
+    parts = trained_parts()
+    save_at(tmp_path, 1, tokenizer, parts=parts)
+    save_at(tmp_path, 2, tokenizer, parts=parts)
+    bad = tmp_path / "global_step_2/actor/optim/__0_0.distcp"
+    data = bad.read_bytes()
+    if damage == "truncate":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        bad.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    else:
+        bad.unlink()
+    warnings: list[str] = []
+    state = resume(tmp_path, warnings)
+    assert state["step"] == 1
+    assert len(warnings) == 1 and "global_step_2" in warnings[0] and str(bad) in warnings[0], warnings
+    assert (tmp_path / "global_step_2.damaged").is_dir() and not (tmp_path / "global_step_2").exists()
+    assert checkpoint.find_latest(tmp_path) == tmp_path / "global_step_1"
+
+
+def test_no_intact_checkpoint_is_one_error_and_nothing_is_deleted(tmp_path, tokenizer):
+    save_at(tmp_path, 1, tokenizer)
+    (tmp_path / "global_step_1/trainer_state.json").write_text("{}")
+    warnings: list[str] = []
+    with pytest.raises(checkpoint.CheckpointError, match="no intact checkpoint") as err:
+        resume(tmp_path, warnings)
+    assert "\n" not in str(err.value) and len(warnings) == 1
+    assert (tmp_path / "global_step_1.damaged/actor/model/__0_0.distcp").is_file()
+    assert resume(tmp_path / "empty", []) is None
+
+
+def test_a_checkpoint_from_before_manifests_still_loads(tmp_path, tokenizer):
+    save_at(tmp_path, 1, tokenizer)
+    (tmp_path / "global_step_1/manifest.json").unlink()
+    assert resume(tmp_path, [])["step"] == 1
+
+
+def test_the_merger_refuses_a_damaged_checkpoint_in_one_line(tmp_path, tokenizer):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    save_at(tmp_path, 1, tokenizer)
+    bad = tmp_path / "global_step_1/actor/model/__0_0.distcp"
+    bad.write_bytes(bad.read_bytes()[:-10])
+    out = subprocess.run(
+        [sys.executable, "-m", "scripts.model_merger", "--local_dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "damaged" in out.stderr and str(bad) in out.stderr
+    assert not (tmp_path / "global_step_1/actor/huggingface").exists()
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, tokenizer):
+    """On a 6 MiB tmpfs: the first checkpoint fits, the second cannot; the first stays intact and resumable."""
+    import os
+    import shutil
+    import subprocess
+
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("this host refuses to mount a tmpfs")
+    try:
+        parts = trained_parts()
+        save_at(disk, 1, tokenizer, parts=parts)
+        first = (disk / "global_step_1").rglob("*")
+        used = sum(p.stat().st_size for p in first if p.is_file() and p.name != "manifest.json")
+        free = shutil.disk_usage(disk).free
+        (disk / "ballast").write_bytes(b"\0" * max(0, free - used // 2))
+        with pytest.raises(checkpoint.CheckpointError) as err:
+            save_at(disk, 2, tokenizer, parts=parts)
+        line = str(err.value)
+        assert "\n" not in line and str(disk / "global_step_2") in line and "disk full" in line, line
+        assert f"about {used:,} needed" in line and "global_step_1 is intact" in line, line
+        assert not list(disk.glob("*.tmp")) and not (disk / "global_step_2").exists()
+        assert checkpoint.verify(disk / "global_step_1", Dist()) is None
+        assert resume(disk, [])["step"] == 1
+    finally:
+        subprocess.run(["umount", str(disk)])

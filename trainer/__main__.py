@@ -83,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from trainer.checkpoint import CheckpointError
     from trainer.loop import train  # imports torch
 
     try:
         result = train(cfg)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

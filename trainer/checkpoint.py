@@ -4,11 +4,17 @@ Model and optimizer go through torch.distributed.checkpoint (DCP): every rank wr
 names are the keys, and a checkpoint written by W ranks loads into any other number of ranks. A checkpoint is written
 as `global_step_N.tmp/` and renamed only when every rank has finished, then `latest` is replaced atomically, so a
 crash mid-write leaves the previous checkpoint in charge and the `.tmp` folder is cleaned at the next start.
+
+Integrity (trainer/manifest.py): the last file written is `manifest.json`, every file's size and sha256. Resume checks
+the newest checkpoint against it; a damaged one is renamed `global_step_N.damaged` (kept, never loaded or pruned) with
+one warning naming the bad file, and the one before is tried. A write that fails (a full disk) removes its `.tmp`
+folder and raises CheckpointError: one line naming the folder, the bytes free and the bytes needed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -22,10 +28,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.dist import Dist, barrier
+from trainer import manifest
+from trainer.dist import Dist, all_gather_object, barrier
 
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
 LATEST = "latest"
+DAMAGED = ".damaged"
+# What a damaged checkpoint raises while loading, when its files passed (or predate) the manifest check.
+LOAD_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, json.JSONDecodeError)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or none could be resumed from; the message is one line for the user."""
 
 
 def step_of(path: Path) -> int:
@@ -36,6 +50,9 @@ def step_of(path: Path) -> int:
 
 
 def is_complete(path: Path) -> bool:
+    """Its manifest was written (checkpoints from before manifests: their state and DCP metadata exist)."""
+    if (path / manifest.MANIFEST).is_file():
+        return True
     return (path / "trainer_state.json").is_file() and (path / "actor" / "model" / ".metadata").is_file()
 
 
@@ -54,6 +71,64 @@ def find_latest(exp_dir: Path) -> Path | None:
             return named
     done = complete_checkpoints(exp_dir)
     return done[-1] if done else None
+
+
+def candidates(exp_dir: Path) -> list[Path]:
+    """Complete checkpoints to resume from, best first: the one `latest` names, then the others newest first."""
+    done = complete_checkpoints(exp_dir)[::-1]
+    first = find_latest(exp_dir)
+    return ([first] if first else []) + [p for p in done if p != first]
+
+
+def verify(ckpt: Path, d: Dist) -> str | None:
+    """None when every file matches the manifest (checked by all ranks, a share each), else what is wrong."""
+    problem = None
+    if (ckpt / manifest.MANIFEST).is_file():
+        try:
+            manifest.check(ckpt, d.rank, d.world_size)
+        except manifest.DamagedCheckpoint as err:
+            problem = str(err)
+    return _first(all_gather_object(d, problem))
+
+
+def quarantine(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (kept for inspection, never resumed from or pruned)."""
+    target = ckpt.with_name(ckpt.name + DAMAGED)
+    n = 1
+    while target.exists():
+        target, n = ckpt.with_name(f"{ckpt.name}{DAMAGED}{n}"), n + 1
+    os.replace(ckpt, target)
+    return target
+
+
+def load_newest_intact(exp_dir: Path, *, model, optimizer, scheduler, d: Dist, warn) -> dict | None:
+    """Restore from the newest checkpoint that verifies and loads; `warn(line)` for each one skipped. None when the
+    experiment has no checkpoint; CheckpointError when it has some and none is intact."""
+    skipped = 0
+    for ckpt in candidates(exp_dir):
+        problem = verify(ckpt, d)
+        if problem is None:
+            try:
+                return load(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, d=d)
+            except LOAD_ERRORS as err:
+                problem = f"{ckpt} could not be loaded: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        problem = _first(all_gather_object(d, problem))
+        barrier(d)
+        if d.is_main:
+            moved = quarantine(ckpt)
+            warn(f"checkpoint {ckpt.name} is damaged ({problem}); moved to {moved.name}, trying the one before")
+        barrier(d)
+        skipped += 1
+    if skipped:
+        raise CheckpointError(
+            f"no intact checkpoint in {exp_dir} ({skipped} damaged, renamed *{DAMAGED}): restore one, or start "
+            "over with checkpoint.resume=false"
+        )
+    return None
+
+
+def _first(problems: list) -> str | None:
+    return next((p for p in problems if p), None)
 
 
 def clean_partial(exp_dir: Path) -> list[Path]:
@@ -125,7 +200,10 @@ def prune(exp_dir: Path, keep_last: int) -> list[Path]:
 def save(
     exp_dir: Path, *, model, optimizer, scheduler, tokenizer, trainer_state: dict, d: Dist, keep_last: int
 ) -> Path:
-    """Write global_step_<trainer_state['step']>/ from every rank; rank 0 writes metadata and moves `latest`."""
+    """Write global_step_<trainer_state['step']>/ from every rank; rank 0 writes metadata and moves `latest`.
+
+    Ranks agree after each phase (a gathered error instead of a bare barrier), so a rank that fails to write makes
+    every rank raise the same CheckpointError instead of leaving the others waiting."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -136,17 +214,76 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "actor").mkdir(parents=True)
     barrier(d)
-    with _single_process_ok():
-        dcp.save(get_model_state_dict(model), checkpoint_id=tmp / "actor" / "model")
-        dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=tmp / "actor" / "optim")
-    torch.save(_rng_state(), tmp / f"rng_rank_{d.rank}.pt")
-    barrier(d)
+
+    def shards():
+        with _single_process_ok():
+            dcp.save(get_model_state_dict(model), checkpoint_id=tmp / "actor" / "model")
+            dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=tmp / "actor" / "optim")
+        torch.save(_rng_state(), tmp / f"rng_rank_{d.rank}.pt")
+
+    def metadata():
+        if d.is_main:
+            _save_metadata(tmp, model, scheduler, tokenizer, trainer_state, d.world_size)
+
+    try:
+        _all_ranks(d, shards)
+        _all_ranks(d, metadata)
+        names = manifest.listed_files(tmp)
+        parts = _all_ranks(d, lambda: manifest.hash_files(tmp, names, d.rank, d.world_size))
+        _all_ranks(d, lambda: d.is_main and manifest.write(tmp, {k: v for p in parts for k, v in p.items()}))
+    except CheckpointError as err:
+        if d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_write_failure(exp_dir, final, str(err), model, optimizer, d)) from None
     if d.is_main:
-        _save_metadata(tmp, model, scheduler, tokenizer, trainer_state, d.world_size)
         _publish(exp_dir, tmp, final)
         prune(exp_dir, keep_last)
     barrier(d)
     return final
+
+
+def _all_ranks(d: Dist, fn):
+    """fn() on every rank; its results gathered, or CheckpointError(the first rank's error) on every rank."""
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as err:  # any failed write (the tokenizer's Rust writer raises a bare Exception when full)
+        error = _reason(err)
+    errors = all_gather_object(d, error)
+    if _first(errors):
+        raise CheckpointError(_first(errors))
+    return all_gather_object(d, result)
+
+
+def _reason(err: BaseException) -> str:
+    """Disk full, however it surfaced (OSError ENOSPC from DCP; torch.save's 'file write failed'), or the error."""
+    text = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err) or "write failed" in str(err)
+    return "disk full" if full else text[:300]
+
+
+def _write_failure(exp_dir: Path, final: Path, reason: str, model, optimizer, d: Dist) -> str:
+    free = shutil.disk_usage(exp_dir).free
+    last = find_latest(exp_dir)
+    kept = f"; {last.name} is intact and is where a restart resumes" if last else ""
+    return (
+        f"could not write checkpoint {final} ({reason}): {free:,} bytes free there, about "
+        f"{_checkpoint_bytes(exp_dir, model, optimizer, d):,} needed{kept}"
+    )
+
+
+def _checkpoint_bytes(exp_dir: Path, model, optimizer, d: Dist) -> int:
+    """The size of the last checkpoint, else of what this rank holds (model + optimizer state) times the ranks."""
+    last = find_latest(exp_dir)
+    if last is not None and (last / manifest.MANIFEST).is_file():
+        return sum(f["size"] for f in manifest.read(last).values())
+    from torch.distributed.tensor import DTensor
+
+    tensors = list(model.state_dict().values())
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    tensors = [t.to_local() if isinstance(t, DTensor) else t for t in tensors if torch.is_tensor(t)]
+    local = sum(t.numel() * t.element_size() for t in tensors)
+    return local * d.world_size
 
 
 def load(ckpt: Path, *, model, optimizer, scheduler, d: Dist) -> dict:

@@ -234,14 +234,23 @@ def load_items(cfg: Config, tokenizer, workflow: Workflow) -> tuple[list[dict], 
 
 
 def restore(run: Run) -> bool:
-    """Resume from the experiment's newest complete checkpoint (unless checkpoint.resume=false)."""
+    """Resume from the experiment's newest intact checkpoint (unless checkpoint.resume=false); damaged ones are
+    skipped with a warning (trainer/checkpoint.py)."""
     if run.d.is_main:
         checkpoint.clean_partial(run.exp_dir)
     dist.barrier(run.d)
-    ckpt = checkpoint.find_latest(run.exp_dir) if run.cfg.checkpoint.resume else None
-    if ckpt is None:
+    if not run.cfg.checkpoint.resume:
         return False
-    state = checkpoint.load(ckpt, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, d=run.d)
+    state = checkpoint.load_newest_intact(
+        run.exp_dir,
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        d=run.d,
+        warn=lambda line: say(run, f"warning: {line}"),
+    )
+    if state is None:
+        return False
     try:
         run.cursor.load_state_dict(state["data"])
     except ValueError as err:
