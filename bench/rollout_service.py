@@ -70,7 +70,7 @@ def main() -> None:
     two = torch.cuda.device_count() >= 2
     proc = start_server(args, path, 1 if two else 0)
     url = f"http://127.0.0.1:{args.port}"
-    client = HTTPRolloutClient([url], timeout=600, retries=2)
+    client = HTTPRolloutClient([url], timeout=600, recovery_s=30)
     model = load_model(path, dtype=dtype, device="cuda:0")
     r: dict = {"gpus": torch.cuda.device_count(), "dtype": args.dtype}
 

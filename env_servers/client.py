@@ -20,6 +20,7 @@ import httpx
 from env_servers.api import Env, EnvError, Observation, StepResult
 from env_servers.pool import EnvNotFound, EnvPool, EpisodeDone, PoolFull
 from env_servers.protocol import create_payload, reset_payload, step_payload
+from rollout.recovery import DEFAULT_BUDGET_S, Recovery, Retryable
 
 _ERRORS = {404: EnvNotFound, 409: EpisodeDone, 429: PoolFull}
 
@@ -46,23 +47,25 @@ def _normalise(payload: Any) -> dict[str, Any]:
 class EnvClient:
     """AgentGym-protocol client of one env server. Thread-safe; 4xx → EnvError (with the server's message)."""
 
-    def __init__(self, base_url: str, timeout: float = 300.0, retries: int = 3):
+    def __init__(self, base_url: str, timeout: float = 300.0, recovery_s: float = DEFAULT_BUDGET_S, token=None):
         self.base_url = base_url.rstrip("/")
-        self.timeout, self.retries = timeout, retries
+        self.timeout, self.recovery = timeout, Recovery(recovery_s)
         self.bare: bool | None = None  # searchqa-style server (bare int/str responses); known after create
-        self._http = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0))
+        headers = {"Authorization": f"Bearer {token}"} if token else {}  # RLDOCK_ENV_TOKEN (env_servers/app.py)
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0), headers=headers
+        )
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        for attempt in range(self.retries + 1):
+        def attempt() -> httpx.Response:
             try:
-                resp = self._http.request(method, path, **kwargs)
-                break
-            except httpx.ConnectError as e:  # nothing was sent: safe to retry any call
-                if attempt == self.retries:
-                    raise EnvServerError(f"cannot reach env server {self.base_url}: {e}") from None
-                time.sleep(0.5 * 2**attempt)
+                return self._http.request(method, path, **kwargs)
+            except httpx.ConnectError as e:  # nothing was sent: safe to retry any call (a restarting server)
+                raise Retryable(f"{type(e).__name__}: {e}") from None
             except httpx.HTTPError as e:
                 raise EnvServerError(f"{method} {self.base_url}{path} failed: {e}") from None
+
+        resp = self.recovery.run(f"env server {self.base_url}", attempt, give_up=EnvServerError)
         if resp.status_code >= 500:
             raise EnvServerError(f"{method} {path}: server error {resp.status_code}: {resp.text[:300]}")
         if resp.status_code >= 400:
@@ -201,7 +204,13 @@ class RemoteEnv(Env):
 
 
 def env_factory(
-    name: str, url: str | None = None, data: str | None = None, timeout: float = 300.0, **options: Any
+    name: str,
+    url: str | None = None,
+    data: str | None = None,
+    timeout: float = 300.0,
+    recovery_s: float = DEFAULT_BUDGET_S,
+    token: str | None = None,
+    **options: Any,
 ) -> Callable[[], Env]:
     """Slot constructor for env `name`: in-process when `url` is None, else `RemoteEnv`s on the server at `url`
     (then `data` and `options` are the server's business: its command line sets them, and they are ignored here)."""
@@ -209,5 +218,5 @@ def env_factory(
         from env_servers.registry import make_factory
 
         return make_factory(name, data, **options)
-    client = EnvClient(url, timeout=timeout)
+    client = EnvClient(url, timeout=timeout, recovery_s=recovery_s, token=token)
     return lambda: RemoteEnv(client)

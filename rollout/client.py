@@ -1,8 +1,9 @@
 """RolloutEngine over HTTP: one or more rollout services (rollout/server.py) behind the engine contract. No torch.
 
 - Timeouts are explicit (`timeout` for a generation, `update_timeout` for weight loads, `connect_timeout`).
-- Retries only where a retry can help: transport errors (refused, reset, timed out) and 5xx answers, with
-  exponential backoff; a 4xx answer is raised at once as ServiceError with the service's message.
+- Retries only where a retry can help: transport errors (refused, reset, timed out) and 5xx answers, on a time
+  budget (`recovery_s`, rollout/recovery.py: a restarting service is waited for, one log line per attempt); a 4xx
+  answer is raised at once as ServiceError with the service's message.
 - Several URLs: each `generate` splits its prompts into contiguous chunks, one per service, sent concurrently; the
   service that gets the first chunk rotates from call to call (round-robin).
 - Restarts: every answer names the service's boot id and weight version. A new boot id, or a version older than
@@ -13,7 +14,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,10 +23,15 @@ import httpx
 
 from rollout import payloads as P
 from rollout.api import Completion, RolloutEngine, SamplingParams
+from rollout.recovery import DEFAULT_BUDGET_S, Recovery, Retryable
 
 
 class ServiceError(RuntimeError):
-    """A rollout service refused a request (4xx), answered nonsense, or stayed unreachable through every retry."""
+    """A rollout service refused a request (4xx) or answered nonsense."""
+
+
+class ServiceUnavailable(ServiceError):
+    """A rollout service stayed unreachable (or failing with 5xx) for the whole recovery budget."""
 
 
 class HTTPRolloutClient(RolloutEngine):
@@ -34,20 +39,21 @@ class HTTPRolloutClient(RolloutEngine):
         self,
         urls: list[str] | str,
         timeout: float = 600.0,
-        retries: int = 3,
+        recovery_s: float = DEFAULT_BUDGET_S,
         *,
         connect_timeout: float = 10.0,
         update_timeout: float = 900.0,
-        backoff: float = 0.5,
         resync: Callable[[str], None] | None = None,
+        token: str | None = None,
     ):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("HTTPRolloutClient needs at least one service URL")
         self.urls = [u.rstrip("/") for u in urls]
-        self.update_timeout, self.retries, self.backoff = update_timeout, retries, backoff
+        self.update_timeout, self.recovery = update_timeout, Recovery(recovery_s)
         self.resync = resync
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=connect_timeout))
+        headers = {"Authorization": f"Bearer {token}"} if token else {}  # the admin token (rollout/auth.py)
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=connect_timeout), headers=headers)
         # two pools: a generation thread may re-sync a service, which posts through the admin pool (no deadlock)
         self._gen_pool = ThreadPoolExecutor(len(self.urls), thread_name_prefix="rollout-gen")
         self._admin_pool = ThreadPoolExecutor(len(self.urls), thread_name_prefix="rollout-admin")
@@ -58,33 +64,32 @@ class HTTPRolloutClient(RolloutEngine):
 
     # ---- plumbing -------------------------------------------------------------------------------------------------
 
-    def request(self, method: str, url: str, route: str, body: Any = None, *, timeout=None, retries=None) -> dict:
-        """One call with retries on transport errors and 5xx; 4xx raises ServiceError at once."""
-        retries = self.retries if retries is None else retries
-        last = ""
-        for attempt in range(retries + 1):
-            if attempt:
-                time.sleep(min(self.backoff * 2 ** (attempt - 1), 10.0))
+    def request(self, method: str, url: str, route: str, body: Any = None, *, timeout=None, retry: bool = True) -> dict:
+        """One call; transport errors and 5xx are retried within the recovery budget (retry=False: one attempt, for
+        calls that must not be re-sent); 4xx raises ServiceError at once."""
+
+        def attempt() -> httpx.Response:
             try:
                 r = self._http.request(method, url + route, json=body, timeout=timeout or httpx.USE_CLIENT_DEFAULT)
             except httpx.TransportError as err:
-                last = f"{type(err).__name__}: {err}"
-                continue
+                raise Retryable(f"{type(err).__name__}: {err}") from None
             if r.status_code >= 500:
-                last = f"HTTP {r.status_code}: {r.text[:300]}"
-                continue
-            if r.status_code >= 400:
-                raise ServiceError(f"{url}{route} answered {r.status_code}: {_detail(r)}")
-            try:
-                return r.json()
-            except ValueError:
-                raise ServiceError(f"{url}{route} answered 200 with a body that is not JSON: {r.text[:200]}") from None
-        raise ServiceError(f"{url}{route} failed after {retries + 1} attempts; last error: {last}")
+                raise Retryable(f"HTTP {r.status_code}: {r.text[:300]}")
+            return r
 
-    def post_all(self, route: str, body: Any = None, *, timeout=None, retries=None) -> list[dict]:
+        recovery = self.recovery if retry else Recovery(0.0)
+        r = recovery.run(f"rollout service {url}{route}", attempt, give_up=ServiceUnavailable)
+        if r.status_code >= 400:
+            raise ServiceError(f"{url}{route} answered {r.status_code}: {_detail(r)}")
+        try:
+            return r.json()
+        except ValueError:
+            raise ServiceError(f"{url}{route} answered 200 with a body that is not JSON: {r.text[:200]}") from None
+
+    def post_all(self, route: str, body: Any = None, *, timeout=None, retry: bool = True) -> list[dict]:
         """POST the same body to every service concurrently; answers in URL order."""
         futures = [
-            self._admin_pool.submit(self.request, "POST", url, route, body, timeout=timeout, retries=retries)
+            self._admin_pool.submit(self.request, "POST", url, route, body, timeout=timeout, retry=retry)
             for url in self.urls
         ]
         return [f.result() for f in futures]

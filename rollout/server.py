@@ -17,13 +17,22 @@ One engine thread runs every engine call (generation, weight loads, group joins)
 sees two weight versions and each answer carries the version that produced all of its tokens. Concurrent /generate
 and /v1/completions requests with identical unseeded sampling parameters are merged into one engine call of at most
 --max-batch-size sequences. Bad input answers 4xx with a message; the process never dies of a request.
+
+Bounded (Limits): n, max tokens, sequences and tokens per request have caps (400 naming the field). A request larger
+than one engine call is cut into calls of --max-batch-size sequences, and the batcher serves the queue round-robin
+between them, so no request waits behind another for more than one engine call. A request whose client has gone is
+dropped before its next engine call. SIGTERM answers every queued and in-flight request 503 at once and exits within
+seconds (an engine call still running is not waited for). Tokens (rollout/auth.py) guard the routes; disk weight
+loads only read folders under --weights-root.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import os
 import sys
 import time
 import uuid
@@ -34,11 +43,24 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from rollout import auth
 from rollout import payloads as P
 from rollout.api import Completion, RolloutEngine, SamplingParams
+
+SHUTTING_DOWN = "the rollout service is shutting down: send the request again once it is back"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (command-line flags of the same names); the model's own limits come on top."""
+
+    max_n: int = 64
+    max_tokens: int = 4096
+    max_sequences: int = 1024  # prompts x n
+    max_request_tokens: int = 2**21  # sum over sequences of prompt + max_new_tokens: the KV work a request may queue
 
 
 @dataclass
@@ -46,10 +68,21 @@ class _Job:
     prompts: list[list[int]]
     params: SamplingParams
     future: asyncio.Future
+    done: list[Completion] = field(default_factory=list)
+    next: int = 0  # first prompt not generated yet
 
     @property
     def size(self) -> int:
-        return len(self.prompts) * self.params.n
+        """Sequences still to generate."""
+        return (len(self.prompts) - self.next) * self.params.n
+
+    def chunk(self, max_sequences: int) -> tuple[list[list[int]], SamplingParams]:
+        """The next engine call's prompts; a seeded request's later chunks get their own seed (seed + offset)."""
+        count = max(1, max_sequences // self.params.n)
+        params = self.params
+        if params.seed is not None and self.next:
+            params = dataclasses.replace(params, seed=params.seed + self.next)
+        return self.prompts[self.next : self.next + count], params
 
 
 @dataclass
@@ -65,15 +98,19 @@ class Metrics:
     last_call_tok_s: float = 0.0
     weight_updates: int = 0
     last_update_seconds: float = 0.0
+    cancelled: int = 0
 
 
 class Batcher:
-    """Feeds generation jobs to the engine thread one engine call at a time, merging queued jobs that have identical
-    unseeded sampling parameters (a seeded job runs alone, so its samples do not depend on its neighbours)."""
+    """Feeds generation jobs to the engine thread one engine call at a time: a job larger than `max_sequences` goes
+    in chunks, round-robin with the others (after a chunk the job goes to the back of the queue), and queued whole
+    jobs with identical unseeded sampling parameters are merged into one call (a seeded job runs alone, so its
+    samples do not depend on its neighbours). Jobs whose future is done (caller gone, shutdown) are dropped."""
 
     def __init__(self, service: Service, max_sequences: int):
         self.service, self.max_sequences = service, max_sequences
         self.queue: list[_Job] = []
+        self.current: list[_Job] = []
         self.wake = asyncio.Event()
         self.running = asyncio.Event()  # cleared by /pause
         self.running.set()
@@ -81,22 +118,29 @@ class Batcher:
         self.idle.set()
         self.in_flight = 0
 
-    async def submit(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def submit(self, prompts: list[list[int]], params: SamplingParams) -> _Job:
         job = _Job(prompts, params, asyncio.get_running_loop().create_future())
         self.queue.append(job)
         self.wake.set()
-        return await job.future
+        return job
 
-    def _take(self) -> list[_Job]:
+    def _take(self) -> list[tuple[_Job, list[list[int]], SamplingParams]]:
         first = self.queue.pop(0)
-        jobs, total = [first], first.size
-        if first.params.seed is None:
+        prompts, params = first.chunk(self.max_sequences)
+        calls, total = [(first, prompts, params)], len(prompts) * params.n
+        if params.seed is None and first.next == 0 and len(prompts) == len(first.prompts):
             for job in list(self.queue):
-                if job.params == first.params and total + job.size <= self.max_sequences:
-                    jobs.append(job)
+                if job.next == 0 and job.params == params and total + job.size <= self.max_sequences:
+                    calls.append((job, job.prompts, params))
                     self.queue.remove(job)
                     total += job.size
-        return jobs
+        return calls
+
+    def fail_all(self, status: int, detail: str) -> None:
+        for job in self.queue + self.current:
+            if not job.future.done():
+                job.future.set_exception(HTTPException(status, detail))
+        self.queue.clear()
 
     async def run_forever(self) -> None:
         while True:
@@ -106,34 +150,41 @@ class Batcher:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            jobs = self._take()
+            calls = self._take()
             self.idle.clear()  # no await since _take: /pause cannot slip in between
-            self.in_flight = sum(j.size for j in jobs)
+            self.current = [job for job, _, _ in calls]
+            self.in_flight = sum(len(prompts) * params.n for _, prompts, params in calls)
             try:
-                await self._run(jobs)
+                await self._run(calls)
             finally:
-                self.in_flight = 0
+                self.in_flight, self.current = 0, []
                 self.idle.set()
 
-    async def _run(self, jobs: list[_Job]) -> None:
-        prompts = [p for j in jobs for p in j.prompts]
-        params = jobs[0].params
+    async def _run(self, calls: list[tuple[_Job, list[list[int]], SamplingParams]]) -> None:
+        prompts = [p for _, chunk, _ in calls for p in chunk]
+        params = calls[0][2]
         try:
             results = await self.service.call(self.service.timed_generate, prompts, params)
         except Exception as err:  # every merged caller learns of it; the loop lives on
-            for job in jobs:
+            for job, _, _ in calls:
                 if not job.future.done():
                     job.future.set_exception(err)
             return
-        self.service.metrics.merged_requests += len(jobs) if len(jobs) > 1 else 0
+        self.service.metrics.merged_requests += len(calls) if len(calls) > 1 else 0
         start = 0
-        for job in jobs:
-            part = results[start * params.n : (start + len(job.prompts)) * params.n]
+        for job, chunk, _ in calls:
+            part = results[start * params.n : (start + len(chunk)) * params.n]
             for c in part:
-                c.prompt_index -= start
-            if not job.future.done():
-                job.future.set_result(part)
-            start += len(job.prompts)
+                c.prompt_index += job.next - start
+            job.done += part
+            job.next += len(chunk)
+            start += len(chunk)
+            if job.future.done():
+                continue
+            if job.next == len(job.prompts):
+                job.future.set_result(job.done)
+            else:
+                self.queue.append(job)  # round-robin: the rest waits behind what queued meanwhile
 
 
 class _LocalReceiver:
@@ -167,9 +218,14 @@ class _LocalReceiver:
 class Service:
     """The engine, its single engine thread, the batcher and the counters behind the routes."""
 
-    def __init__(self, engine: RolloutEngine, tokenizer: Any, name: str, backend: str, limits: tuple[int, int]):
-        self.engine, self.tokenizer, self.name, self.backend = engine, tokenizer, name, backend
+    def __init__(
+        self, engine: RolloutEngine, tokenizer: Any, name: str, backend: str, limits: tuple[int, int], caps: Limits
+    ):
+        self.engine, self.tokenizer, self.name, self.backend, self.caps = engine, tokenizer, name, backend, caps
         self.vocab_size, self.max_len = limits
+        self.closing = False
+        self.busy = False  # an engine call is running on the engine thread
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.boot_id = uuid.uuid4().hex
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
@@ -182,7 +238,11 @@ class Service:
 
     def timed_generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         t0 = time.perf_counter()
-        out = self.engine.generate(prompts, params)
+        self.busy = True
+        try:
+            out = self.engine.generate(prompts, params)
+        finally:
+            self.busy = False
         dt = time.perf_counter() - t0
         tokens = sum(len(c.token_ids) for c in out)
         m = self.metrics
@@ -199,6 +259,19 @@ class Service:
         self.metrics.weight_updates += 1
         self.metrics.last_update_seconds = time.perf_counter() - t0
         return version
+
+    def check_size(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        """Refuse (400, naming the field) a request above this service's caps (Limits)."""
+        c, sequences = self.caps, len(prompts) * params.n
+        for field_name, value, cap, flag in (
+            ("n", params.n, c.max_n, "--max-n"),
+            ("max_tokens", params.max_new_tokens, c.max_tokens, "--max-tokens"),
+            ("prompts x n", sequences, c.max_sequences, "--max-sequences"),
+            ("tokens (prompt + max_tokens, summed)", params.n * sum(len(p) + params.max_new_tokens for p in prompts),
+             c.max_request_tokens, "--max-request-tokens"),
+        ):  # fmt: skip
+            if value > cap:
+                raise HTTPException(400, f"{field_name}: {value} is above this service's limit of {cap} ({flag})")
 
     def check_ids(self, prompts: list[list[int]], params: SamplingParams) -> None:
         """Refuse (400) what the engine would refuse, before a bad request can be merged with good ones."""
@@ -218,14 +291,33 @@ class Service:
         if bad:
             raise HTTPException(400, f"stop token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
 
-    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    async def generate(self, prompts: list[list[int]], params: SamplingParams, request: Request) -> list[Completion]:
+        if self.closing:
+            raise HTTPException(503, SHUTTING_DOWN)
+        self.check_size(prompts, params)
         self.check_ids(prompts, params)
         self.metrics.requests += 1
         self.metrics.prompt_tokens += sum(len(p) for p in prompts)
+        job = self.batcher.submit(prompts, params)
+        gone = asyncio.create_task(_client_gone(request))
         try:
-            return await self.batcher.submit(prompts, params)
+            await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not job.future.done():  # the client went away: its remaining engine calls are not made
+            job.future.cancel()
+            self.metrics.cancelled += 1
+            raise HTTPException(499, "client closed the request")
+        try:
+            return job.future.result()
         except ValueError as err:  # the engine refused the input (its own limits): the caller's to fix
             raise HTTPException(400, str(err)) from None
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: refuse new requests and answer every queued and in-flight one 503 now."""
+        self.closing = True
+        if self.batcher is not None:
+            self.batcher.fail_all(503, SHUTTING_DOWN)
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "created": 0, "owned_by": "rldock", "max_model_len": self.max_len}
@@ -265,6 +357,11 @@ class Service:
 
             digest = checksum(self.engine.model.named_parameters())
         return {"checksum": digest, "weight_version": self.engine.weight_version}
+
+
+async def _client_gone(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.2)
 
 
 # ---- OpenAI completions ----------------------------------------------------------------------------------------------
@@ -355,43 +452,45 @@ def _openai_body(service: Service, req: P.OpenAISampling, prompts: list[list[int
 # ---- the app -------------------------------------------------------------------------------------------------------
 
 
-def _generation_routes(app: FastAPI, svc: Service) -> None:
+def _generation_routes(app: FastAPI, svc: Service, users: Depends) -> None:
     @app.get("/health")
     async def health():
         return svc.health()
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=[users])
     async def models():
         return {"object": "list", "data": [svc.model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", dependencies=[users])
     async def model(model_id: str):
         if model_id != svc.name:
             raise HTTPException(404, f"model {model_id!r} is not served here; this service serves {svc.name!r}")
         return svc.model_card()
 
-    @app.post("/generate")
-    async def generate(req: P.GenerateRequest):
-        completions = await svc.generate(req.prompts, req.sampling_params())
+    @app.post("/generate", dependencies=[users])
+    async def generate(req: P.GenerateRequest, request: Request):
+        completions = await svc.generate(req.prompts, req.sampling_params(), request)
         # plain JSON types already: skip FastAPI's recursive jsonable_encoder (tens of ms on big batches)
         return JSONResponse(P.generate_response(completions, svc.boot_id))
 
-    @app.post("/v1/completions")
-    async def completions(req: P.CompletionsRequest):
-        return await _openai(svc, req, _tokenize(svc, req), default_max_tokens=16)
+    @app.post("/v1/completions", dependencies=[users])
+    async def completions(req: P.CompletionsRequest, request: Request):
+        return await _openai(svc, req, _tokenize(svc, req), 16, request)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: P.ChatCompletionsRequest):
-        return await _openai(svc, req, [_render_chat(svc, req)], default_max_tokens=512)
+    @app.post("/v1/chat/completions", dependencies=[users])
+    async def chat_completions(req: P.ChatCompletionsRequest, request: Request):
+        return await _openai(svc, req, [_render_chat(svc, req)], 512, request)
 
 
-async def _openai(svc: Service, req: P.OpenAISampling, prompts: list[list[int]], default_max_tokens: int):
+async def _openai(
+    svc: Service, req: P.OpenAISampling, prompts: list[list[int]], default_max_tokens: int, request: Request
+):
     if req.model not in (None, svc.name):
         raise HTTPException(404, f"model {req.model!r} is not served here; this service serves {svc.name!r}")
     refused = req.refused_field()
     if refused:
         raise HTTPException(400, refused)
-    out = await svc.generate(prompts, req.sampling_params(default_max_tokens))
+    out = await svc.generate(prompts, req.sampling_params(default_max_tokens), request)
     body, parts = await asyncio.to_thread(_openai_body, svc, req, prompts, out)
     if not req.stream:
         return body
@@ -400,35 +499,35 @@ async def _openai(svc: Service, req: P.OpenAISampling, prompts: list[list[int]],
     return StreamingResponse(iter(P.stream_events(body, parts, usage)), media_type="text/event-stream")
 
 
-def _admin_routes(app: FastAPI, svc: Service) -> None:
-    @app.post("/update_weights")
+def _admin_routes(app: FastAPI, svc: Service, admins: Depends, weights_root: Path) -> None:
+    @app.post("/update_weights", dependencies=[admins])
     async def update_weights(req: P.UpdateWeightsRequest):
         if req.method == "disk":
-            version = await _load_from_disk(svc, req)
+            version = await _load_from_disk(svc, req, weights_root)
         else:
             manifest = [s.model_dump() for s in req.manifest]
             fn = svc.receiver.receive_weights
             version = await svc.call(svc.timed_update, fn, manifest, req.bucket_bytes, req.version)
         return {"weight_version": version, "boot_id": svc.boot_id}
 
-    @app.post("/init_weight_sync")
+    @app.post("/init_weight_sync", dependencies=[admins])
     async def init_weight_sync(req: P.InitWeightSyncRequest):
         args = (req.host, req.port, req.rank_offset, req.world_size, req.backend, req.timeout_s)
         await svc.call(svc.receiver.init_weight_sync, *args)
         return {"ok": True, "sync_ranks": svc.receiver.sync_ranks}
 
-    @app.post("/close_weight_sync")
+    @app.post("/close_weight_sync", dependencies=[admins])
     async def close_weight_sync():
         await svc.call(svc.receiver.close_weight_sync)
         return {"ok": True}
 
-    @app.post("/pause")
+    @app.post("/pause", dependencies=[admins])
     async def pause():
         svc.batcher.running.clear()
         await svc.batcher.idle.wait()
         return {"paused": True, "queue_requests": len(svc.batcher.queue)}
 
-    @app.post("/resume")
+    @app.post("/resume", dependencies=[admins])
     async def resume():
         svc.batcher.running.set()
         return {"paused": False}
@@ -437,13 +536,26 @@ def _admin_routes(app: FastAPI, svc: Service) -> None:
     async def metrics():
         return svc.metrics_body()
 
-    @app.get("/weights_checksum")
+    @app.get("/weights_checksum", dependencies=[admins])
     async def weights_checksum():
         return await svc.call(svc.checksum)
 
 
-async def _load_from_disk(svc: Service, req: P.UpdateWeightsRequest) -> int:
+def _inside(root: Path, path: Path) -> bool:
+    """`path` and every file in it resolve (symlinks and `..` followed) to somewhere under `root`."""
+    try:
+        targets = [path.resolve(strict=True), *(p.resolve(strict=True) for p in path.iterdir())]
+    except OSError:
+        return True  # does not exist: the 400 below says so
+    return all(t.is_relative_to(root) for t in targets)
+
+
+async def _load_from_disk(svc: Service, req: P.UpdateWeightsRequest, weights_root: Path) -> int:
     folder = Path(req.path)
+    if not _inside(weights_root, folder):
+        raise HTTPException(
+            403, f"path: {req.path} is outside this service's weights root {weights_root} (--weights-root)"
+        )
     if not folder.is_dir() or not any(folder.glob("*.safetensors")):
         raise HTTPException(
             400, f"{req.path} is not a folder with *.safetensors on this service (is the volume shared?)"
@@ -462,19 +574,28 @@ def create_app(
     backend: str = "embedded",
     max_batch_size: int = 64,
     limits: tuple[int, int] = (2**31 - 1, 2**31 - 1),
+    caps: Limits = Limits(),
+    weights_root: str | Path = "saves",
 ) -> FastAPI:
     """The FastAPI app over `engine`. limits = (vocab size, max positions), checked before anything reaches the
-    engine. The engine is closed when the app shuts down."""
-    svc = Service(engine, tokenizer, name, backend, limits)
+    engine, with the request caps; tokens come from the environment (rollout/auth.py). The engine is closed when the
+    app shuts down, unless an engine call is still running then (main() exits without waiting for it)."""
+    svc = Service(engine, tokenizer, name, backend, limits, caps)
+    key, admin = auth.token(auth.API_KEY), auth.token(auth.ADMIN_TOKEN)
+    users = Depends(auth.require((auth.API_KEY, key), (auth.ADMIN_TOKEN, admin)))
+    admins = Depends(auth.require((auth.ADMIN_TOKEN, admin)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        svc.loop = asyncio.get_running_loop()
         svc.batcher = Batcher(svc, max_batch_size)
         task = asyncio.create_task(svc.batcher.run_forever())
         yield
+        svc.begin_shutdown()
         task.cancel()
-        svc.executor.submit(engine.close)
-        svc.executor.shutdown(wait=True)
+        if not svc.busy:
+            svc.executor.submit(engine.close)
+        svc.executor.shutdown(wait=not svc.busy, cancel_futures=True)
 
     app = FastAPI(title="rldock rollout service", lifespan=lifespan)
     app.state.service = svc
@@ -483,8 +604,8 @@ def create_app(
     async def _out_of_order(request: Request, err: P.WeightSyncError):
         return JSONResponse({"detail": str(err)}, status_code=409)
 
-    _generation_routes(app, svc)
-    _admin_routes(app, svc)
+    _generation_routes(app, svc, users)
+    _admin_routes(app, svc, admins, Path(weights_root).resolve())
     return app
 
 
@@ -507,7 +628,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: share of GPU memory to take")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model copy")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    d = Limits()
+    p.add_argument("--max-n", type=int, default=d.max_n, help="most samples per prompt in one request")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="most new tokens per sample")
+    p.add_argument("--max-sequences", type=int, default=d.max_sequences, help="most prompts x n in one request")
+    p.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens,
+                   help="most tokens (prompt + max_tokens, summed over sequences) in one request")  # fmt: skip
+    p.add_argument("--weights-root", default=os.environ.get("RLDOCK_WEIGHTS_ROOT", "saves"),
+                   help="disk weight updates read only folders under this one (env RLDOCK_WEIGHTS_ROOT)")  # fmt: skip
     args = p.parse_args(argv)
+    if min(args.max_n, args.max_tokens, args.max_sequences, args.max_request_tokens) < 1:
+        p.error("--max-n, --max-tokens, --max-sequences and --max-request-tokens must be >= 1")
     if args.max_batch_size < 1:
         p.error("--max-batch-size must be >= 1")
     if not 0 < args.port < 65536:
@@ -571,12 +702,31 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     name = args.served_model_name or args.model
+    caps = Limits(args.max_n, args.max_tokens, args.max_sequences, args.max_request_tokens)
     app = create_app(
-        engine, tokenizer, name=name, backend=args.backend, max_batch_size=args.max_batch_size, limits=_limits(path)
-    )
+        engine, tokenizer, name=name, backend=args.backend, max_batch_size=args.max_batch_size, limits=_limits(path),
+        caps=caps, weights_root=args.weights_root,
+    )  # fmt: skip
     print(f"rollout.server: {name} ({args.backend}) on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    _server(config).run()
+    if app.state.service.busy:  # a long engine call would hold the exit (and the GPU) until it ends
+        print("rollout.server: stopped; the engine call in flight was not waited for", flush=True)
+        os._exit(0)
 
+
+def _server(config):
+    """uvicorn's server, told about SIGTERM/SIGINT first so queued and in-flight requests get their 503 at once."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            svc = config.app.state.service
+            if svc.loop is not None:
+                svc.loop.call_soon_threadsafe(svc.begin_shutdown)
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 if __name__ == "__main__":
     main()

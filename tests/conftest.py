@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,10 +92,17 @@ def wait_http(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = 
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-def start_server(args: list[str], health_url: str, log_path: Path, timeout: float = 120.0) -> subprocess.Popen:
-    """Start `python args...` from the repo root, wait for health_url; the caller stops it with stop_server."""
+# Test services load weights from pytest's temp folders; the default root (./saves) protects real deployments.
+TEST_WEIGHTS_ROOT = ["--weights-root", tempfile.gettempdir()]
+
+
+def start_server(
+    args: list[str], health_url: str, log_path: Path, timeout: float = 120.0, env: dict | None = None
+) -> subprocess.Popen:
+    """Start `python args...` from the repo root (extra environment `env`), wait for health_url; the caller stops it
+    with stop_server."""
     log = open(log_path, "w")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_http(health_url, timeout, proc)

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,8 +16,8 @@ import pytest
 
 from rollout import payloads as P
 from rollout.api import Completion, SamplingParams
-from rollout.client import HTTPRolloutClient, ServiceError
-from tests.conftest import ROOT, free_port, start_server, stop_server
+from rollout.client import HTTPRolloutClient, ServiceError, ServiceUnavailable
+from tests.conftest import ROOT, TEST_WEIGHTS_ROOT, free_port, start_server, stop_server
 
 # ---- payloads (no server) -------------------------------------------------------------------------------------------
 
@@ -145,27 +146,33 @@ def scripted():
 
 def test_client_retries_5xx_then_succeeds(scripted):
     srv = scripted([(503, {"detail": "busy"}), (500, {"detail": "oops"}), (200, OK_BODY)])
-    client = HTTPRolloutClient([srv.url], timeout=5, retries=3, backoff=0.01)
+    client = HTTPRolloutClient([srv.url], timeout=5, recovery_s=5)
     out = client.generate([[1, 2]], SamplingParams(max_new_tokens=1))
     assert srv.hits == 3 and out[0].token_ids == [3]
 
 
 def test_client_does_not_retry_4xx(scripted):
     srv = scripted([(400, {"detail": "prompt 0: token id 99 is outside the vocabulary"})])
-    client = HTTPRolloutClient([srv.url], timeout=5, retries=3, backoff=0.01)
+    client = HTTPRolloutClient([srv.url], timeout=5, recovery_s=5)
     with pytest.raises(ServiceError, match="400: prompt 0: token id 99"):
         client.generate([[1, 2]], SamplingParams(max_new_tokens=1))
     assert srv.hits == 1
 
 
-def test_client_gives_up_after_retries(scripted):
+def test_client_gives_up_when_the_recovery_budget_is_spent(scripted, capsys):
+    """5xx and refused connections are retried with backoff, one log line per attempt, until recovery_s has passed;
+    then one ServiceUnavailable line naming the service and its URL."""
     srv = scripted([(502, {"detail": "bad gateway"})])
-    client = HTTPRolloutClient([srv.url], timeout=5, retries=2, backoff=0.01)
-    with pytest.raises(ServiceError, match="after 3 attempts.*502"):
+    client = HTTPRolloutClient([srv.url], timeout=5, recovery_s=1.2)
+    t0 = time.monotonic()
+    with pytest.raises(ServiceUnavailable, match=r"rollout service http://127.0.0.1:\d+/generate unreachable.*502"):
         client.generate([[1, 2]], SamplingParams(max_new_tokens=1))
-    assert srv.hits == 3
-    dead = HTTPRolloutClient([f"http://127.0.0.1:{free_port()}"], timeout=5, retries=1, backoff=0.01)
-    with pytest.raises(ServiceError, match="after 2 attempts.*Connect"):
+    assert time.monotonic() - t0 >= 1.2
+    lines = [x for x in capsys.readouterr().err.splitlines() if "attempt" in x]
+    assert srv.hits == len(lines) + 1 >= 3  # 0.5 s, then the rest of the budget
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    dead = HTTPRolloutClient([dead_url], timeout=5, recovery_s=0)
+    with pytest.raises(ServiceUnavailable, match=f"{dead_url}/generate unreachable.*1 attempts.*Connect"):
         dead.generate([[1]], SamplingParams(max_new_tokens=1))
 
 
@@ -182,7 +189,17 @@ class Service:
 
     def start(self):
         self.starts += 1
-        args = ["-m", "rollout.server", "--model", self.model_path, "--port", str(self.port), "--threads", "1"]
+        args = [
+            "-m",
+            "rollout.server",
+            "--model",
+            self.model_path,
+            "--port",
+            str(self.port),
+            "--threads",
+            "1",
+            *TEST_WEIGHTS_ROOT,
+        ]
         self.proc = start_server(args, self.url + "/health", self.log_dir / f"{self.port}-{self.starts}.log")
 
     def stop(self):
@@ -217,7 +234,7 @@ def new_weights(model_path, scratch_dir):
 
 
 def test_round_robin_over_two_services(services):
-    client = HTTPRolloutClient([s.url for s in services], timeout=120, retries=1)
+    client = HTTPRolloutClient([s.url for s in services], timeout=120, recovery_s=5)
     before = [client.metrics(s.url)["requests"] for s in services]
     prompts = [[1, 10], [1, 11], [1, 12], [1, 13]]
     out = client.generate(prompts, SamplingParams(n=2, max_new_tokens=2))
@@ -235,7 +252,7 @@ def test_round_robin_over_two_services(services):
 def test_restarted_service_is_detected_and_resynced(services, new_weights):
     folder, expected = new_weights
     a, b = services
-    client = HTTPRolloutClient([a.url, b.url], timeout=120, retries=8, backoff=0.5)
+    client = HTTPRolloutClient([a.url, b.url], timeout=120, recovery_s=120)
     assert client.update_weights(folder, 1) == 1
     assert {c.weight_version for c in client.generate([[1, 2], [1, 3]], SamplingParams(max_new_tokens=2))} == {1}
     old_boot = client.health(b.url)["boot_id"]

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from safetensors.torch import save_file
 
-from tests.conftest import ROOT, free_port, start_server, stop_server
+from tests.conftest import ROOT, TEST_WEIGHTS_ROOT, free_port, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def server(model_path, tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("rollout") / "server.log"
-    args = ["-m", "rollout.server", "--model", model_path, "--port", str(port), "--threads", "1"]
+    args = ["-m", "rollout.server", "--model", model_path, "--port", str(port), "--threads", "1", *TEST_WEIGHTS_ROOT]
     proc = start_server(args + ["--max-batch-size", "16", "--served-model-name", "smol"], url + "/health", log)
     yield url
     stop_server(proc)

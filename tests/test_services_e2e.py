@@ -13,7 +13,7 @@ import json
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port, run_trainer_config, start_server, stop_server
+from tests.conftest import ROOT, TEST_WEIGHTS_ROOT, free_port, run_trainer_config, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 STEPS = 2
@@ -27,7 +27,17 @@ def services(tmp_path_factory, model_path):
     env_args += ["--data", str(ROOT / "data/gsm8k/train.jsonl")]  # the trainer's items index the train split
     env = start_server(env_args, f"http://127.0.0.1:{env_port}/health", logs / "env.log")
     try:
-        rollout_args = ["-m", "rollout.server", "--model", model_path, "--port", str(rollout_port), "--threads", "1"]
+        rollout_args = [
+            "-m",
+            "rollout.server",
+            "--model",
+            model_path,
+            "--port",
+            str(rollout_port),
+            "--threads",
+            "1",
+            *TEST_WEIGHTS_ROOT,
+        ]
         rollout = start_server(rollout_args, f"http://127.0.0.1:{rollout_port}/health", logs / "rollout.log", 300)
     except Exception:
         stop_server(env)

@@ -12,7 +12,7 @@ import torch
 from rollout.api import SamplingParams
 from rollout.client import HTTPRolloutClient
 from rollout.weight_transfer import checksum, unique_tensors
-from tests.conftest import free_port, start_server, stop_server
+from tests.conftest import TEST_WEIGHTS_ROOT, free_port, start_server, stop_server
 from trainer.config import ConfigError, load_config
 from trainer.weight_sync import DiskSync, InProcessSync, NcclSync, make_weight_sync
 
@@ -23,7 +23,17 @@ class Service:
     def __init__(self, model_path, log_dir):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = ["-m", "rollout.server", "--model", model_path, "--port", str(self.port), "--threads", "1"]
+        self.args = [
+            "-m",
+            "rollout.server",
+            "--model",
+            model_path,
+            "--port",
+            str(self.port),
+            "--threads",
+            "1",
+            *TEST_WEIGHTS_ROOT,
+        ]
         self.log_dir, self.starts = log_dir, 0
         self.start()
 
@@ -52,7 +62,7 @@ def trainer_model(model_path):
 
 @pytest.fixture(scope="module")
 def client(service):
-    c = HTTPRolloutClient([service.url], timeout=120, retries=8, backoff=0.5)
+    c = HTTPRolloutClient([service.url], timeout=120, recovery_s=120)
     yield c
     c.close()
 

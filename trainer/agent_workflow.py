@@ -253,13 +253,15 @@ def make_agent_workflows(
     `data.train_path`, and eval runs in-process on the test split. Other envs' items are their own rows
     (`env_items`), for training and eval alike."""
     from env_servers.client import env_factory
+    from rollout.auth import env_token
 
     env = cfg.env
     family = env.name in GSM8K_FAMILY
     options = {"format_reward": env.format_reward} if family else {}
-    train_env = env_factory(env.name, env.url, cfg.data.train_path if family else None, **options)
+    remote = {"recovery_s": cfg.train.recovery_s, "token": env_token()}
+    train_env = env_factory(env.name, env.url, cfg.data.train_path if family else None, **remote, **options)
     eval_url = None if family else env.url
-    eval_env = env_factory(env.name, eval_url, cfg.data.test_path if family else None, **options)
+    eval_env = env_factory(env.name, eval_url, cfg.data.test_path if family else None, **remote, **options)
     try:
         schedule = RoundsSchedule(env.max_rounds, env.rounds_schedule)
     except ValueError as err:

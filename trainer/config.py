@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rollout.api import MAX_TEMPERATURE
+from rollout.recovery import DEFAULT_BUDGET_S
 
 
 class Section(BaseModel):
@@ -74,8 +75,6 @@ class RolloutConfig(Section):
     """Embedded engine on GPU: capture each decode step as a CUDA graph."""
     timeout_s: float = Field(600.0, gt=0)
     """backend=http: timeout of one generation request to a rollout service, in seconds."""
-    retries: int = Field(3, ge=0)
-    """backend=http: retries of a request on transport errors and 5xx answers (never on 4xx), with backoff."""
 
 
 class GRPOConfig(Section):
@@ -156,6 +155,9 @@ class TrainConfig(Section):
     """nccl sync: process-group backend; auto = nccl when the trainer has CUDA, else gloo (CPU)."""
     weight_sync_timeout_s: float = Field(600.0, gt=0)
     """nccl sync: how long a rendezvous or broadcast may wait for the other side before failing."""
+    recovery_s: float = Field(DEFAULT_BUDGET_S, ge=0)
+    """How long a rollout service or env server may stay unreachable (or answer 5xx) before training stops with a
+    checkpoint: a restarting service is waited for with exponential backoff, one log line per attempt (0: at once)."""
     time_limit_s: float = Field(0.0, ge=0)
     """Wall-clock budget of the run in seconds (0 = none): the GRPO loop stops after the step that crosses it, then
     evaluates, saves and exits normally. Counted from the start of each trainer process (model loading, SFT, evals and

@@ -39,9 +39,10 @@ def make_engine(cfg: Config, model: nn.Module, tokenizer, d: Dist | None = None,
     """The engine for this rank. `model` is the trainer's HF model (before sharding: the engine is built first)."""
     d = d or Dist()
     if cfg.rollout.backend == "http":
+        from rollout.auth import admin_token
         from rollout.client import HTTPRolloutClient
 
-        return HTTPRolloutClient(cfg.rollout.urls, cfg.rollout.timeout_s, cfg.rollout.retries)
+        return HTTPRolloutClient(cfg.rollout.urls, cfg.rollout.timeout_s, cfg.train.recovery_s, token=admin_token())
     if cfg.rollout.backend == "vllm":
         raise ConfigError("rollout.backend=vllm runs inside the rollout service: use rollout.backend=http")
     from rollout.engine import EmbeddedEngine

@@ -154,7 +154,7 @@ class NcclSync(WeightSync):
 
     def _post(self, url: str, route: str, body: dict) -> dict:
         # no retries: a re-sent group call would wait for a rendezvous or broadcast that never comes
-        return self.client.request("POST", url, route, body, timeout=self.timeout_s + 30, retries=0)
+        return self.client.request("POST", url, route, body, timeout=self.timeout_s + 30, retry=False)
 
     def push(self, weights: Weights, version: int) -> int:
         with self._lock:
@@ -187,7 +187,7 @@ class NcclSync(WeightSync):
         with self._lock:
             for url in self.client.urls:
                 try:
-                    self.client.request("POST", url, "/close_weight_sync", timeout=30.0, retries=0)
+                    self.client.request("POST", url, "/close_weight_sync", timeout=30.0, retry=False)
                 except ServiceError:
                     pass  # a dead service has no group to close
             if self.group is not None:

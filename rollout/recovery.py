@@ -1,0 +1,57 @@
+"""Waiting out a restarting service on a time budget, not a retry count (shared by the rollout and env clients).
+
+A service restarted by its supervisor (compose `restart:`, Kubernetes) is back in seconds to minutes depending on the
+model it loads, so a fixed number of quick retries gives up too early or waits too long. `Recovery.run` retries what
+raises `Retryable` with exponential backoff (0.5 s doubling up to 10 s) until `budget_s` have passed since the first
+failure, logging one line per attempt; then it raises the caller's error class with one line naming the service.
+No torch.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
+DEFAULT_BUDGET_S = 300.0
+
+
+class Retryable(Exception):
+    """Raised by an attempt that may succeed later (refused connection, reset, 5xx); the message says what failed."""
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Recovery:
+    budget_s: float = DEFAULT_BUDGET_S
+    """Seconds from the first failure until giving up (0: one attempt)."""
+    first_wait_s: float = 0.5
+    max_wait_s: float = 10.0
+    log: Callable[[str], None] = field(default=_stderr, repr=False)
+
+    def run(self, what: str, attempt: Callable[[], T], give_up: type[Exception] = RuntimeError) -> T:
+        """attempt() until it returns; on Retryable wait and try again within the budget, then raise give_up."""
+        first_failure, tries = None, 0
+        while True:
+            try:
+                return attempt()
+            except Retryable as err:
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                spent, tries = now - first_failure, tries + 1
+                if spent >= self.budget_s:
+                    raise give_up(
+                        f"{what} unreachable for {spent:.0f} s ({tries} attempts, recovery budget "
+                        f"{self.budget_s:.0f} s); last error: {err}"
+                    ) from None
+                wait = min(self.first_wait_s * 2 ** (tries - 1), self.max_wait_s, self.budget_s - spent)
+                self.log(
+                    f"[rldock] {what}: {err}; attempt {tries + 1} in {wait:.1f} s ({spent:.0f} of {self.budget_s:.0f} s)"
+                )
+                time.sleep(wait)
