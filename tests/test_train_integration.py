@@ -184,3 +184,37 @@ def test_workflow_builds_trajectories_from_engine_output(model_path, tokenizer):
     flow.reseed(3)
     again = flow.run(engine, items, [10, 11])
     assert [t.token_ids for t in again] == [t.token_ids for t in out], "same seed, same samples"
+
+
+def test_a_rollout_service_down_past_the_budget_is_one_line_after_a_checkpoint(workdir):
+    """Nothing listens at the service URL: the trainer waits train.recovery_s with one line per attempt, saves, and
+    stops with exit 3 and one line naming the service."""
+    from tests.conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    result = run_trainer(
+        workdir, "experiment_name=down", "rollout.backend=http", f"rollout.urls=[{url}]", "train.weight_sync=disk",
+        "train.recovery_s=2", "train.total_steps=2", "eval.every=0",
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr[-3000:]
+    attempts = [x for x in result.stderr.splitlines() if "attempt" in x and url in x]
+    assert len(attempts) >= 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: rollout service {url}/generate unreachable") and "global_step_0 is saved" in last
+    assert (workdir / "saves/down/global_step_0/manifest.json").is_file()
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_by_the_trainer(workdir):
+    """Truncate a file of the newest checkpoint: the next start warns once, resumes from the one before."""
+    first = run_trainer(workdir, "experiment_name=damaged", "train.total_steps=2", "checkpoint.every=1",
+                        "checkpoint.keep_last=2", "eval.every=0")  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    bad = workdir / "saves/damaged/global_step_2/actor/model/__0_0.distcp"
+    bad.write_bytes(bad.read_bytes()[:1000])
+    again = run_trainer(workdir, "experiment_name=damaged", "train.total_steps=2", "checkpoint.every=1", "eval.every=0")
+    assert again.returncode == 0, again.stderr[-3000:]
+    warnings = [x for x in again.stdout.splitlines() if "warning: checkpoint global_step_2 is damaged" in x]
+    assert len(warnings) == 1 and str(bad) in warnings[0], again.stdout[-3000:]
+    assert "resumed at step 1" in again.stdout
+    assert (workdir / "saves/damaged/global_step_2.damaged").is_dir()
+    assert (workdir / "saves/damaged/latest").read_text().strip() == "global_step_2"

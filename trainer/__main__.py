@@ -84,13 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from trainer.checkpoint import CheckpointError
-    from trainer.loop import train  # imports torch
+    from trainer.loop import ServiceDown, train  # imports torch
 
     try:
         result = train(cfg)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ServiceDown as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted: the newest complete checkpoint is kept; run the same command to resume", file=sys.stderr)
         return 130

@@ -95,13 +95,39 @@ def train(cfg: Config) -> dict:
         with bar:
             while run.step < run.total_steps and not out_of_time(run):
                 # The bar says which phase a step is in: on a CPU one step can take minutes.
-                stats = train_step(run, lambda phase: bar.set_postfix({**bar_postfix(run.logger.latest), "now": phase}))
+                on_phase = lambda phase: bar.set_postfix({**bar_postfix(run.logger.latest), "now": phase})  # noqa: E731
+                try:
+                    stats = train_step(run, on_phase)
+                except SERVICE_DOWN as err:
+                    raise ServiceDown(stop_with_checkpoint(run, err)) from None
                 after_step(run, stats, bar)
         finish(run)
         return summary(run)
     finally:
         shutdown(run)
         dist.close(d)
+
+
+class ServiceDown(RuntimeError):
+    """A rollout service or env server stayed down past train.recovery_s; the message is one line, written after a
+    checkpoint."""
+
+
+def _service_errors() -> tuple[type[Exception], ...]:
+    from env_servers.client import EnvServerError
+    from rollout.client import ServiceUnavailable
+
+    return ServiceUnavailable, EnvServerError
+
+
+SERVICE_DOWN = _service_errors()
+
+
+def stop_with_checkpoint(run: Run, err: Exception) -> str:
+    """Save what the run has (unless this step is saved already) and say which service stopped it."""
+    path = save(run) if run.last_save != run.step else checkpoint.find_latest(run.exp_dir)
+    where = f"checkpoint {path.name} is saved: the same command resumes" if path else "no checkpoint yet"
+    return f"{str(err).splitlines()[0]}; {where} once the service is back"
 
 
 # ---------------------------------------------------------------------------------------------------------- setup
