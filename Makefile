@@ -45,6 +45,20 @@ SERVICE ?=
 MOUNTED_DIRS := models saves data
 # `compose run` allocates a TTY unless told not to; CI runners and pipes have none.
 NO_TTY := $(shell test -t 0 || echo -T)
+# The admin token of the rollout service's weight routes (rollout/auth.py): made once, kept in .env, never echoed.
+define ADMIN_TOKEN_PY
+import pathlib, re, secrets
+env = pathlib.Path(".env")
+text = env.read_text() if env.exists() else ""
+if not re.search(r"^RLDOCK_ADMIN_TOKEN=\S", text, re.M):
+    line = "RLDOCK_ADMIN_TOKEN=" + secrets.token_hex(32)
+    text, n = re.subn(r"^RLDOCK_ADMIN_TOKEN=[ \t]*$$", line, text, flags=re.M)
+    text = text if n else text + ("" if text.endswith("\n") or not text else "\n") + line + "\n"
+    env.write_text(text)
+    env.chmod(0o600)
+    print("rldock: wrote a new RLDOCK_ADMIN_TOKEN into .env (the trainer and the rollout service share it)")
+endef
+export ADMIN_TOKEN_PY
 # Containers run as you, so files they write into models/ saves/ data/ stay yours.
 export HOST_UID ?= $(shell id -u)
 export HOST_GID ?= $(shell id -g)
@@ -103,7 +117,7 @@ doctor: ## Check the Docker setup: daemon, compose, NVIDIA runtime, GPUs, images
 	@$(PYTHON_BOOT) -m scripts.doctor $(if $(filter 0,$(GPU)),--cpu)
 
 .PHONY: local-up
-local-up: $(VENV)/.installed ## Run the PROFILES' services as local processes, no Docker (PROFILES="rollout env")
+local-up: $(VENV)/.installed admin-token ## Run the PROFILES' services as local processes, no Docker (PROFILES="rollout env")
 	$(PY) -m scripts.local_stack up $(addprefix --profile ,$(PROFILES)) --logs $(LOGS_DIR)
 
 .PHONY: local-down
@@ -137,18 +151,22 @@ docker-build-scripts: docker-build-base ## Build rldock/scripts: base + merger, 
 docker-build-eval: ## Build rldock/eval: slim Python, no CUDA, no torch
 	$(COMPOSE) --profile build build eval-image
 
+.PHONY: admin-token
+admin-token: ## Write a random RLDOCK_ADMIN_TOKEN into .env once (trainer and rollout service share it; never printed)
+	@python3 -c "$$ADMIN_TOKEN_PY"
+
 .PHONY: docker-train-shell
 docker-train-shell: ## Open a shell in the train image, with the GPUs and volumes (stdin not a terminal: runs it)
 	@mkdir -p $(MOUNTED_DIRS)
 	$(COMPOSE) --profile train run --rm $(NO_TTY) train bash
 
 .PHONY: docker-train
-docker-train: ## Train in the train image (CONFIG=configs/gsm8k_tiny.yaml ARGS="train.lr=1e-6")
+docker-train: admin-token ## Train in the train image (CONFIG=configs/gsm8k_tiny.yaml ARGS="train.lr=1e-6")
 	@mkdir -p $(MOUNTED_DIRS)
 	$(if $(ARGS),TRAIN_ARGS='$(ARGS)') $(COMPOSE) --profile train run --rm $(NO_TTY) --use-aliases train
 
 .PHONY: docker-train-two-nodes
-docker-train-two-nodes: ## Rehearse multi-node on this host: two train containers as two nodes (NPROC ranks each)
+docker-train-two-nodes: admin-token ## Rehearse multi-node on this host: two train containers as two nodes (NPROC ranks each)
 	@mkdir -p $(MOUNTED_DIRS)
 	$(if $(ARGS),TRAIN_ARGS='$(ARGS)') $(COMPOSE) $(TWO_NODES_FILES) --profile train up -d --no-build train train-node1
 	$(COMPOSE) $(TWO_NODES_FILES) --profile train logs -f train train-node1
@@ -159,17 +177,17 @@ docker-train-two-nodes: ## Rehearse multi-node on this host: two train container
 	echo "node exit codes:" $$codes; test "$$(echo $$codes)" = "0 0"
 
 .PHONY: docker-rollout
-docker-rollout: ## Start the rollout service on 127.0.0.1:8000, wait until healthy (MODEL=… ROLLOUT_BACKEND=vllm)
+docker-rollout: admin-token ## Start the rollout service on 127.0.0.1:8000, wait until healthy (MODEL=… ROLLOUT_BACKEND=vllm)
 	@mkdir -p $(MOUNTED_DIRS)
 	$(COMPOSE) --profile rollout up -d --wait rollout
 
 .PHONY: docker-env
-docker-env: ## Start an env server, wait until healthy (ENV=gsm8k ENV_PORT=36001)
+docker-env: admin-token ## Start an env server, wait until healthy (ENV=gsm8k ENV_PORT=36001)
 	@mkdir -p $(MOUNTED_DIRS)
 	$(COMPOSE) --profile env up -d --wait env
 
 .PHONY: docker-eval
-docker-eval: ## Evaluate MODEL on ENV with the rollout and env services; exits with the eval's code (EVAL_ARGS=…)
+docker-eval: admin-token ## Evaluate MODEL on ENV with the rollout and env services; exits with the eval's code (EVAL_ARGS=…)
 	@mkdir -p $(MOUNTED_DIRS)
 	$(COMPOSE) --profile eval up --attach eval --exit-code-from eval
 
@@ -184,7 +202,7 @@ docker-format: ## Format the code inside the scripts image (ruff format + ruff c
 	$(COMPOSE) --profile formatter run --rm $(NO_TTY) formatter
 
 .PHONY: docker-up
-docker-up: ## Start the PROFILES' services in the background (PROFILES="rollout env")
+docker-up: admin-token ## Start the PROFILES' services in the background (PROFILES="rollout env")
 	@mkdir -p $(MOUNTED_DIRS)
 	$(COMPOSE) $(addprefix --profile ,$(PROFILES)) up -d
 

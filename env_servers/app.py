@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from env_servers.api import Env, EnvError
 from env_servers.pool import EnvNotFound, EnvPool, EpisodeDone, PoolFull
@@ -35,6 +36,7 @@ from env_servers.protocol import (
     step_payload,
 )
 from env_servers.registry import EnvUnavailable
+from rollout import auth
 
 log = logging.getLogger("env_servers")
 
@@ -95,13 +97,34 @@ def create_app(
 
     app = FastAPI(title=f"rldock env server: {name}", lifespan=lifespan)
     app.state.pool = pool
+    _add_token_check(app, auth.env_token())
     _add_error_handlers(app, name)
     _add_info_routes(app, pool, name, protocol)
     _add_env_routes(app, pool, protocol)
     return app
 
 
+OPEN_PATHS = frozenset({"/", "/health"})
+
+
+def _add_token_check(app: FastAPI, token: str | None) -> None:
+    """RLDOCK_ENV_TOKEN (rollout/auth.py): every route but / and /health wants it as a bearer token, when set."""
+    if not token:
+        return
+
+    @app.middleware("http")
+    async def check(request: Request, call_next):
+        if request.url.path in OPEN_PATHS or auth.authorized(request.headers.get("authorization", ""), [token]):
+            return await call_next(request)
+        return JSONResponse({"detail": auth.refusal([auth.ENV_TOKEN])}, 401, {"WWW-Authenticate": "Bearer"})
+
+
 def _add_error_handlers(app: FastAPI, name: str) -> None:
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, err: ClientDisconnect) -> JSONResponse:
+        log.info("%s %s: the client went away before its body arrived", request.method, request.url.path)
+        return JSONResponse({"detail": "client closed the request"}, status_code=499)
+
     @app.exception_handler(EnvError)
     async def env_error(request: Request, err: EnvError) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=_status_of(err))

@@ -52,9 +52,7 @@ class EnvClient:
         self.timeout, self.recovery = timeout, Recovery(recovery_s)
         self.bare: bool | None = None  # searchqa-style server (bare int/str responses); known after create
         headers = {"Authorization": f"Bearer {token}"} if token else {}  # RLDOCK_ENV_TOKEN (env_servers/app.py)
-        self._http = httpx.Client(
-            base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0), headers=headers
-        )
+        self._http = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0), headers=headers)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         def attempt() -> httpx.Response:

@@ -30,6 +30,16 @@ def env_token() -> str | None:
     return token(ENV_TOKEN)
 
 
+def authorized(header: str, values: list[str]) -> bool:
+    """An `Authorization` header value carries one of `values` as a bearer token (constant-time comparison)."""
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and any(secrets.compare_digest(given, v) for v in values)
+
+
+def refusal(names: list[str]) -> str:
+    return f"this route needs `Authorization: Bearer <{' or '.join(names)}>`"
+
+
 def require(*accepted: tuple[str, str | None]) -> Callable:
     """A FastAPI dependency: the request's `Authorization: Bearer X` must equal one of the set tokens, given as
     (variable name, value) pairs; when none of them is set the route is open."""
@@ -40,10 +50,8 @@ def require(*accepted: tuple[str, str | None]) -> Callable:
     async def check(request: Request) -> None:
         if not needed:
             return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and any(secrets.compare_digest(given, v) for _, v in needed):
+        if authorized(request.headers.get("authorization", ""), [v for _, v in needed]):
             return
-        names = " or ".join(name for name, _ in needed)
-        raise HTTPException(401, f"this route needs `Authorization: Bearer <{names}>`", {"WWW-Authenticate": "Bearer"})
+        raise HTTPException(401, refusal([name for name, _ in needed]), {"WWW-Authenticate": "Bearer"})
 
     return check

@@ -728,5 +728,6 @@ def _server(config):
 
     return Server(config)
 
+
 if __name__ == "__main__":
     main()

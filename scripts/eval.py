@@ -434,8 +434,9 @@ class EnvTask:
 
     def __init__(self, url: str, args: argparse.Namespace):
         from env_servers.client import EnvClient
+        from rollout.auth import env_token
 
-        self.client, self.max_round = EnvClient(url, timeout=args.timeout), args.max_round
+        self.client, self.max_round = EnvClient(url, timeout=args.timeout, token=env_token()), args.max_round
         self.system, self.template = args.system_prompt, args.prompt_template or "{question}"
         try:
             health = self.client.health()

@@ -290,3 +290,50 @@ def test_remote_env_survives_server_side_expiry(tmp_path_factory):
             env.step("\\boxed{18}")
     finally:
         stop_server(proc)
+
+
+def test_env_token_guards_every_route_but_health(tmp_path_factory):
+    """RLDOCK_ENV_TOKEN set: 401 naming the variable without it, a whole episode with it (EnvClient sends it)."""
+    from env_servers.api import EnvError
+    from env_servers.client import EnvClient
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["-m", "env_servers", "--env", "gsm8k", "--port", str(port)]
+    log = tmp_path_factory.mktemp("env-token") / "server.log"
+    proc = start_server(args, url + "/health", log, timeout=60, env={"RLDOCK_ENV_TOKEN": "env-secret"})
+    try:
+        assert httpx.get(url + "/health").status_code == 200
+        for method, path in (("POST", "/create"), ("GET", "/list_envs"), ("POST", "/step"), ("POST", "/close")):
+            r = httpx.request(method, url + path, json={}, headers={"Authorization": "Bearer nope"})
+            assert r.status_code == 401 and "RLDOCK_ENV_TOKEN" in r.json()["detail"], (path, r.text)
+        client = EnvClient(url, token="env-secret")
+        env_id = client.create()
+        assert client.reset(env_id, 0)["observation"]
+        assert client.step(env_id, "\\boxed{0}")["done"]
+        client.close(env_id)
+        with pytest.raises(EnvError, match="needs `Authorization: Bearer <RLDOCK_ENV_TOKEN>`"):
+            EnvClient(url, recovery_s=0).create()
+    finally:
+        stop_server(proc)
+
+
+def test_a_client_gone_mid_body_is_no_server_error(tmp_path_factory):
+    """A body cut off by a disconnect is logged in one line, not as a 500 with a traceback."""
+    import socket
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("env-gone") / "server.log"
+    proc = start_server(["-m", "env_servers", "--env", "gsm8k", "--port", str(port)], url + "/health", log, timeout=60)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(
+                b"POST /create HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+        time.sleep(1.0)
+        assert httpx.get(url + "/health").status_code == 200
+    finally:
+        stop_server(proc)
+    text = log.read_text()
+    assert "Traceback" not in text and "internal error" not in text, text[-2000:]
