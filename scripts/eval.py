@@ -6,8 +6,8 @@
 Target (the first that is set):
   --openai-base-url / OPENAI_BASE_URL  any OpenAI-compatible server (`.../v1`); --model/MODEL names the model,
                                        OPENAI_API_KEY the key; /v1/chat/completions, or /v1/completions (--api)
-  --rollout-url / ROLLOUT_URL          an rldock rollout service (its OpenAI routes; model and weight version are
-                                       read from its /health)
+  --rollout-url / ROLLOUT_URL          an rldock rollout service (its OpenAI routes, with RLDOCK_API_KEY when set;
+                                       model and weight version are read from its /health)
   otherwise                            --model/MODEL (HF folder, hub id or built-in name) runs in this process on
                                        the embedded engine: the only mode that imports torch
 Task:
@@ -281,7 +281,9 @@ class RolloutTarget(OpenAITarget):
     """The rldock rollout service through its OpenAI chat route; its /health names the model and weight version."""
 
     def __init__(self, url: str, api: str, timeout: float):
-        super().__init__(url.rstrip("/") + "/v1", None, api, None, timeout)
+        from rollout.auth import API_KEY, token
+
+        super().__init__(url.rstrip("/") + "/v1", None, api, token(API_KEY), timeout)  # the service's own key
         self.url = url.rstrip("/")
         self.name = f"rollout:{self.url}"
         try:
