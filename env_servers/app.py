@@ -32,6 +32,8 @@ from env_servers.protocol import (
     create_payload,
     data_idx_of,
     env_id_of,
+    openapi_body,
+    openapi_env_query,
     reset_payload,
     step_payload,
 )
@@ -158,7 +160,7 @@ def _add_info_routes(app: FastAPI, pool: EnvPool, name: str, protocol: str) -> N
 
 
 def _add_env_routes(app: FastAPI, pool: EnvPool, protocol: str) -> None:
-    @app.post("/create")
+    @app.post("/create", openapi_extra=openapi_body("create", required=False))
     async def create(request: Request) -> Any:
         data_idx = create_data_idx(await _read_json(request, required=False))
         env_id = await run_in_threadpool(pool.create)
@@ -170,27 +172,27 @@ def _add_env_routes(app: FastAPI, pool: EnvPool, protocol: str) -> None:
                 raise
         return create_payload(protocol, env_id)
 
-    @app.post("/reset")
+    @app.post("/reset", openapi_extra=openapi_body("reset"))
     async def reset(request: Request) -> Any:
         body = await _read_json(request)
         env_id, data_idx = env_id_of(body), data_idx_of(body)
         return reset_payload(protocol, await run_in_threadpool(pool.reset, env_id, data_idx))
 
-    @app.post("/step")
+    @app.post("/step", openapi_extra=openapi_body("step"))
     async def step(request: Request) -> dict[str, Any]:
         body = await _read_json(request)
         env_id, action = env_id_of(body), action_of(body)
         return step_payload(*await run_in_threadpool(pool.step, env_id, action))
 
-    @app.get("/observation")
+    @app.get("/observation", openapi_extra=openapi_env_query())
     async def observation(request: Request) -> str:
         return await run_in_threadpool(pool.observation, env_id_of(dict(request.query_params)))
 
-    @app.get("/available_actions")
+    @app.get("/available_actions", openapi_extra=openapi_env_query())
     async def available_actions(request: Request) -> list[str]:
         return await run_in_threadpool(pool.available_actions, env_id_of(dict(request.query_params)))
 
-    @app.post("/close")
+    @app.post("/close", openapi_extra=openapi_body("close"))
     async def close(request: Request) -> Any:
         env_id = env_id_of(await _read_json(request))
         await run_in_threadpool(pool.close, env_id)

@@ -22,6 +22,46 @@ MAX_ID = 2**53  # JSON-safe integers; larger ones are certainly not ours
 _DECIMAL = re.compile(r"-?[0-9]{1,16}")
 
 
+# The request bodies as JSON Schema, for the OpenAPI document (clients and fuzzers read the contract from it); the
+# parsing functions below are what enforces them, with a 4xx naming the field.
+_ID = {"type": "integer", "minimum": -MAX_ID + 1, "maximum": MAX_ID - 1}
+_ENV = {"env_idx": {**_ID, "description": "the env (searchqa style); then `id` is the dataset item"},
+        "id": {**_ID, "description": "the env (babyai style), or the dataset item when `env_idx` is given"}}  # fmt: skip
+BODY_SCHEMAS: dict[str, dict[str, Any]] = {
+    "create": {
+        "type": "object",
+        "properties": {
+            "id": {**_ID, "description": "item to load at once (searchqa)"},
+            "data_idx": {**_ID, "description": "item to load at once"},
+        },
+    },  # fmt: skip
+    "reset": {
+        "type": "object",
+        "properties": {**_ENV, "data_idx": {**_ID, "description": "the dataset item"}},
+        "anyOf": [{"required": ["env_idx"]}, {"required": ["id"]}],
+    },  # fmt: skip
+    "step": {
+        "type": "object",
+        "properties": {**_ENV, "action": {"type": "string", "maxLength": MAX_ACTION_CHARS}},
+        "required": ["action"],
+        "anyOf": [{"required": ["env_idx"]}, {"required": ["id"]}],
+    },  # fmt: skip
+    "close": {"type": "object", "properties": _ENV, "anyOf": [{"required": ["env_idx"]}, {"required": ["id"]}]},
+}
+
+
+def openapi_body(name: str, required: bool = True) -> dict[str, Any]:
+    """`openapi_extra` for a route whose body is read by hand: the body's schema in the OpenAPI document."""
+    content = {"application/json": {"schema": BODY_SCHEMAS[name]}}
+    return {"requestBody": {"required": required, "content": content}}
+
+
+def openapi_env_query() -> dict[str, Any]:
+    """`openapi_extra` for GET routes that name the env in the query string (`env_idx` or `id`)."""
+    params = [{"name": key, "in": "query", "required": False, "schema": schema} for key, schema in _ENV.items()]
+    return {"parameters": params}
+
+
 class BadRequest(EnvError):
     """Malformed request: wrong JSON, missing field, wrong type (HTTP 400)."""
 
