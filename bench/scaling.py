@@ -43,15 +43,8 @@ QWEN7B_SHAPE = dict(
     vocab_size=49152, max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False,
     rms_norm_eps=1e-6,
 )  # fmt: skip
-TINY_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-)  # CPU smoke test of the plumbing
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True)  # fmt: skip  # CPU smoke test
 QUIET = ["logging.wandb=false", "logging.progress=false", "eval.every=0", "checkpoint.every=0",
          "checkpoint.at_end=false", "checkpoint.resume=false"]  # fmt: skip
 T0 = time.monotonic()

@@ -21,6 +21,19 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def growth(proc, traffic, warmup: int, soak: int) -> tuple[float, float]:
+    """RSS (MB) after `warmup` units of traffic and after `soak` more; the leaked clients are closed at the end."""
+    leaks: list[httpx.Client] = []
+    try:
+        traffic(warmup, leaks)
+        warm = rss_mb(proc.pid)
+        traffic(soak, leaks)
+        return warm, rss_mb(proc.pid)
+    finally:
+        for c in leaks:
+            c.close()
+
+
 def env_cycles(url: str, count: int, leaks: list[httpx.Client]) -> None:
     with httpx.Client(base_url=url, timeout=30) as client:
         for i in range(count):
@@ -39,18 +52,12 @@ def test_env_server_memory_stays_flat(tmp_path):
     url = f"http://127.0.0.1:{port}"
     args = ["-m", "env_servers", "--env", "gsm8k", "--port", str(port), "--ttl", "2", "--max-envs", "512"]
     proc = start_server(args, url + "/health", tmp_path / "env.log", 60)
-    leaks: list[httpx.Client] = []
     try:
-        env_cycles(url, 500, leaks)
-        warm = rss_mb(proc.pid)
-        env_cycles(url, 2500, leaks)
-        end = rss_mb(proc.pid)
+        warm, end = growth(proc, lambda count, leaks: env_cycles(url, count, leaks), 500, 2500)
         live = httpx.get(url + "/health").json()["live"]
     finally:
-        for c in leaks:
-            c.close()
         stop_server(proc)
-    print(f"env server RSS: {warm:.1f} MB after 500 cycles, {end:.1f} MB after 3000 ({len(leaks)} leaked clients)")
+    print(f"env server RSS: {warm:.1f} MB after 500 cycles, {end:.1f} MB after 3000 (300 leaked clients)")
     assert end - warm < SOAK_BOUND_MB, f"grew {end - warm:.1f} MB over 2500 cycles"
     assert live < 60, f"{live} envs still live: idle envs were not evicted"
 
@@ -60,10 +67,9 @@ def test_rollout_service_memory_stays_flat(model_path, tmp_path):
     url = f"http://127.0.0.1:{port}"
     args = ["-m", "rollout.server", "--model", model_path, "--port", str(port), "--threads", "1"]
     proc = start_server(args, url + "/health", tmp_path / "rollout.log")
-    leaks: list[httpx.Client] = []
     body = {"prompts": [[1, 2, 3]], "max_new_tokens": 1, "n": 2}
 
-    def requests(count: int) -> None:
+    def requests(count: int, leaks: list[httpx.Client]) -> None:
         with httpx.Client(base_url=url, timeout=60) as client:
             for i in range(count):
                 assert client.post("/generate", json=body).status_code == 200
@@ -73,13 +79,8 @@ def test_rollout_service_memory_stays_flat(model_path, tmp_path):
                     leaks.append(leak)
 
     try:
-        requests(150)
-        warm = rss_mb(proc.pid)
-        requests(600)
-        end = rss_mb(proc.pid)
+        warm, end = growth(proc, requests, 150, 600)
     finally:
-        for c in leaks:
-            c.close()
         stop_server(proc)
-    print(f"rollout service RSS: {warm:.1f} MB after 150 requests, {end:.1f} MB after 750 ({len(leaks)} leaked)")
+    print(f"rollout service RSS: {warm:.1f} MB after 150 requests, {end:.1f} MB after 750 (150 leaked)")
     assert end - warm < SOAK_BOUND_MB, f"grew {end - warm:.1f} MB over 600 requests"
