@@ -13,7 +13,7 @@ from tests.conftest import free_port, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 FUZZ = settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), phases=[Phase.generate])
-ENVS = ["gsm8k", "gsm8k_tools", "babyai", "searchqa"]
+ENVS = ["gsm8k", "gsm8k_tools", "babyai", "searchqa", "sciworld"]
 
 
 def fuzz(url: str) -> int:
@@ -50,6 +50,10 @@ def test_the_rollout_service_answers_no_5xx(model_path, tmp_path):
 
 @pytest.mark.parametrize("env", ENVS)
 def test_env_servers_answer_no_5xx(env, tmp_path):
+    import shutil
+
+    if env == "sciworld" and shutil.which("java") is None:
+        pytest.skip("sciworld needs a Java runtime (Debian: default-jre-headless)")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(
