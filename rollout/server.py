@@ -582,7 +582,8 @@ def create_app(
     app shuts down, unless an engine call is still running then (main() exits without waiting for it)."""
     svc = Service(engine, tokenizer, name, backend, limits, caps)
     key, admin = auth.token(auth.API_KEY), auth.token(auth.ADMIN_TOKEN)
-    users = Depends(auth.require((auth.API_KEY, key), (auth.ADMIN_TOKEN, admin)))
+    # Generation is open unless RLDOCK_API_KEY is set; then the key or the admin token (the trainer's) opens it.
+    users = Depends(auth.require((auth.API_KEY, key), (auth.ADMIN_TOKEN, admin)) if key else auth.require())
     admins = Depends(auth.require((auth.ADMIN_TOKEN, admin)))
 
     @asynccontextmanager

@@ -141,6 +141,18 @@ def test_tokens_open_their_routes_and_health_stays_open(guarded):
     assert httpx.post(url + "/resume", headers=admin, timeout=60).status_code == 200
 
 
+def test_with_only_the_admin_token_generation_stays_open(model_path, tmp_path):
+    """What `make` sets up by default: RLDOCK_ADMIN_TOKEN in .env, no RLDOCK_API_KEY."""
+    url, proc = launch(model_path, tmp_path, env={"RLDOCK_ADMIN_TOKEN": ADMIN})
+    try:
+        assert httpx.post(url + "/generate", json=gen(), timeout=60).status_code == 200
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).status_code == 200
+        assert httpx.post(url + "/pause", timeout=60).status_code == 401
+    finally:
+        stop_server(proc)
+
+
 def test_the_trainer_client_works_with_tokens_on_and_weights_stay_under_the_root(guarded, model_path, tmp_path):
     """HTTPRolloutClient sends the admin token (what the trainer does); disk loads outside the root are 403."""
     import shutil
