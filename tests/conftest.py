@@ -112,6 +112,14 @@ def start_server(
     return proc
 
 
+def wait_until(pred, timeout: float = 60.0) -> None:
+    """Poll `pred` every 50 ms until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()

@@ -14,7 +14,7 @@ import pytest
 
 from rollout.api import SamplingParams
 from rollout.client import HTTPRolloutClient, ServiceError
-from tests.conftest import TEST_WEIGHTS_ROOT, free_port, start_server, stop_server
+from tests.conftest import TEST_WEIGHTS_ROOT, free_port, start_server, stop_server, wait_until
 
 pytestmark = pytest.mark.slow
 KEY, ADMIN = "user-key-123", "admin-token-456"
@@ -78,7 +78,7 @@ def test_a_small_request_does_not_wait_for_a_big_one(capped):
 
     big = threading.Thread(target=send, args=("big", gen(n=4, max_new_tokens=48, prompts=[[1, 5, 9]] * 8)))
     big.start()
-    _wait_for(lambda: httpx.get(capped + "/metrics").json()["in_flight_sequences"] > 0)
+    wait_until(lambda: httpx.get(capped + "/metrics").json()["in_flight_sequences"] > 0)
     send("small", gen(n=1, max_new_tokens=2))
     assert "big" not in done, "the small request waited for the whole big one"
     big.join()
@@ -90,8 +90,8 @@ def test_a_caller_that_goes_away_is_dropped_before_its_next_engine_call(capped):
     before = httpx.get(capped + "/metrics").json()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(capped + "/generate", json=gen(n=4, max_new_tokens=48, prompts=[[1, 7]] * 8), timeout=1.5)
-    _wait_for(lambda: httpx.get(capped + "/metrics").json()["cancelled"] > before["cancelled"])
-    _wait_for(lambda: httpx.get(capped + "/metrics").json()["in_flight_sequences"] == 0)
+    wait_until(lambda: httpx.get(capped + "/metrics").json()["cancelled"] > before["cancelled"])
+    wait_until(lambda: httpx.get(capped + "/metrics").json()["in_flight_sequences"] == 0)
     after = httpx.get(capped + "/metrics").json()
     assert after["engine_calls"] - before["engine_calls"] < 8, "all 8 engine calls ran for a caller that had gone"
     assert httpx.post(capped + "/generate", json=gen(), timeout=60).status_code == 200
@@ -104,7 +104,7 @@ def test_sigterm_answers_503_and_exits(model_path, tmp_path):
     workers = [threading.Thread(target=lambda: answers.append(httpx.post(url + "/generate", json=body, timeout=120).status_code)) for _ in range(2)]  # fmt: skip
     for w in workers:
         w.start()
-    _wait_for(lambda: httpx.get(url + "/metrics").json()["in_flight_sequences"] > 0)
+    wait_until(lambda: httpx.get(url + "/metrics").json()["in_flight_sequences"] > 0)
     proc.send_signal(signal.SIGTERM)
     for w in workers:
         w.join(timeout=30)
@@ -185,14 +185,6 @@ def _link_or_copy(src, dst):
         import shutil
 
         shutil.copy2(src, dst)
-
-
-def _wait_for(pred, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(0.05)
 
 
 def test_the_service_reads_tokens_only_from_the_environment():

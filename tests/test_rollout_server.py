@@ -5,13 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
 from safetensors.torch import save_file
 
-from tests.conftest import ROOT, TEST_WEIGHTS_ROOT, free_port, start_server, stop_server
+from tests.conftest import ROOT, TEST_WEIGHTS_ROOT, free_port, start_server, stop_server, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -236,13 +235,6 @@ def test_broken_checkpoint_is_400_and_weights_survive(server, tmp_path):
     assert get(server, "/health")["weight_version"] == 0
 
 
-def _wait_for(pred, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
-
 def test_pause_holds_requests_until_resume(server):
     assert post(server, "/pause", None).json()["paused"] is True
     assert get(server, "/health")["paused"] is True
@@ -251,7 +243,7 @@ def test_pause_holds_requests_until_resume(server):
         target=lambda: results.append(post(server, "/generate", {"prompts": [[1, 2]], "max_new_tokens": 2}))
     )
     t.start()
-    _wait_for(lambda: get(server, "/metrics")["queue_requests"] == 1)
+    wait_until(lambda: get(server, "/metrics")["queue_requests"] == 1, timeout=30)
     assert t.is_alive() and not results  # waiting, not refused
     assert post(server, "/resume", None).json()["paused"] is False
     t.join(60)
@@ -266,7 +258,7 @@ def test_concurrent_requests_share_one_engine_call(server):
     threads = [threading.Thread(target=lambda: results.append(post(server, "/generate", body))) for _ in range(3)]
     for t in threads:
         t.start()
-    _wait_for(lambda: get(server, "/metrics")["queue_requests"] == 3)
+    wait_until(lambda: get(server, "/metrics")["queue_requests"] == 3, timeout=30)
     post(server, "/resume", None)
     for t in threads:
         t.join(60)

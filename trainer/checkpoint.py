@@ -35,7 +35,7 @@ _STEP_DIR = re.compile(r"^global_step_(\d+)$")
 LATEST = "latest"
 DAMAGED = ".damaged"
 # What a damaged checkpoint raises while loading, when its files passed (or predate) the manifest check.
-LOAD_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, json.JSONDecodeError)
+LOAD_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError)  # json errors are ValueErrors
 
 
 class CheckpointError(RuntimeError):

@@ -92,10 +92,12 @@ def train(cfg: Config) -> dict:
             record_eval(run)
             say(run, "eval: " + " ".join(f"{k}={v:.3f}" for k, v in run.logger.latest.items() if k.startswith("eval/")))
         bar = progress_bar(run.total_steps, run.step, cfg.logging.progress, d.rank)
+
+        def on_phase(phase: str) -> None:  # the bar says which phase a step is in: on a CPU a step can take minutes
+            bar.set_postfix({**bar_postfix(run.logger.latest), "now": phase})
+
         with bar:
             while run.step < run.total_steps and not out_of_time(run):
-                # The bar says which phase a step is in: on a CPU one step can take minutes.
-                on_phase = lambda phase: bar.set_postfix({**bar_postfix(run.logger.latest), "now": phase})  # noqa: E731
                 try:
                     stats = train_step(run, on_phase)
                 except SERVICE_DOWN as err:
