@@ -24,6 +24,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="dataset override: gsm8k/gsm8k_tools a JSONL file or folder; searchqa a folder with corpus.jsonl and "
         "questions.jsonl; babyai comma-separated BabyAI level ids; sciworld comma-separated task names",
     )
+    p.add_argument(
+        "--http-errors",
+        action="store_true",
+        help="answer an env's refusals (unknown id, finished episode, bad item) with 4xx and {detail}; default: "
+        "AgentGym's 200 with {error}, which AgentGym's clients expect",
+    )
     p.add_argument("--format-reward", type=float, default=None, help="gsm8k, gsm8k_tools: bonus for a \\boxed{} answer")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every request")
@@ -48,14 +54,17 @@ def main(argv: list[str] | None = None) -> None:
 
     from env_servers.api import EnvError
     from env_servers.app import create_app
-    from env_servers.registry import make_factory, protocol_of
+    from env_servers.registry import make_factory, wire_of
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         factory = make_factory(args.env, args.data, format_reward=args.format_reward)
     except (EnvError, OSError, ValueError) as e:
         _fail(f"cannot start env {args.env!r}: {e}")
-    app = create_app(factory, name=args.env, protocol=protocol_of(args.env), ttl=args.ttl, max_envs=args.max_envs)
+    wire = wire_of(args.env)
+    app = create_app(
+        factory, name=args.env, wire=wire, ttl=args.ttl, max_envs=args.max_envs, http_errors=args.http_errors
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
 
 

@@ -13,10 +13,15 @@ from typing import Any
 
 @dataclass
 class Observation:
-    """What the agent sees after reset: the task text (a prompt) and optional extras."""
+    """What the agent sees after reset: the task text (a prompt) and optional extras. `reward` and `score` are what
+    AgentGym's servers report at reset (sciworld's opening "look around" can already score); `fields` holds the
+    env's other reset fields on the wire (sciworld's task_name, var_num, task_description)."""
 
     text: str
     info: dict[str, Any] = field(default_factory=dict)
+    reward: float = 0
+    score: float = 0
+    fields: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -24,12 +29,14 @@ class Observation:
 
 @dataclass
 class StepResult:
-    """Result of one action. `reward` is the reward of this step; `done` ends the episode."""
+    """Result of one action. `reward` is the reward of this step; `done` ends the episode. `score` is the episode's
+    score when the env keeps one of its own (sciworld's game score); None: the sum of the rewards so far."""
 
     observation: str
     reward: float
     done: bool
     info: dict[str, Any] = field(default_factory=dict)
+    score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,9 +65,9 @@ class Env(abc.ABC):
         """The current observation text (AgentGym's GET /observation)."""
         raise EnvError("no observation: call reset first")
 
-    def available_actions(self) -> list[str]:
-        """Actions valid now, where the env can list them (AgentGym's /available_actions)."""
-        raise EnvError(f"{self.name} does not list its actions")
+    def query(self, what: str) -> Any:
+        """Answer an extra GET route of the env's AgentGym server (sciworld's "goals", "action_hint", ...)."""
+        raise EnvError(f"{self.name} answers no {what!r} query")
 
     def close(self) -> None:
         """Free resources held by this slot."""

@@ -1,8 +1,10 @@
-"""One FastAPI app over any `Env`, speaking AgentGym's protocol (paths and bodies in `env_servers.protocol`).
+"""One FastAPI app over any `Env`, answering as that env's AgentGym server does (shapes: the env's `Wire`).
 
-Routes: `GET /` ("ok"), `GET /health`, `GET /list_envs`, `POST /create`, `POST /reset`, `POST /step`,
-`GET /observation`, `GET /available_actions`, `POST /close`. Bodies are parsed by hand (size-capped, type-checked) so
-that any malformed request gets a 4xx with a message; env code runs in the threadpool under a per-env lock
+Routes: `GET /` (the greeting), `GET /health`, `GET /list_envs`, `POST /create`, `POST /reset`, `POST /step`,
+`GET /observation`, `GET /available_actions`, `POST /close`, plus the env's own GET routes (`Wire.queries`,
+`/detail`). Bodies are parsed by hand (size-capped, type-checked): a malformed request gets a 4xx naming the field.
+An env's own refusals (unknown id, finished episode, bad item) are answered AgentGym's way, 200 `{"error": ...}`,
+or as 4xx `{"detail": ...}` with `http_errors`. Env code runs in the threadpool under a per-env lock
 (`env_servers.pool`); a background task closes envs idle longer than the TTL.
 """
 
@@ -26,12 +28,12 @@ from env_servers.protocol import (
     MAX_BODY_BYTES,
     BadRequest,
     TooLarge,
+    Wire,
     action_of,
-    close_payload,
     create_data_idx,
-    create_payload,
     data_idx_of,
     env_id_of,
+    observation_payload,
     openapi_body,
     openapi_env_query,
     reset_payload,
@@ -43,6 +45,7 @@ from rollout import auth
 log = logging.getLogger("env_servers")
 
 _STATUS = {BadRequest: 400, TooLarge: 413, EnvNotFound: 404, EpisodeDone: 409, PoolFull: 429, EnvUnavailable: 503}
+_RLDOCK_LIMITS = (BadRequest, TooLarge, PoolFull, EnvUnavailable)  # no AgentGym server has these: always 4xx/5xx
 
 
 def _status_of(err: EnvError) -> int:
@@ -83,12 +86,15 @@ def create_app(
     factory: Callable[[], Env],
     *,
     name: str = "env",
-    protocol: str = "agentgym",
+    wire: Wire = Wire(),
     ttl: float = 900.0,
     max_envs: int = 256,
+    http_errors: bool = False,
 ) -> FastAPI:
-    """The server app for slots built by `factory` (see `env_servers.registry.make_factory`)."""
-    pool = EnvPool(factory, ttl=ttl, max_envs=max_envs)
+    """The server app for slots built by `factory` (see `env_servers.registry.make_factory`), answering in `wire`'s
+    shapes; `http_errors`: the env's refusals as 4xx instead of AgentGym's 200 {"error"}."""
+    pool = EnvPool(factory, ttl=ttl, max_envs=max_envs, step_after_done=wire.step_after_done)
+    error_status = None if http_errors else wire.error_status
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -100,9 +106,10 @@ def create_app(
     app = FastAPI(title=f"rldock env server: {name}", lifespan=lifespan)
     app.state.pool = pool
     _add_token_check(app, auth.env_token())
-    _add_error_handlers(app, name)
-    _add_info_routes(app, pool, name, protocol)
-    _add_env_routes(app, pool, protocol)
+    _add_error_handlers(app, name, error_status)
+    _add_info_routes(app, pool, name, wire)
+    _add_env_routes(app, pool, wire, error_status)
+    _add_query_routes(app, pool, wire)
     return app
 
 
@@ -121,7 +128,7 @@ def _add_token_check(app: FastAPI, token: str | None) -> None:
         return JSONResponse({"detail": auth.refusal([auth.ENV_TOKEN])}, 401, {"WWW-Authenticate": "Bearer"})
 
 
-def _add_error_handlers(app: FastAPI, name: str) -> None:
+def _add_error_handlers(app: FastAPI, name: str, error_status: int | None) -> None:
     @app.exception_handler(ClientDisconnect)
     async def gone(request: Request, err: ClientDisconnect) -> JSONResponse:
         log.info("%s %s: the client went away before its body arrived", request.method, request.url.path)
@@ -129,7 +136,9 @@ def _add_error_handlers(app: FastAPI, name: str) -> None:
 
     @app.exception_handler(EnvError)
     async def env_error(request: Request, err: EnvError) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, status_code=_status_of(err))
+        if error_status is None or isinstance(err, _RLDOCK_LIMITS):
+            return JSONResponse({"detail": str(err)}, status_code=_status_of(err))
+        return JSONResponse({"error": str(err)}, status_code=error_status)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
@@ -137,17 +146,16 @@ def _add_error_handlers(app: FastAPI, name: str) -> None:
         return JSONResponse({"detail": f"internal error in env {name}: {type(err).__name__}: {err}"}, status_code=500)
 
 
-def _add_info_routes(app: FastAPI, pool: EnvPool, name: str, protocol: str) -> None:
+def _add_info_routes(app: FastAPI, pool: EnvPool, name: str, wire: Wire) -> None:
     @app.get("/")
     async def root() -> str:
-        return "ok"
+        return wire.greeting
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {
             "status": "ok",
             "env": name,
-            "protocol": protocol,
             "live": len(pool),
             "max_envs": pool.max_envs,
             "ttl": pool.ttl,
@@ -159,41 +167,65 @@ def _add_info_routes(app: FastAPI, pool: EnvPool, name: str, protocol: str) -> N
         return pool.ids()
 
 
-def _add_env_routes(app: FastAPI, pool: EnvPool, protocol: str) -> None:
+def _add_env_routes(app: FastAPI, pool: EnvPool, wire: Wire, error_status: int | None) -> None:
     @app.post("/create", openapi_extra=openapi_body("create", required=False))
     async def create(request: Request) -> Any:
         data_idx = create_data_idx(await _read_json(request, required=False))
         env_id = await run_in_threadpool(pool.create)
-        if data_idx is not None:
-            try:
-                await run_in_threadpool(pool.reset, env_id, data_idx)
-            except EnvError:
-                await run_in_threadpool(pool.close, env_id)
-                raise
-        return create_payload(protocol, env_id)
+        if wire.create_resets:
+            data_idx = env_id  # TextCraft: the new env plays the item of its own id (its commands/goal are unused)
+        if data_idx is None:
+            return env_id if wire.bare else {"id": env_id}
+        try:
+            obs = await run_in_threadpool(pool.reset, env_id, data_idx)
+        except EnvError:
+            await run_in_threadpool(pool.close, env_id)
+            raise
+        return reset_payload(wire, obs, env_id) if wire.create_resets else env_id if wire.bare else {"id": env_id}
 
     @app.post("/reset", openapi_extra=openapi_body("reset"))
     async def reset(request: Request) -> Any:
         body = await _read_json(request)
         env_id, data_idx = env_id_of(body), data_idx_of(body)
-        return reset_payload(protocol, await run_in_threadpool(pool.reset, env_id, data_idx))
+        return reset_payload(wire, await run_in_threadpool(pool.reset, env_id, data_idx), env_id)
 
     @app.post("/step", openapi_extra=openapi_body("step"))
     async def step(request: Request) -> dict[str, Any]:
         body = await _read_json(request)
         env_id, action = env_id_of(body), action_of(body)
-        return step_payload(*await run_in_threadpool(pool.step, env_id, action))
+        return step_payload(wire, *await run_in_threadpool(pool.step, env_id, action))
 
     @app.get("/observation", openapi_extra=openapi_env_query())
-    async def observation(request: Request) -> str:
-        return await run_in_threadpool(pool.observation, env_id_of(dict(request.query_params)))
+    async def observation(request: Request) -> Any:
+        env_id = env_id_of(dict(request.query_params))
+        return observation_payload(wire, *await run_in_threadpool(pool.observation, env_id))
 
     @app.get("/available_actions", openapi_extra=openapi_env_query())
     async def available_actions(request: Request) -> list[str]:
         return await run_in_threadpool(pool.available_actions, env_id_of(dict(request.query_params)))
 
     @app.post("/close", openapi_extra=openapi_body("close"))
-    async def close(request: Request) -> Any:
+    async def close(request: Request) -> bool:
         env_id = env_id_of(await _read_json(request))
-        await run_in_threadpool(pool.close, env_id)
-        return close_payload(protocol, env_id)
+        try:
+            await run_in_threadpool(pool.close, env_id)
+        except EnvNotFound:
+            if error_status is None:
+                raise
+            return False  # AgentGym's answer for an env it does not know
+        return True
+
+
+def _add_query_routes(app: FastAPI, pool: EnvPool, wire: Wire) -> None:
+    def route(what: str) -> None:
+        @app.get(f"/{what}", name=what, openapi_extra=openapi_env_query())
+        async def query(request: Request) -> Any:
+            return await run_in_threadpool(pool.query, env_id_of(dict(request.query_params)), what)
+
+    for what in wire.queries:
+        route(what)
+    if wire.detail:
+
+        @app.get("/detail", openapi_extra=openapi_env_query())
+        async def detail(request: Request) -> dict[str, Any]:
+            return await run_in_threadpool(pool.detail, env_id_of(dict(request.query_params)))

@@ -1,41 +1,46 @@
-"""BabyAI as text: levels from the `minigrid` package, the agent's view described in words, actions as words.
+"""BabyAI as AgentGym's babyai server plays it: minigrid levels, the view in words, high-level actions by name.
 
-Dataset item `idx` is level `levels[idx % L]` with seed `idx // L`, so every index is one reproducible episode.
-The observation lists what the agent sees in its 7x7 egocentric view (objects with steps ahead/left/right, what
-blocks the way straight ahead, what it carries). Actions: turn left, turn right, go forward, pick up, drop, toggle,
-done (AgentGym's "move forward" is accepted too; text after a last "Action:" is used when present). Reward is
-minigrid's: 1 - 0.9 * steps/max_steps on success, 0 otherwise; every turn, valid or not, counts toward max_steps.
+Dataset item `idx` is AgentGym's: level `LEVELS[idx % 40]` with seed `idx // 40` (`--data` may name other levels,
+then `idx % len(levels)`). Observations, actions, rewards and done flags follow agentenv-babyai (see
+`env_servers.babyai_text` for the text and the action search): an action is one of the names listed under
+"Available actions" ("go to red ball 1", "pickup grey key 1", "toggle and go through red closed door 1", "move
+forward", ...), matched exactly after lower-casing; anything else leaves the state as it was and answers why.
+`reward` is minigrid's (1 - 0.9 * steps/max_steps) of the last low-level step; the episode is done when minigrid
+ends it with reward > 0.5. minigrid's own step limit does not end an episode (AgentGym ignores it): the client's
+round limit does.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from typing import Any
 
+from env_servers import babyai_text as text
 from env_servers.api import Env, EnvError, Observation, StepResult
 from env_servers.gsm8k import check_index
+from env_servers.protocol import Wire
 
+# AgentGym's 40 levels, in its order (item i plays level i % 40)
 LEVELS = (
-    "BabyAI-GoToRedBallGrey-v0",
-    "BabyAI-GoToRedBall-v0",
-    "BabyAI-GoToObj-v0",
-    "BabyAI-GoToLocal-v0",
-    "BabyAI-PickupLoc-v0",
-    "BabyAI-PutNextLocal-v0",
-    "BabyAI-OpenDoor-v0",
-    "BabyAI-GoToDoor-v0",
-)
+    "BabyAI-GoToRedBallGrey-v0", "BabyAI-GoToRedBall-v0", "BabyAI-GoToRedBallNoDists-v0", "BabyAI-GoToObjS6-v0",
+    "BabyAI-GoToLocalS8N7-v0", "BabyAI-GoToObjMazeS7-v0", "BabyAI-GoToImpUnlock-v0", "BabyAI-GoToSeqS5R2-v0",
+    "BabyAI-GoToRedBlueBall-v0", "BabyAI-GoToDoor-v0", "BabyAI-GoToObjDoor-v0", "BabyAI-Open-v0",
+    "BabyAI-OpenRedDoor-v0", "BabyAI-OpenDoorLoc-v0", "BabyAI-OpenRedBlueDoorsDebug-v0",
+    "BabyAI-OpenDoorsOrderN4Debug-v0", "BabyAI-Pickup-v0", "BabyAI-UnblockPickup-v0", "BabyAI-PickupLoc-v0",
+    "BabyAI-PickupDistDebug-v0", "BabyAI-PickupAbove-v0", "BabyAI-PutNextLocalS6N4-v0",
+    "BabyAI-PutNextS7N4Carrying-v0", "BabyAI-Unlock-v0", "BabyAI-UnlockLocalDist-v0", "BabyAI-KeyInBox-v0",
+    "BabyAI-UnlockPickupDist-v0", "BabyAI-BlockedUnlockPickup-v0", "BabyAI-UnlockToUnlock-v0",
+    "BabyAI-ActionObjDoor-v0", "BabyAI-FindObjS7-v0", "BabyAI-KeyCorridorS6R3-v0", "BabyAI-OneRoomS20-v0",
+    "BabyAI-MoveTwoAcrossS8N9-v0", "BabyAI-SynthS5R2-v0", "BabyAI-SynthLoc-v0", "BabyAI-SynthSeq-v0",
+    "BabyAI-MiniBossLevel-v0", "BabyAI-BossLevel-v0", "BabyAI-BossLevelNoUnlock-v0",
+)  # fmt: skip
 SEEDS_PER_LEVEL = 10_000
-# minigrid action numbers: left, right, forward, pickup, drop, toggle, done
-ACTIONS = {"turn left": 0, "turn right": 1, "go forward": 2, "pick up": 3, "drop": 4, "toggle": 5, "done": 6}
-_ALIASES = {"move forward": 2, "forward": 2, "pickup": 3, "open": 5, "left": 0, "right": 1}
-_PHRASES = sorted({**ACTIONS, **_ALIASES}.items(), key=lambda kv: -len(kv[0]))  # longest first: "turn left" > "left"
-INSTRUCTIONS = (
-    "You are an agent in a grid world. Your mission: {mission}.\n"
-    "Each turn, answer with exactly one action: turn left, turn right, go forward, pick up, drop, toggle (open a door "
-    "or box in front of you), done. You see only the 7x7 squares in front of you.\n\n{view}"
+WIRE = Wire(
+    greeting="This is environment BabyAI.",
+    reset_keys=("observation", "reward", "score", "deleted", "done"),
+    step_keys=("observation", "reward", "score", "done"),
+    observation_dict=True,
 )
 
 
@@ -51,66 +56,6 @@ def _import_minigrid():
     return gymnasium
 
 
-def parse_action(text: str) -> int | None:
-    """The minigrid action a reply names (the earliest action phrase after the last 'Action:'), or None."""
-    text = text.rsplit("Action:", 1)[-1].lower()
-    text = re.sub(r"[^a-z ]+", " ", text)
-    text = f" {' '.join(text.split())} "
-    best: tuple[int, int] | None = None
-    for phrase, action in _PHRASES:
-        pos = text.find(f" {phrase} ")
-        if pos >= 0 and (best is None or pos < best[0]):
-            best = (pos, action)
-    return None if best is None else best[1]
-
-
-def _name(obj: Any) -> str:
-    if obj.type == "door":
-        state = "locked" if obj.is_locked else "open" if obj.is_open else "closed"
-        return f"{state} {obj.color} door"
-    return f"{obj.color} {obj.type}"
-
-
-def _where(ahead: int, right: int) -> str:
-    def steps(n: int, word: str) -> str:
-        return f"{n} step{'s' if n != 1 else ''} {word}"
-
-    parts = [steps(ahead, "ahead")] if ahead else []
-    if right:
-        parts.append(steps(abs(right), "to your right" if right > 0 else "to your left"))
-    return " and ".join(parts)
-
-
-def _free(n: int) -> str:
-    return "nothing" if n == 0 else f"{n} free square{'s' if n != 1 else ''}"
-
-
-def describe(env: Any) -> str:
-    """The agent's egocentric view of a MiniGridEnv in words."""
-    grid, visible = env.gen_obs_grid()
-    size = env.agent_view_size
-    me_i, me_j = size // 2, size - 1
-    seen = []
-    for j in range(size):
-        for i in range(size):
-            obj = grid.get(i, j)
-            if visible[i, j] and obj is not None and obj.type != "wall" and (i, j) != (me_i, me_j):
-                ahead, right = me_j - j, i - me_i
-                seen.append((ahead + abs(right), f"a {_name(obj)} {_where(ahead, right)}"))
-    lines = ["You see: " + "; ".join(s for _, s in sorted(seen)) + "." if seen else "You see no objects."]
-    for ahead in range(1, size):  # what stops a walk straight ahead
-        obj = grid.get(me_i, me_j - ahead)
-        if obj is not None and not obj.can_overlap():
-            what = "wall" if obj.type == "wall" else _name(obj)
-            lines.append(f"Straight ahead: {_free(ahead - 1)}, then a {what}.")
-            break
-    else:
-        lines.append(f"Straight ahead: at least {_free(size - 1)}.")
-    carrying = env.carrying
-    lines.append(f"You are carrying a {_name(carrying)}." if carrying else "You are carrying nothing.")
-    return "\n".join(lines)
-
-
 class BabyAIEnv(Env):
     """One BabyAI episode at a time; each level's minigrid env is built once per slot and reseeded on reset."""
 
@@ -121,9 +66,6 @@ class BabyAIEnv(Env):
         self.levels = levels
         self._envs: dict[str, Any] = {}
         self._env: Any = None
-        self._obs = ""
-        self._done = False
-        self._turns = 0
 
     def __len__(self) -> int:
         return len(self.levels) * SEEDS_PER_LEVEL
@@ -131,41 +73,64 @@ class BabyAIEnv(Env):
     def reset(self, idx: int) -> Observation:
         check_index(idx, len(self))
         level, seed = self.levels[idx % len(self.levels)], idx // len(self.levels)
-        if level not in self._envs:
-            self._envs[level] = self._gym.make(level).unwrapped
-        self._env = self._envs[level]
-        obs, _ = self._env.reset(seed=seed)
-        self._done, self._turns = False, 0
-        self._obs = INSTRUCTIONS.format(mission=obs["mission"], view=describe(self._env))
-        return Observation(self._obs, {"level": level, "seed": seed, "mission": obs["mission"]})
+        try:
+            env = self._envs.get(level) or self._envs.setdefault(level, self._gym.make(level))
+        except self._gym.error.Error as e:  # e.g. a level this minigrid marks deprecated: AgentGym says so too
+            raise EnvError(str(e)) from None
+        obs, _ = env.reset(seed=seed)
+        self._env, self._image, self.reward, self._done = env, obs["image"], 0, False
+        self._goal = text.goal_text(env.unwrapped.mission)
+        self._look(obs)
+        return Observation(self.observation(), {"level": level, "seed": seed, "mission": env.unwrapped.mission})
+
+    def _look(self, obs: dict) -> None:
+        """Describe `obs` and list the actions it allows."""
+        u = self._env.unwrapped
+        view = text.scan(obs["image"], tuple(int(v) for v in u.agent_pos), int(obs["direction"]), u.agent_view_size)
+        self._state = text.describe(view, u.carrying)
+        self._actions, self._errors = text.plan(view, u.carrying)
 
     def step(self, action: str) -> StepResult:
         if self._env is None:
             raise EnvError("call reset before step")
-        if self._done:
-            raise EnvError("episode is done: call reset to start another")
-        self._turns += 1
-        act = parse_action(action)
-        reward, terminated = 0.0, False
-        if act is None:
-            self._obs = f"Not an action. Answer with one of: {', '.join(ACTIONS)}.\n{describe(self._env)}"
+        action = action.lower().strip()
+        valid = "check" in action or action in self._actions
+        if "check" in action:
+            self._state = "You can take the following actions: " + ", ".join(self._actions)
+        elif not action:
+            self._state = "No change in state."
+        elif action not in self._actions:
+            self._state = self._errors.get(action, "The action is not recognized. Please check valid actions.")
+        elif not self._actions[action]:
+            self._state = "No change in state."
         else:
-            _, reward, terminated, _, _ = self._env.step(act)
-            self._obs = describe(self._env)
-        truncated = self._turns >= self._env.max_steps
-        self._done = bool(terminated or truncated)
+            self._act(self._actions[action])
+        info = {"success": self._done, "valid_action": valid}
+        return StepResult(self._state + text.actions_suffix(self._actions), self.reward, self._done, info)
+
+    def _act(self, low_level: list[int]) -> None:
+        """Run the low-level actions, stopping after one that changed nothing in view (it failed)."""
+        for a in low_level:
+            obs, reward, terminated, _, _ = self._env.step(a)
+            changed = (obs["image"] != self._image).any()
+            self._image = obs["image"]
+            if not changed:
+                break
+        self._look(obs)
+        self.reward = reward
         if terminated:
-            self._obs += "\nMission complete." if reward > 0 else "\nThe episode ended."
-        info = {"success": bool(terminated and reward > 0), "turns": self._turns, "valid_action": act is not None}
-        return StepResult(self._obs, float(reward), self._done, info)
+            self._state += "\n The task is completed."  # AgentGym keeps this line even when it then says not done
+        self._done = bool(terminated) and reward > 0.5
 
     def observation(self) -> str:
         if self._env is None:
             raise EnvError("no observation: call reset first")
-        return self._obs
+        return f"Your goal: {self._goal}\n{self._state}{text.actions_suffix(self._actions)}"
 
     def available_actions(self) -> list[str]:
-        return list(ACTIONS)
+        if self._env is None:
+            raise EnvError("no actions: call reset first")
+        return list(self._actions)
 
     def close(self) -> None:
         for env in self._envs.values():

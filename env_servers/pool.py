@@ -37,15 +37,20 @@ class _Slot:
     last_used: float = field(default_factory=time.monotonic)
     reset_done: bool = False
     done: bool = False
-    score: float = 0.0  # sum of this episode's rewards (AgentGym's `score`)
+    reward: float = 0  # the last reward and the episode's score, as AgentGym's servers report them
+    score: float = 0
+    detail: dict = field(default_factory=lambda: {"deleted": False, "done": False})  # GET /detail
     closed: bool = False
 
 
 class EnvPool:
     """Env slots keyed by integer ids. `ttl` seconds idle → closed; at most `max_envs` live at once."""
 
-    def __init__(self, factory: Callable[[], Env], ttl: float = 900.0, max_envs: int = 256):
+    def __init__(
+        self, factory: Callable[[], Env], ttl: float = 900.0, max_envs: int = 256, step_after_done: bool = False
+    ):
         self.factory, self.ttl, self.max_envs = factory, ttl, max_envs
+        self.step_after_done = step_after_done  # else step and observation after the episode ended: EpisodeDone
         self._slots: dict[int, _Slot] = {}
         self._pending = 0  # creations in progress count against the cap
         self.size: int | None = None  # the dataset size (len of an env), known once one exists
@@ -83,13 +88,11 @@ class EnvPool:
         """Run `fn(slot)` holding the slot's lock; refreshes the idle clock."""
         with self._lock:
             slot = self._slots.get(env_id)
-        if slot is None:
-            raise EnvNotFound(
-                f"env {env_id} does not exist (never created, closed, or expired after {self.ttl:g}s idle)"
-            )
+        if slot is None:  # AgentGym's words (never created, closed, or expired after the TTL)
+            raise EnvNotFound(f"The id {env_id} is not valid.")
         with slot.lock:
             if slot.closed:
-                raise EnvNotFound(f"env {env_id} was closed")
+                raise EnvNotFound(f"The id {env_id} is not valid.")
             try:
                 return fn(slot)
             finally:
@@ -98,28 +101,53 @@ class EnvPool:
     def reset(self, env_id: int, data_idx: int) -> Observation:
         def do(slot: _Slot) -> Observation:
             obs = slot.env.reset(data_idx)
-            slot.reset_done, slot.done, slot.score = True, False, 0.0
+            slot.reset_done, slot.done, slot.reward, slot.score = True, False, obs.reward, obs.score
+            slot.detail.update(obs.fields, observation=obs.text, reward=obs.reward, score=obs.score, done=False)
             return obs
 
         return self._run(env_id, do)
+
+    def _check_live(self, env_id: int, slot: _Slot) -> None:
+        if not slot.reset_done:
+            raise EnvError(f"env {env_id} has no episode: reset it first")
+        if slot.done and not self.step_after_done:
+            raise EpisodeDone(f"The task with environment {env_id} has finished.")
 
     def step(self, env_id: int, action: str) -> tuple[StepResult, float]:
         """Apply `action`; returns the step result and the episode's score so far."""
 
         def do(slot: _Slot) -> tuple[StepResult, float]:
-            if not slot.reset_done:
-                raise EnvError(f"env {env_id} has no episode: reset it first")
-            if slot.done:
-                raise EpisodeDone(f"env {env_id}'s episode is done: reset it to start another")
+            self._check_live(env_id, slot)
             result = slot.env.step(action)
-            slot.done = bool(result.done)
-            slot.score += float(result.reward)
+            slot.done, slot.reward = bool(result.done), result.reward
+            slot.score = slot.score + result.reward if result.score is None else result.score
+            slot.detail.update(observation=result.observation, reward=slot.reward, score=slot.score, done=slot.done)
             return result, slot.score
 
         return self._run(env_id, do)
 
-    def observation(self, env_id: int) -> str:
-        return self._run(env_id, lambda slot: slot.env.observation())
+    def observation(self, env_id: int) -> tuple[str, float, float, bool]:
+        """The env's observation text, its last reward, its score and whether its episode is done."""
+
+        def do(slot: _Slot) -> tuple[str, float, float, bool]:
+            self._check_live(env_id, slot)
+            return slot.env.observation(), slot.reward, slot.score, slot.done
+
+        return self._run(env_id, do)
+
+    def detail(self, env_id: int) -> dict:
+        def do(slot: _Slot) -> dict:
+            self._check_live(env_id, slot)
+            return dict(slot.detail)
+
+        return self._run(env_id, do)
+
+    def query(self, env_id: int, what: str) -> object:
+        def do(slot: _Slot) -> object:
+            self._check_live(env_id, slot)
+            return slot.env.query(what)
+
+        return self._run(env_id, do)
 
     def available_actions(self, env_id: int) -> list[str]:
         return self._run(env_id, lambda slot: slot.env.available_actions())
@@ -128,7 +156,7 @@ class EnvPool:
         with self._lock:
             slot = self._slots.pop(env_id, None)
         if slot is None:
-            raise EnvNotFound(f"env {env_id} does not exist (never created, already closed, or expired)")
+            raise EnvNotFound(f"The id {env_id} is not valid.")
         with slot.lock:
             self._close_slot(env_id, slot)
 

@@ -1,9 +1,10 @@
 """AgentGym's wire format as pure functions: reading request bodies and shaping responses. No I/O here.
 
-Two response flavours exist upstream (see shared REFERENCE.md):
-- "agentgym" (babyai, sciworld, …): `POST /create` → `{"id": N}`; reset/step → `{observation, reward, score, done}`.
-- "searchqa": `POST /create {"id": item}` → a bare integer; reset → the observation string; step →
-  `{observation, reward, done}`; close → `true`.
+Each AgentGym env server shapes its answers its own way; an env module states its server's shape as a `Wire`
+(babyai: create → `{"id"}`, reset → `{observation, reward, score, deleted, done}`, GET /observation → a dict;
+searchqa: create `{"id": item}` → a bare integer, reset → the observation string, step → `{observation, reward, done,
+info: null}`; ...). Close answers `true` (`false` for an unknown env); errors are `200 {"error": message}`, as
+AgentGym's servers answer them, unless the server runs with --http-errors (then 4xx with `{"detail"}`).
 Requests name the env by `env_idx` or `id`. When a body has `env_idx`, its `id` is the dataset item (searchqa's
 reset `{env_idx, id}`); otherwise `id` is the env and `data_idx` the item (babyai's reset `{id, data_idx}`).
 """
@@ -11,11 +12,10 @@ reset `{env_idx, id}`); otherwise `id` is the env and `data_idx` the item (babya
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from env_servers.api import EnvError, Observation, StepResult
-
-PROTOCOLS = ("agentgym", "searchqa")
 MAX_BODY_BYTES = 1 << 20
 MAX_ACTION_CHARS = 65536
 MAX_ID = 2**53  # JSON-safe integers; larger ones are certainly not ours
@@ -113,32 +113,56 @@ def action_of(body: dict[str, Any]) -> str:
     return action
 
 
-def create_payload(protocol: str, env_id: int) -> Any:
-    return env_id if protocol == "searchqa" else {"id": env_id}
+@dataclass(frozen=True)
+class Wire:
+    """How one env's AgentGym server shapes its answers (read from that server's code: the facts, not the code)."""
+
+    greeting: str = "ok"
+    """What `GET /` answers."""
+    bare: bool = False
+    """searchqa's shape: create takes the item and answers the env id, reset answers the observation string."""
+    reset_keys: tuple[str, ...] = ("observation", "reward", "score", "done")
+    """The fields of a reset answer (of create's too, when `create_resets`)."""
+    step_keys: tuple[str, ...] = ("observation", "reward", "score", "done")
+    observation_dict: bool = False
+    """babyai's GET /observation answers {observation, reward, score, done, deleted}; the others the text."""
+    create_resets: bool = False
+    """TextCraft's create starts an episode at once (item = the new env's id, or the body's commands and goal)."""
+    step_after_done: bool = False
+    """searchqa and TextCraft accept steps after the episode ended; babyai and sciworld answer "has finished"."""
+    error_status: int | None = 200
+    """AgentGym's status for a failed request: 200 with {"error"} (searchqa raises: 500); None: rldock's 4xx."""
+    info: bool = True
+    """rldock's "info" dict (success flags, turns) added to dict answers; searchqa's model declares info null."""
+    queries: tuple[str, ...] = ()
+    """Extra GET routes answered by `Env.query` (sciworld's /action_hint, /goals, ...)."""
+    detail: bool = False
+    """GET /detail: every field the env's answers have carried so far (sciworld, TextCraft)."""
 
 
-def reset_payload(protocol: str, obs: Observation) -> Any:
-    if protocol == "searchqa":
+RLDOCK_WIRE = Wire(error_status=None)  # rldock's own envs (the GSM8K family): no AgentGym server to match
+
+
+def reset_payload(wire: Wire, obs: Observation, env_id: int) -> Any:
+    if wire.bare:
         return obs.text
-    payload = {"observation": obs.text, "reward": 0.0, "score": 0.0, "done": False, "info": obs.info}
-    task = obs.info.get("task_description")
-    if isinstance(task, str):
-        # sciworld clients print task_description + "\n" + observation: don't send the task twice
-        payload["task_description"] = task
-        payload["observation"] = obs.text.removeprefix(task + "\n")
-    return payload
+    fields = {"id": env_id, "observation": obs.text, "reward": obs.reward, "score": obs.score, "deleted": False}
+    fields.update(done=False, **obs.fields)
+    out = {k: fields[k] for k in wire.reset_keys}
+    if wire.info:
+        out["info"] = obs.info
+    return out
 
 
-def step_payload(result: StepResult, score: float) -> dict[str, Any]:
-    """`score` is the episode's summed reward: AgentGym's babyai/sciworld clients report it as the reward."""
-    return {
-        "observation": result.observation,
-        "reward": float(result.reward),
-        "score": float(score),
-        "done": bool(result.done),
-        "info": result.info,
-    }
+def step_payload(wire: Wire, result: StepResult, score: float) -> dict[str, Any]:
+    """`score`: the episode's score (its own, or the sum of its rewards)."""
+    fields = {"observation": result.observation, "reward": result.reward, "score": score, "done": bool(result.done)}
+    out = {k: fields[k] for k in wire.step_keys}
+    out["info"] = result.info if wire.info else None
+    return out
 
 
-def close_payload(protocol: str, env_id: int) -> Any:
-    return True if protocol == "searchqa" else {"id": env_id, "closed": True}
+def observation_payload(wire: Wire, text: str, reward: float, score: float, done: bool) -> Any:
+    if wire.observation_dict:
+        return {"observation": text, "reward": reward, "score": score, "done": done, "deleted": False}
+    return text

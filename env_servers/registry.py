@@ -12,14 +12,16 @@ from collections.abc import Callable
 from typing import Any
 
 from env_servers.api import Env, EnvError
+from env_servers.protocol import RLDOCK_WIRE, Wire
 
-# name → (module, wire protocol; see env_servers.protocol)
-ENVS: dict[str, tuple[str, str]] = {
-    "gsm8k": ("env_servers.gsm8k", "agentgym"),
-    "gsm8k_tools": ("env_servers.gsm8k_tools", "agentgym"),
-    "babyai": ("env_servers.babyai", "agentgym"),
-    "sciworld": ("env_servers.sciworld", "agentgym"),
-    "searchqa": ("env_servers.searchqa", "searchqa"),
+# name → module; a module defines `factory` and may define `WIRE` (its AgentGym server's answer shapes)
+ENVS: dict[str, str] = {
+    "gsm8k": "env_servers.gsm8k",
+    "gsm8k_tools": "env_servers.gsm8k_tools",
+    "babyai": "env_servers.babyai",
+    "sciworld": "env_servers.sciworld",
+    "searchqa": "env_servers.searchqa",
+    "textcraft": "env_servers.textcraft",
 }
 
 
@@ -32,15 +34,16 @@ def check_name(name: str) -> None:
         raise EnvError(f"unknown env {name!r}; valid names: {', '.join(ENVS)}")
 
 
-def protocol_of(name: str) -> str:
+def wire_of(name: str) -> Wire:
+    """How env `name`'s AgentGym server shapes its answers (rldock's own envs: `RLDOCK_WIRE`)."""
     check_name(name)
-    return ENVS[name][1]
+    return getattr(importlib.import_module(ENVS[name]), "WIRE", RLDOCK_WIRE)
 
 
 def make_factory(name: str, data: str | None = None, **options: Any) -> Callable[[], Env]:
     """The slot constructor of env `name`; `data` overrides its dataset; options go to its factory (checked)."""
     check_name(name)
-    module = importlib.import_module(ENVS[name][0])
+    module = importlib.import_module(ENVS[name])
     accepted = inspect.signature(module.factory).parameters
     unknown = sorted(k for k, v in options.items() if v is not None and k not in accepted)
     if unknown:

@@ -1,15 +1,18 @@
-"""ScienceWorld (the `scienceworld` package, which runs a Java simulator): optional.
+"""ScienceWorld (the `scienceworld` package, which runs a Java simulator) as AgentGym's sciworld server plays it.
 
 Needs `pip install scienceworld` and a Java runtime (Debian: default-jre-headless). Without them the factory raises
 `EnvUnavailable` with one line saying what is missing.
 
-Dataset item `idx` enumerates (task, variation) pairs: all variations of the first task, then of the next, in the
-simulator's task order (restricted to the tasks `--data` names). Each slot runs its own JVM (a few seconds to start,
-a few hundred MB), so keep `--max-envs` modest. Step reward = the change of the game score (0–100) / 100, so an
-episode's rewards sum to its final score in [0, 1]; a failed task (score < 0) or STEP_LIMIT moves end the episode.
+Dataset item `idx` is AgentGym's: the (task, variation) pairs of every task but 5-1, 5-2, 9-1, 9-2, 9-3, 10-1 and
+10-2, all variations of a task before the next, in the simulator's task order (`--data` may name the tasks instead).
+Tasks load with ScienceWorld's default simplifications (the `simplification` option, e.g. "easy", is rldock's
+opt-in). `score` is the game score (0-100, negative when the task is failed) and `reward` its change since the last
+step, as ints; the reset answer already carries the opening "look around" (whose score some variations start above
+0). The episode ends when the task is completed or failed, or after STEP_LIMIT moves. Each slot runs its own JVM (a
+few seconds to start, a few hundred MB), so keep `--max-envs` modest.
 
 Steps talk to the simulator's server object directly: `ScienceWorldEnv.step` also lists every valid action after
-each move, which takes ~1 s of the ~1.07 s a step costs there (measured on a 2-core CPU).
+each move, which takes ~1 s of the ~1.07 s a step costs there (measured on a 2-core CPU); the answers are the same.
 """
 
 from __future__ import annotations
@@ -21,9 +24,18 @@ from typing import Any
 
 from env_servers.api import Env, EnvError, Observation, StepResult
 from env_servers.gsm8k import check_index
+from env_servers.protocol import Wire
 from env_servers.registry import EnvUnavailable
 
-STEP_LIMIT = 100
+STEP_LIMIT = 100  # ScienceWorldEnv's default envStepLimit, which AgentGym's server keeps
+EXCLUDED_TASKS = frozenset({"5-1", "5-2", "9-1", "9-2", "9-3", "10-1", "10-2"})  # left out by AgentGym's server
+WIRE = Wire(
+    greeting="This is environment ScienceWorld.",
+    reset_keys=("task_name", "var_num", "task_description", "observation", "reward", "score", "deleted", "done"),
+    step_keys=("observation", "reward", "score", "done"),
+    queries=("action_hint", "goals", "task_description", "object_tree", "state"),
+    detail=True,
+)
 
 
 def _import_scienceworld() -> Any:
@@ -66,14 +78,16 @@ class Simulators:
 
 
 def list_variations(sims: Simulators, tasks: list[str] | None = None) -> list[tuple[str, int]]:
-    """All (task, variation) pairs of `tasks` (default: every task)."""
+    """All (task, variation) pairs of `tasks` (default: AgentGym's, every task but EXCLUDED_TASKS)."""
     sim = sims.take()
     try:
+        if tasks is None:
+            tasks = [name for tid, name in sim.tasks.items() if tid not in EXCLUDED_TASKS]
         names = list(sim.get_task_names())
-        unknown = sorted(set(tasks or []) - set(names))
+        unknown = sorted(set(tasks) - set(names))
         if unknown:
             raise EnvError(f"unknown ScienceWorld task(s) {', '.join(unknown)}; known: {', '.join(names)}")
-        return [(t, v) for t in (tasks or names) for v in range(sim.get_max_variations(t))]
+        return [(t, v) for t in tasks for v in range(sim.get_max_variations(t))]
     finally:
         sims.give(sim)
 
@@ -83,14 +97,13 @@ class SciWorldEnv(Env):
 
     name = "sciworld"
 
-    def __init__(self, variations: list[tuple[str, int]], simplification: str = "easy", sims: Simulators | None = None):
+    def __init__(self, variations: list[tuple[str, int]], simplification: str = "", sims: Simulators | None = None):
         self.variations, self.simplification = variations, simplification
         self._sims = sims or Simulators()
         self._sim = self._sims.take()
-        self._task: str | None = None
+        self._fields: dict[str, Any] | None = None  # task_name, var_num, task_description of the episode
         self._obs = ""
         self._score = 0
-        self._done = False
 
     def __len__(self) -> int:
         return len(self.variations)
@@ -100,51 +113,72 @@ class SciWorldEnv(Env):
             raise EnvError("this env is closed")
         task, variation = self.variations[check_index(idx, len(self.variations))]
         self._sim.load(task, variation, self.simplification)
-        self._sim.server.reset()
-        look, _, _ = self._move("look around")
-        # score 0, not the starting score: some variations start with credit (e.g. 8), which the first step's reward
-        # then includes, so an episode's rewards always sum to its final score / 100
-        self._task, self._score, self._done = self._sim.get_task_description(), 0, False
-        self._obs = f"{self._task}\n{look}"
-        return Observation(self._obs, {"task_description": self._task, "task": task, "variation": variation})
+        description = self._sim.get_task_description()
+        self._score = 0
+        look, reward, done = self._move("look around")
+        self._fields = {"task_name": task, "var_num": variation, "task_description": description}
+        info = {"task": task, "variation": variation, "done": done}
+        return Observation(look, info, reward=reward, score=self._score, fields=dict(self._fields))
 
     def step(self, action: str) -> StepResult:
-        if self._task is None:
+        if self._fields is None:
             raise EnvError("call reset before step")
-        if self._done:
-            raise EnvError("episode is done: call reset to start another")
-        text = action.rsplit("Action:", 1)[-1].strip()  # AgentGym replies end with "Action:\n<action>"
-        action = text.splitlines()[0] if text else ""
-        self._obs, score, moves = self._move(action)
-        reward = (max(score, 0) - max(self._score, 0)) / 100.0
-        self._score = score
-        self._done = bool(self._sim.server.getCompleted()) or score < 0 or moves > STEP_LIMIT
-        return StepResult(self._obs, reward, self._done, {"game_score": score, "moves": moves})
+        obs, reward, done = self._move(action)
+        return StepResult(obs, reward, done, {"moves": int(self._sim.get_num_moves())}, score=self._score)
 
-    def _move(self, action: str) -> tuple[str, int, int]:
-        """One simulator move: (observation, game score 0-100 or negative on failure, moves so far)."""
-        observation = str(self._sim.server.step(action))
-        return observation, int(round(100 * self._sim.server.getScore())), int(self._sim.get_num_moves())
+    def _move(self, action: str) -> tuple[str, int, bool]:
+        """One simulator move, scored as ScienceWorldEnv.step scores it: (observation, reward, done)."""
+        self._obs = str(self._sim.server.step(action))
+        score = int(round(100 * self._sim.server.getScore()))
+        reward, self._score = score - self._score, score
+        done = bool(self._sim.server.getCompleted()) or score < 0 or self._sim.get_num_moves() > STEP_LIMIT
+        return self._obs, reward, done
 
     def observation(self) -> str:
-        if self._task is None:
+        if self._fields is None:
             raise EnvError("no observation: call reset first")
         return self._obs
 
     def available_actions(self) -> list[str]:
-        if self._task is None:
+        if self._fields is None:
             raise EnvError("no actions: call reset first")
         return list(self._sim.get_valid_action_object_combinations())
 
+    def query(self, what: str) -> Any:
+        """AgentGym's sciworld GET routes: action_hint, goals, task_description, object_tree, state."""
+        if self._fields is None:
+            raise EnvError("call reset first")
+        sim = self._sim
+        if what == "action_hint":
+            return {"possible_actions": sim.get_possible_actions(), "possible_objects": sim.get_possible_objects()}
+        if what == "goals":
+            return {"goals": sim.get_goal_progress()}
+        if what == "task_description":
+            return {"task_description": sim.get_task_description()}
+        if what == "object_tree":
+            return {"object_tree": sim.getObjectTree()}
+        if what == "state":
+            return {
+                "observation": sim.look(),
+                "inventory": sim.inventory(),
+                "task_description": sim.get_task_description(),
+                "goal_progress": sim.get_goal_progress(),
+                "possible_actions": sim.get_possible_actions()[:10],
+                "possible_objects": sim.get_possible_objects()[:10],
+                "current_moves": sim.get_num_moves(),
+            }
+        return super().query(what)
+
     def close(self) -> None:
-        sim, self._sim, self._task = self._sim, None, None
+        sim, self._sim, self._fields = self._sim, None, None
         if sim is not None:
             self._sims.give(sim)
 
 
-def factory(data: str | None = None, keep_simulators: int = 8) -> Callable[[], Env]:
-    """`data`: comma-separated ScienceWorld task names (default: all 30 tasks)."""
+def factory(data: str | None = None, keep_simulators: int = 8, simplification: str = "") -> Callable[[], Env]:
+    """`data`: comma-separated ScienceWorld task names (default: AgentGym's 23 tasks); `simplification`: e.g. "easy"
+    (default: none, as AgentGym loads them)."""
     tasks = [t.strip() for t in data.split(",") if t.strip()] if data else None
     sims = Simulators(keep_simulators)
     variations = list_variations(sims, tasks)
-    return lambda: SciWorldEnv(variations, sims=sims)
+    return lambda: SciWorldEnv(variations, simplification, sims=sims)

@@ -1,19 +1,23 @@
-"""SearchQA: answer a question by searching a local document collection (BM25) then answering. Multi-turn.
+"""SearchQA as AgentGym's searchqa server plays it: search a document collection, answer, try again if wrong.
 
-Actions: `search[query]` (or AgentGym-RL's `<search>query</search>`) returns the top-k passages inside
-`<information>…</information>`; `answer[text]` (or `<answer>text</answer>`) ends the episode with reward = the best
-token F1 against the gold answers (1.0 exactly when the normalised answer matches one: exact match is reported as
-`em`). The first action in a reply counts. A reply with neither gets a hint and no reward; after `max_turns` turns
-without an answer the episode ends with reward 0.
+Actions (the first `<search>…</search>` or `<answer>…</answer>` in a reply): search returns the top 3 passages inside
+`<information>…</information>`; an answer is scored by exact match (normalised: lower case, no punctuation or
+articles) of the reply's *last* `<answer>` against the gold answers: right → reward 1, "Congratulations! …", done;
+wrong → reward 0, "Sorry, your answer is incorrect. Please try again.", not done. A reply with neither gets the
+"invalid action" message. Episodes end only on a right answer (the client's round limit stops the others); rldock's
+opt-ins: `max_turns` (end after that many turns) and F1 (reported in `info`, which stays off the wire).
 
-Data (`--data DIR`): `DIR/corpus.jsonl` with `{"title", "text"}` per passage (or FlashRAG's `{"contents":
-"title\\ntext"}`) and `DIR/questions.jsonl` with `{"question", "answers": [...]}` (or `golden_answers`, or one
-`answer` string). The repo ships a small collection under data/searchqa/ (see its LICENSE).
+Data: `--data DIR` holds `corpus.jsonl` (`{"contents": "title\ntext"}` or `{"title", "text"}` per passage) and
+`questions.jsonl` (`{"question", "answers": [...]}`; `golden_answers`, `answer` and Search-R1's
+`reward_model.ground_truth.target` are read too). `questions` may instead name question files (JSONL or parquet),
+concatenated in order: AgentGym-RL's ids are `queries/test.parquet,queries/train.parquet` (test 0-51712, then train).
+`retriever` picks the search backend (`env_servers.retrieval`): BM25 over the corpus by default, a Search-R1-style
+/retrieve URL (AgentGym-RL's e5 Wikipedia index), or a Lucene index folder. The repo ships a small collection under
+data/searchqa/ (see its LICENSE).
 """
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections import Counter
@@ -22,17 +26,32 @@ from pathlib import Path
 from typing import Any
 
 from env_servers.api import Env, EnvError, Observation, StepResult
-from env_servers.bm25 import BM25
 from env_servers.gsm8k import check_index
+from env_servers.protocol import Wire
+from env_servers.retrieval import Retriever, _read_jsonl, make_retriever
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "searchqa"
-INSTRUCTIONS = (
-    "Answer the question using a search engine over a document collection. Each turn, reason briefly, then write "
-    "exactly one action and stop: search[your query] to see the top passages, or answer[your short answer] to give "
-    "the final answer (a few words).\n\nQuestion: {question}"
+TOP_K = 3  # AgentGym's server always asks its retriever for 3
+INSTRUCTIONS = (  # AgentGym's searchqa observation: the prompt with the question
+    "You must reason inside <think>...</think> first. If you do not have enough knowledge, issue a "
+    "<search>...</search> and then STOP. Do not generate <information> or <answer> yet. Wait for external input "
+    "wrapped in <information>...</information>. After receiving information, reason again in <think>. If confident, "
+    "output your final answer in <answer>...</answer>. Do not output <answer> before receiving <information> unless "
+    "you are fully confident. If you find no further external knowledge needed, you can directly provide the answer "
+    "inside <answer> and </answer>, without detailed illustrations. For example, <answer> Beijing </answer>. Follow "
+    "this process every time.\n\n Question: {question}"
 )
+RIGHT = "Congratulations! You have answered the question correctly."
+WRONG = "Sorry, your answer is incorrect. Please try again."
+INVALID = (
+    "Your previous action is invalid. If you want to search, you should put the query between <search> and "
+    "</search>. If you want to give the final answer, you should put the answer between <answer> and </answer>. "
+    "Please try again."
+)
+WIRE = Wire(bare=True, step_keys=("observation", "reward", "done"), step_after_done=True, error_status=500, info=False)
 _PUNCTUATION = frozenset(string.punctuation)
-_ACTION = re.compile(r"\b(search|answer)\[(.*?)\]|<(search|answer)>(.*?)</\3>", re.DOTALL | re.IGNORECASE)
+_ACTION = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def normalize_answer(text: str) -> str:
@@ -56,111 +75,94 @@ def score_answer(pred: str, golds: list[str]) -> dict[str, Any]:
 
 
 def parse_action(text: str) -> tuple[str, str] | None:
-    """('search'|'answer', argument) for the first action in a reply, or None."""
+    """('search'|'answer', content) for the first tagged action in a reply, or None."""
     m = _ACTION.search(text)
-    if m is None:
-        return None
-    kind = (m.group(1) or m.group(3)).lower()
-    return kind, (m.group(2) if m.group(1) else m.group(4)).strip()
+    return None if m is None else (m.group(1), m.group(2).strip())
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"searchqa data not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object")
-                rows.append(row)
-    return rows
-
-
-def load_corpus(path: Path) -> list[tuple[str, str]]:
-    """(title, text) per passage."""
-    docs = []
-    for row in _read_jsonl(path):
-        if "contents" in row:
-            title, _, text = str(row["contents"]).partition("\n")
-        else:
-            title, text = str(row.get("title", "")), str(row.get("text", ""))
-        docs.append((title.strip(), text.strip()))
-    return docs
+def last_answer(text: str) -> str | None:
+    """The reply's last <answer> (the one AgentGym scores)."""
+    answers = _ANSWER.findall(text)
+    return answers[-1].strip() if answers else None
 
 
 def load_questions(path: Path) -> list[dict[str, Any]]:
+    """Questions of a JSONL or parquet file: {"question", "answers"} per row."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise EnvError("parquet question files need the pyarrow package") from None
+        rows = pq.read_table(path).to_pylist()
+    else:
+        rows = _read_jsonl(path)
     out = []
-    for i, row in enumerate(_read_jsonl(path), 1):
-        answers = row.get("answers", row.get("golden_answers", row.get("answer")))
-        answers = [answers] if isinstance(answers, str) else answers
+    for i, row in enumerate(rows, 1):
+        target = ((row.get("reward_model") or {}).get("ground_truth") or {}).get("target")
+        answers = target if target is not None else row.get("answers", row.get("golden_answers", row.get("answer")))
+        answers = [answers] if isinstance(answers, str) else list(answers or [])
         if not isinstance(row.get("question"), str) or not answers:
-            raise ValueError(f"{path}:{i}: needs a 'question' string and 'answers' (a list or a string)")
+            raise ValueError(f"{path}:{i}: needs a 'question' string and answers (a list or a string)")
         out.append({"question": row["question"], "answers": [str(a) for a in answers]})
     return out
 
 
-class Retriever:
-    """BM25 over (title, text) passages; `search` formats the top k as AgentGym-RL's searchqa does."""
-
-    def __init__(self, docs: list[tuple[str, str]], k: int = 3):
-        self.docs, self.k = docs, k
-        self.index = BM25([f"{title} {text}" for title, text in docs])
-
-    def search(self, query: str) -> str:
-        hits = self.index.search(query, self.k)
-        if not hits:
-            return "No passages match the query."
-        return "\n".join(f"Doc {n} (Title: {self.docs[d][0]}) {self.docs[d][1]}" for n, (d, _) in enumerate(hits, 1))
+def format_passages(passages: list[str]) -> str:
+    """AgentGym's rendering of search results: "Doc i(Title: <first line>) <the rest>" per passage."""
+    out = ""
+    for i, contents in enumerate(passages, 1):
+        title, _, text = contents.partition("\n")
+        out += f"Doc {i}(Title: {title}) {text}\n"
+    return out
 
 
 class SearchQAEnv(Env):
     name = "searchqa"
 
-    def __init__(self, questions: list[dict[str, Any]], retriever: Retriever, max_turns: int = 8):
+    def __init__(self, questions: list[dict[str, Any]], retriever: Retriever, max_turns: int | None = None):
         self.questions, self.retriever, self.max_turns = questions, retriever, max_turns
         self._idx: int | None = None
         self._turns = 0
-        self._done = False
 
     def __len__(self) -> int:
         return len(self.questions)
 
     def reset(self, idx: int) -> Observation:
-        self._idx, self._turns, self._done = check_index(idx, len(self.questions)), 0, False
+        self._idx, self._turns = check_index(idx, len(self.questions)), 0
         return Observation(self.observation(), {"data_idx": idx})
 
     def step(self, action: str) -> StepResult:
         if self._idx is None:
             raise EnvError("call reset before step")
-        if self._done:
-            raise EnvError("episode is done: call reset to start another")
         self._turns, parsed = self._turns + 1, parse_action(action)
         info: dict[str, Any] = {"turns": self._turns}
-        if parsed and parsed[0] == "answer":
-            info.update(score_answer(parsed[1], self.questions[self._idx]["answers"]), answer=parsed[1])
-            self._done = True
-            return StepResult("", info["f1"], True, info)
-        if parsed and parsed[0] == "search":
-            obs = f"<information>{self.retriever.search(parsed[1])}</information>"
+        reward, done = 0, False
+        if parsed is None:
+            obs = INVALID
+        elif parsed[0] == "search":
+            obs = f"<information>{format_passages(self.retriever.search(parsed[1], TOP_K)).strip()}</information>"
         else:
-            obs = "No action found. Write search[your query] to search, or answer[your answer] to answer."
-        self._done = self._turns >= self.max_turns
-        return StepResult(obs, 0.0, self._done, info)
+            answer = last_answer(action) or ""
+            info.update(score_answer(answer, self.questions[self._idx]["answers"]), answer=answer)
+            reward, done = int(info["em"]), info["em"]
+            obs = RIGHT if done else WRONG
+        if self.max_turns is not None and self._turns >= self.max_turns:
+            done = True
+        return StepResult(obs, reward, done, info)
 
     def observation(self) -> str:
         if self._idx is None:
             raise EnvError("no observation: call reset first")
-        return INSTRUCTIONS.format(question=self.questions[self._idx]["question"])
+        return INSTRUCTIONS.format(question=self.questions[self._idx]["question"].strip())
 
 
-def factory(data: str | None = None, top_k: int = 3, max_turns: int = 8) -> Callable[[], Env]:
-    """`data`: a folder holding corpus.jsonl and questions.jsonl (default: the shipped data/searchqa)."""
+def factory(
+    data: str | None = None, max_turns: int | None = None, questions: str | None = None, retriever: str | None = None
+) -> Callable[[], Env]:
+    """`data`: a folder holding corpus.jsonl and questions.jsonl (default: the shipped data/searchqa); `questions`:
+    comma-separated question files instead (their rows in order are the item ids); `retriever`: see the module."""
     folder = Path(data) if data else DEFAULT_DATA
-    retriever = Retriever(load_corpus(folder / "corpus.jsonl"), top_k)
-    questions = load_questions(folder / "questions.jsonl")
-    return lambda: SearchQAEnv(questions, retriever, max_turns)
+    files = [Path(q.strip()) for q in questions.split(",") if q.strip()] if questions else [folder / "questions.jsonl"]
+    rows = [q for f in files for q in load_questions(f)]
+    search = make_retriever(retriever, folder / "corpus.jsonl")
+    return lambda: SearchQAEnv(rows, search, max_turns)
