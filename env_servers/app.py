@@ -170,7 +170,7 @@ def _add_info_routes(app: FastAPI, pool: EnvPool, name: str, wire: Wire) -> None
 def _add_env_routes(app: FastAPI, pool: EnvPool, wire: Wire, error_status: int | None) -> None:
     @app.post("/create", openapi_extra=openapi_body("create", required=False))
     async def create(request: Request) -> Any:
-        data_idx = create_data_idx(await _read_json(request, required=False))
+        data_idx = create_data_idx(await _read_json(request, required=False), wire.bare)
         env_id = await run_in_threadpool(pool.create)
         if wire.create_resets:
             data_idx = env_id  # TextCraft: the new env plays the item of its own id (its commands/goal are unused)

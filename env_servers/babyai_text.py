@@ -190,7 +190,9 @@ def _door_actions(view: View, carrying: Any, actions: dict, errors: dict) -> Non
         if path == []:
             actions["toggle"] = [TOGGLE]
         if state == "closed":
-            errors[f"go through {label}"] = f"You cannot go through {label}, as it is closed. You should toggle it first."
+            errors[f"go through {label}"] = (
+                f"You cannot go through {label}, as it is closed. You should toggle it first."
+            )
 
 
 def plan(view: View, carrying: Any) -> tuple[dict[str, list[int]], dict[str, str]]:

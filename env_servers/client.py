@@ -6,7 +6,10 @@
 - `RemoteEnv`: an `Env` whose slot lives on a server, so code written against `Env` runs unchanged over HTTP.
 - `env_factory(name, url=None, ...)`: what the trainer calls: in-process envs, or `RemoteEnv`s when a URL is given.
 
-Both clients return the same normalised dicts: reset/step → {observation, reward, score, done, info}.
+Both clients return the same normalised dicts: reset/step → {observation, reward, score, done, info} plus the
+env's own reset fields (sciworld's task_description, ...). `score` is None where the server reports none (searchqa,
+TextCraft: the episode's result is then the sum of its rewards). AgentGym's error answers (`200 {"error"}`, searchqa's
+500) become the same exceptions as rldock's 4xx.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import httpx
 
 from env_servers.api import Env, EnvError, Observation, StepResult
 from env_servers.pool import EnvNotFound, EnvPool, EpisodeDone, PoolFull
-from env_servers.protocol import create_payload, reset_payload, step_payload
 from rollout.recovery import DEFAULT_BUDGET_S, Recovery, Retryable
 
 _ERRORS = {404: EnvNotFound, 409: EpisodeDone, 429: PoolFull}
@@ -30,18 +32,34 @@ class EnvServerError(RuntimeError):
 
 
 def _normalise(payload: Any) -> dict[str, Any]:
-    """A reset/step response of either flavour as {observation, reward, score, done, info}."""
+    """A reset/step answer of any env's shape as {observation, reward, score, done, info, ...}."""
     if isinstance(payload, str):  # searchqa's reset returns the observation itself
         payload = {"observation": payload}
     if not isinstance(payload, dict):
         raise EnvServerError(f"unexpected response: {str(payload)[:200]}")
     out = dict(payload)
-    out["observation"] = str(payload.get("observation", payload.get("state", "")))
-    out["reward"] = float(payload.get("reward", 0.0))
-    out["score"] = float(payload.get("score", out["reward"]))
+    out["observation"] = str(payload.get("observation", ""))
+    out["reward"] = float(payload.get("reward") or 0.0)
+    out["score"] = None if payload.get("score") is None else float(payload["score"])
     out["done"] = bool(payload.get("done", False))
     out["info"] = payload.get("info") or {}
     return out
+
+
+def _refusal(message: str) -> EnvError:
+    """An AgentGym-style error message as the exception rldock's 4xx would have raised."""
+    if message.endswith("is not valid."):
+        return EnvNotFound(message)
+    if message.endswith("has finished."):
+        return EpisodeDone(message)
+    return EnvError(message)
+
+
+def _json_or_none(resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return None
 
 
 class EnvClient:
@@ -64,13 +82,12 @@ class EnvClient:
                 raise EnvServerError(f"{method} {self.base_url}{path} failed: {e}") from None
 
         resp = self.recovery.run(f"env server {self.base_url}", attempt, give_up=EnvServerError)
+        body = _json_or_none(resp)
+        if isinstance(body, dict) and set(body) == {"error"} and resp.status_code in (200, 500):
+            raise _refusal(f"{path}: {body['error']}")
         if resp.status_code >= 500:
             raise EnvServerError(f"{method} {path}: server error {resp.status_code}: {resp.text[:300]}")
         if resp.status_code >= 400:
-            try:
-                body = resp.json()
-            except ValueError:
-                body = None
             detail = body.get("detail", resp.text) if isinstance(body, dict) else resp.text
             raise _ERRORS.get(resp.status_code, EnvError)(f"{path}: {detail}")
         return resp.json()
@@ -87,7 +104,7 @@ class EnvClient:
     def create(self, data_idx: int | None = None) -> int:
         """A new env id. Waits (until the timeout) while the server is at its cap (429)."""
         deadline, wait = time.monotonic() + self.timeout, 0.25
-        body = {"id": data_idx} if data_idx is not None else None
+        body = {"id": data_idx or 0}  # searchqa-style servers require an item; the others ignore the body
         while True:
             try:
                 out = self._call("POST", "/create", json=body)
@@ -108,13 +125,15 @@ class EnvClient:
         return _normalise(self._call("POST", "/step", json={self._id_key(): env_id, "action": action}))
 
     def observation(self, env_id: int) -> str:
-        return self._call("GET", "/observation", params={self._id_key(): env_id})
+        out = self._call("GET", "/observation", params={self._id_key(): env_id})
+        return out["observation"] if isinstance(out, dict) else out  # babyai answers a dict
 
     def available_actions(self, env_id: int) -> list[str]:
         return self._call("GET", "/available_actions", params={self._id_key(): env_id})
 
     def close(self, env_id: int) -> None:
-        self._call("POST", "/close", json={self._id_key(): env_id})
+        if self._call("POST", "/close", json={self._id_key(): env_id}) is False:
+            raise EnvNotFound(f"/close: the id {env_id} is not valid.")
 
     def shutdown(self) -> None:
         """Close the HTTP connections (the server's envs are untouched)."""
@@ -136,19 +155,23 @@ class LocalEnvClient:
         return self.pool.ids()
 
     def create(self, data_idx: int | None = None) -> int:
-        env_id = create_payload("agentgym", self.pool.create())["id"]
+        env_id = self.pool.create()
         if data_idx is not None:
             self.pool.reset(env_id, data_idx)
         return env_id
 
     def reset(self, env_id: int, data_idx: int = 0) -> dict[str, Any]:
-        return _normalise(reset_payload("agentgym", self.pool.reset(env_id, data_idx)))
+        obs = self.pool.reset(env_id, data_idx)
+        return {**obs.fields, "observation": obs.text, "reward": obs.reward, "score": obs.score, "done": False,
+                "info": obs.info}  # fmt: skip
 
     def step(self, env_id: int, action: str) -> dict[str, Any]:
-        return _normalise(step_payload(*self.pool.step(env_id, action)))
+        result, score = self.pool.step(env_id, action)
+        return {"observation": result.observation, "reward": result.reward, "score": score, "done": result.done,
+                "info": result.info}  # fmt: skip
 
     def observation(self, env_id: int) -> str:
-        return self.pool.observation(env_id)
+        return self.pool.observation(env_id)[0]
 
     def available_actions(self, env_id: int) -> list[str]:
         return self.pool.available_actions(env_id)
@@ -176,14 +199,13 @@ class RemoteEnv(Env):
 
     def reset(self, idx: int) -> Observation:
         out = self.client.reset(self.env_id, idx)
-        text, task = out.pop("observation"), out.get("task_description")
-        if isinstance(task, str):
-            text = f"{task}\n{text}"  # the in-process env's text holds both (see protocol.reset_payload)
-        return Observation(text, out["info"])
+        common = ("observation", "info", "reward", "score", "done", "deleted", "id")
+        fields = {k: v for k, v in out.items() if k not in common}
+        return Observation(out["observation"], out["info"], out["reward"], out["score"] or 0, fields)
 
     def step(self, action: str) -> StepResult:
         out = self.client.step(self.env_id, action)
-        return StepResult(out["observation"], out["reward"], out["done"], out["info"])
+        return StepResult(out["observation"], out["reward"], out["done"], out["info"], out["score"])
 
     def observation(self) -> str:
         return self.client.observation(self.env_id)

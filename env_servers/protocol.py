@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from env_servers.api import EnvError, Observation, StepResult
+
 MAX_BODY_BYTES = 1 << 20
 MAX_ACTION_CHARS = 65536
 MAX_ID = 2**53  # JSON-safe integers; larger ones are certainly not ours
@@ -96,12 +97,11 @@ def data_idx_of(body: dict[str, Any], default: int | None = 0) -> int | None:
     return default
 
 
-def create_data_idx(body: dict[str, Any]) -> int | None:
-    """The item a create asks to load at once (searchqa's `{"id": item}`), or None."""
-    for key in ("data_idx", "id"):
-        if body.get(key) is not None:
-            return as_int(body[key], key)
-    return None
+def create_data_idx(body: dict[str, Any], bare: bool) -> int | None:
+    """The item a create asks to load at once: searchqa's `{"id": item}`, rldock's `{"data_idx": item}`; or None.
+    (babyai's and sciworld's creates take no body: their clients' `id` there means nothing.)"""
+    key = "id" if bare else "data_idx"
+    return None if body.get(key) is None else as_int(body[key], key)
 
 
 def action_of(body: dict[str, Any]) -> str:

@@ -153,8 +153,8 @@ def _serve(argv: list[str] | None = None) -> None:
         result = []
         for q in queries:
             hits = retriever.index.search(q, topk)
-            docs = [{"id": str(d), "contents": retriever.passages[d]} for d, _ in hits]
-            result.append([{"document": doc, "score": s} for doc, (_, s) in zip(docs, hits)] if scores else docs)
+            docs = [({"id": str(d), "contents": retriever.passages[d]}, score) for d, score in hits]
+            result.append([{"document": doc, "score": sc} for doc, sc in docs] if scores else [d for d, _ in docs])
         return {"result": result}
 
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

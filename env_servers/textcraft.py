@@ -109,7 +109,9 @@ class CraftingTree:
         self.items: set[str] = set()
         self.tags: set[str] = set()
         self.tag_of: dict[str, str] = {}
-        self.deps: dict[str, set[str]] = {}  # all inputs an item needs, transitively: recipes closing a cycle are dropped
+        self.deps: dict[
+            str, set[str]
+        ] = {}  # all inputs an item needs, transitively: recipes closing a cycle are dropped
         self._depth: dict[str, int] = {}
         files = sorted(recipe_dir.glob("*.json"))
         if not files:
@@ -205,7 +207,9 @@ class CraftingTree:
 
     def goals(self) -> list[str]:
         """Craftable items by depth (stable), the order items ids index."""
-        return [i for i, _ in sorted(((i, self.depth(i)) for i in self.by_item if self.depth(i) >= 1), key=lambda x: x[1])]
+        return [
+            i for i, _ in sorted(((i, self.depth(i)) for i in self.by_item if self.depth(i) >= 1), key=lambda x: x[1])
+        ]
 
     def tree(self, name: str, seen: frozenset[str] = frozenset()) -> list[Recipe]:
         """Every recipe that can take part in making `name` (with repeats), breadth of a level first."""

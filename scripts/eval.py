@@ -449,6 +449,9 @@ class EnvTask:
             raise EvalError(f"env server {url} is not usable: {e}") from None
         if health.get("size") is None:
             raise EvalError(f"env server {url} does not report its dataset size in /health")
+        from env_servers.agents import spec_of
+
+        self.spec = spec_of(health.get("env", ""))
         self.size, self.short = int(health["size"]), f"env_{health.get('env', 'unknown')}"
         self.name = f"env:{health.get('env', 'unknown')}@{url}"
 
@@ -470,25 +473,32 @@ class EnvTask:
 
     def episode(self, target, idx: int, s: Sampling) -> tuple[str, dict]:
         """(task text, sample) of one episode on a fresh env slot, closed afterwards."""
+        from env_servers.agents import NoAction, first_prompt
         from env_servers.api import EnvError
 
         env_id = self.client.create()
         sample = {"reward": 0.0, "finish_reason": None, "turns": [], "done": False, "error": None, "info": {}}
         try:
             first = self.client.reset(env_id, idx)
-            parts = (first.get("task_description"), first["observation"])
-            task = "\n".join(x for x in parts if isinstance(x, str) and x)
-            head = [{"role": "system", "content": self.system}] if self.system else []
-            messages = [*head, {"role": "user", "content": self.template.format(question=task)}]
+            task = first_prompt(self.spec, first["observation"], first)
+            messages = [{"role": "system", "content": self.system}] if self.system else []
+            if self.spec.instructions:  # AgentGym's opening turns (env_servers.agents)
+                messages += [{"role": "user", "content": self.spec.instructions},
+                             {"role": "assistant", "content": self.spec.ack}]  # fmt: skip
+            messages.append({"role": "user", "content": self.template.format(question=task)})
             for _ in range(self.max_round):
                 choice = target.complete(messages, s)[0]
                 sample["finish_reason"] = choice["finish_reason"]
                 try:
-                    step = self.client.step(env_id, choice["text"])
+                    step = self.client.step(env_id, self.spec.to_action(choice["text"]))
+                except NoAction as refusal:  # AgentGym's client answers this itself
+                    step = {"observation": str(refusal), "reward": 0.0, "score": None, "done": False, "info": {}}
                 except EnvError as e:  # the env refused the action: the episode ends there, unrewarded
                     sample["error"] = str(e)
                     break
-                sample["reward"] += step["reward"]
+                scale = self.spec.score_scale
+                score = step["score"]
+                sample["reward"] = score / scale if score is not None else sample["reward"] + step["reward"] / scale
                 sample["info"], sample["done"] = step["info"], step["done"]
                 sample["turns"].append(
                     {"action": choice["text"], "observation": step["observation"], "reward": step["reward"]}

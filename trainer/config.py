@@ -199,9 +199,12 @@ class LoggingConfig(Section):
 
 class EnvConfig(Section):
     name: str = "gsm8k"
-    """Environment / reward: gsm8k (single turn) or an agent env (gsm8k_tools, babyai, sciworld, searchqa)."""
+    """Environment / reward: gsm8k (single turn) or an agent env (gsm8k_tools, babyai, sciworld, searchqa, textcraft)."""
     url: str | None = None
     """Env server base URL (None = run the env in-process)."""
+    data: str | None = None
+    """Dataset of an in-process agent env outside the GSM8K family (the env server's --data): a searchqa folder, a
+    TextCraft folder holding recipes/, babyai level ids or sciworld task names, comma-separated. None: the env's own."""
     format_reward: float = Field(0.0, ge=0)
     """Extra reward for an answer written inside \\boxed{} (reported separately from correctness)."""
     max_rounds: int = Field(1, ge=1)
