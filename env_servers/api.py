@@ -65,6 +65,10 @@ class Env(abc.ABC):
         """The current observation text (AgentGym's GET /observation)."""
         raise EnvError("no observation: call reset first")
 
+    def available_actions(self) -> list[str]:
+        """Actions valid now, where the env can list them (rldock's GET /available_actions)."""
+        raise EnvError(f"{self.name} does not list its actions")
+
     def query(self, what: str) -> Any:
         """Answer an extra GET route of the env's AgentGym server (sciworld's "goals", "action_hint", ...)."""
         raise EnvError(f"{self.name} answers no {what!r} query")

@@ -106,7 +106,7 @@ def create_app(
     app = FastAPI(title=f"rldock env server: {name}", lifespan=lifespan)
     app.state.pool = pool
     _add_token_check(app, auth.env_token())
-    _add_error_handlers(app, name, error_status)
+    _add_error_handlers(app, name, error_status, pool.ttl)
     _add_info_routes(app, pool, name, wire)
     _add_env_routes(app, pool, wire, error_status)
     _add_query_routes(app, pool, wire)
@@ -128,7 +128,7 @@ def _add_token_check(app: FastAPI, token: str | None) -> None:
         return JSONResponse({"detail": auth.refusal([auth.ENV_TOKEN])}, 401, {"WWW-Authenticate": "Bearer"})
 
 
-def _add_error_handlers(app: FastAPI, name: str, error_status: int | None) -> None:
+def _add_error_handlers(app: FastAPI, name: str, error_status: int | None, ttl: float) -> None:
     @app.exception_handler(ClientDisconnect)
     async def gone(request: Request, err: ClientDisconnect) -> JSONResponse:
         log.info("%s %s: the client went away before its body arrived", request.method, request.url.path)
@@ -137,7 +137,8 @@ def _add_error_handlers(app: FastAPI, name: str, error_status: int | None) -> No
     @app.exception_handler(EnvError)
     async def env_error(request: Request, err: EnvError) -> JSONResponse:
         if error_status is None or isinstance(err, _RLDOCK_LIMITS):
-            return JSONResponse({"detail": str(err)}, status_code=_status_of(err))
+            why = f" (never created, closed, or expired after {ttl:g}s idle)" if isinstance(err, EnvNotFound) else ""
+            return JSONResponse({"detail": f"{err}{why}"}, status_code=_status_of(err))
         return JSONResponse({"error": str(err)}, status_code=error_status)
 
     @app.exception_handler(Exception)

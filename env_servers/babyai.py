@@ -139,9 +139,12 @@ class BabyAIEnv(Env):
 
 
 def factory(data: str | None = None) -> Callable[[], Env]:
-    """`data`: comma-separated BabyAI level ids (default: eight single-room levels)."""
+    """`data`: comma-separated BabyAI level ids (default: AgentGym's 40). The defaults are not checked here: a level
+    this minigrid lacks answers its reset with gymnasium's error, as AgentGym's server does; levels asked for are."""
     gym = _import_minigrid()
-    levels = tuple(s.strip() for s in data.split(",") if s.strip()) if data else LEVELS
+    if not data:
+        return lambda: BabyAIEnv(LEVELS)
+    levels = tuple(s.strip() for s in data.split(",") if s.strip())
     unknown = [lvl for lvl in levels if lvl not in gym.registry]
     if unknown or not levels:
         known = sorted(k for k in gym.registry if k.startswith("BabyAI-"))

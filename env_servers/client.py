@@ -2,11 +2,10 @@
 
 - `EnvClient(base_url)`: AgentGym's paths and bodies (works against rldock's servers and upstream AgentGym ones).
   Babyai/sciworld-style and searchqa-style servers are told apart by what `/create` returns.
-- `LocalEnvClient(factory)`: the same methods over an in-process `EnvPool`, no HTTP.
 - `RemoteEnv`: an `Env` whose slot lives on a server, so code written against `Env` runs unchanged over HTTP.
 - `env_factory(name, url=None, ...)`: what the trainer calls: in-process envs, or `RemoteEnv`s when a URL is given.
 
-Both clients return the same normalised dicts: reset/step → {observation, reward, score, done, info} plus the
+The client returns normalised dicts: reset/step → {observation, reward, score, done, info} plus the
 env's own reset fields (sciworld's task_description, ...). `score` is None where the server reports none (searchqa,
 TextCraft: the episode's result is then the sum of its rewards). AgentGym's error answers (`200 {"error"}`, searchqa's
 500) become the same exceptions as rldock's 4xx.
@@ -140,53 +139,10 @@ class EnvClient:
         self._http.close()
 
 
-class LocalEnvClient:
-    """`EnvClient`'s methods over an in-process pool of envs built by `factory`: no server, same results."""
-
-    bare = False
-
-    def __init__(self, factory: Callable[[], Env], ttl: float = 900.0, max_envs: int = 256):
-        self.pool = EnvPool(factory, ttl=ttl, max_envs=max_envs)
-
-    def health(self) -> dict[str, Any]:
-        return {"status": "ok", "live": len(self.pool), "max_envs": self.pool.max_envs, "size": self.pool.size}
-
-    def list_envs(self) -> list[int]:
-        return self.pool.ids()
-
-    def create(self, data_idx: int | None = None) -> int:
-        env_id = self.pool.create()
-        if data_idx is not None:
-            self.pool.reset(env_id, data_idx)
-        return env_id
-
-    def reset(self, env_id: int, data_idx: int = 0) -> dict[str, Any]:
-        obs = self.pool.reset(env_id, data_idx)
-        return {**obs.fields, "observation": obs.text, "reward": obs.reward, "score": obs.score, "done": False,
-                "info": obs.info}  # fmt: skip
-
-    def step(self, env_id: int, action: str) -> dict[str, Any]:
-        result, score = self.pool.step(env_id, action)
-        return {"observation": result.observation, "reward": result.reward, "score": score, "done": result.done,
-                "info": result.info}  # fmt: skip
-
-    def observation(self, env_id: int) -> str:
-        return self.pool.observation(env_id)[0]
-
-    def available_actions(self, env_id: int) -> list[str]:
-        return self.pool.available_actions(env_id)
-
-    def close(self, env_id: int) -> None:
-        self.pool.close(env_id)
-
-    def shutdown(self) -> None:
-        self.pool.close_all()
-
-
 class RemoteEnv(Env):
-    """An `Env` backed by one slot of a server (or of a `LocalEnvClient`): created on construction."""
+    """An `Env` backed by one slot of a server: created on construction."""
 
-    def __init__(self, client: EnvClient | LocalEnvClient):
+    def __init__(self, client: EnvClient):
         self.client = client
         self.env_id = client.create()
         self._closed = False

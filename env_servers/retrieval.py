@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI, HTTPException, Request
+
 from env_servers.api import EnvError
 from env_servers.bm25 import BM25
 
@@ -134,7 +136,6 @@ def _serve(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     import uvicorn
-    from fastapi import FastAPI, HTTPException, Request
 
     app = FastAPI(title="rldock BM25 retrieval")
 

@@ -13,9 +13,10 @@ import httpx
 import pytest
 
 from env_servers.api import Env, EnvError, Observation, StepResult
-from env_servers.client import EnvClient, LocalEnvClient, RemoteEnv, env_factory
+from env_servers.client import EnvClient, RemoteEnv, env_factory
 from env_servers.pool import EnvNotFound, EnvPool, EpisodeDone, PoolFull
 from env_servers.registry import make_factory
+from env_servers.searchqa import RIGHT, WRONG
 from tests.conftest import ROOT, free_port, start_server, stop_server
 
 
@@ -43,7 +44,7 @@ def babyai_url(tmp_path_factory):
 def test_agentgym_babyai_client_flow(babyai_url):
     """The calls AgentGym's BabyAIEnvClient makes (requests, `id` in every body, `score` as reward)."""
     requests = pytest.importorskip("requests")
-    assert requests.get(f"{babyai_url}/", timeout=10).json() == "ok"
+    assert requests.get(f"{babyai_url}/", timeout=10).json() == "This is environment BabyAI."
     created = requests.post(f"{babyai_url}/create", timeout=10)
     assert created.status_code == 200
     env_id = created.json()["id"]
@@ -53,16 +54,21 @@ def test_agentgym_babyai_client_flow(babyai_url):
         assert res.status_code == 200, res.text
         return res.json()
 
-    first = post("reset", {"data_idx": 3})
-    assert {"observation", "reward", "score", "done"} <= first.keys()
-    assert "Your mission: go to the" in first["observation"] and first["done"] is False
-    out = post("step", {"action": "Thought:\nI should look around.\n\nAction:\nturn left"})
-    assert {"observation", "reward", "score", "done"} <= out.keys()
-    assert out["observation"].startswith("You see") and out["done"] is False
+    first = post("reset", {"data_idx": 1})
+    assert {"observation", "reward", "score", "deleted", "done"} <= first.keys()
+    assert first["observation"].startswith("Your goal: go to the red ball\n") and first["done"] is False
+    out = post("step", {"action": "turn left"})  # the client sends the cleaned "Action:" line
+    assert {"observation", "reward", "score", "done"} <= out.keys() and out["done"] is False
+    assert "Available actions: [" in out["observation"]
     res = requests.get(f"{babyai_url}/observation?id={env_id}", timeout=10)
-    assert res.status_code == 200 and res.json() == out["observation"]
-    assert post("close", {}) == {"id": env_id, "closed": True}
-    assert requests.post(f"{babyai_url}/step", json={"id": env_id, "action": "done"}, timeout=10).status_code == 404
+    assert res.status_code == 200
+    seen = res.json()
+    assert seen["observation"] == "Your goal: go to the red ball\n" + out["observation"]
+    assert (seen["done"], seen["deleted"], seen["score"]) == (False, False, out["score"])
+    assert post("close", {}) is True
+    assert post("close", {}) is False  # AgentGym's answer for an env it does not know
+    gone = requests.post(f"{babyai_url}/step", json={"id": env_id, "action": "turn left"}, timeout=10)
+    assert gone.status_code == 200 and gone.json() == {"error": f"The id {env_id} is not valid."}
 
 
 def test_agentgym_searchqa_client_flow(searchqa_url):
@@ -76,41 +82,40 @@ def test_agentgym_searchqa_client_flow(searchqa_url):
     assert reset.status_code == 200 and "White Nile and the Blue Nile join" in reset.json()
     question = requests.get(f"{searchqa_url}/observation?env_idx={env_id}", timeout=10).json()
     assert question == reset.json()
-    step = requests.post(
-        f"{searchqa_url}/step", json={"action": "<search>White Nile Blue Nile</search>", "env_idx": env_id}, timeout=10
-    ).json()
-    assert step["observation"].startswith("<information>") and "Khartoum" in step["observation"]
-    assert (step["reward"], step["done"]) == (0.0, False)
-    step = requests.post(
-        f"{searchqa_url}/step", json={"action": "<answer> Khartoum </answer>", "env_idx": env_id}, timeout=10
-    ).json()
-    assert (step["reward"], step["done"]) == (1.0, True)
+
+    def step(action):
+        return requests.post(f"{searchqa_url}/step", json={"action": action, "env_idx": env_id}, timeout=10).json()
+
+    out = step("<search>White Nile Blue Nile</search>")
+    assert out["observation"].startswith("<information>") and "Khartoum" in out["observation"]
+    assert (out["reward"], out["done"], out["info"]) == (0, False, None)
+    assert step("<answer> Cairo </answer>") == {"observation": WRONG, "reward": 0, "done": False, "info": None}
+    assert step("<answer> Khartoum </answer>") == {"observation": RIGHT, "reward": 1, "done": True, "info": None}
     assert requests.post(f"{searchqa_url}/close", json={"env_idx": env_id}, timeout=10).json() is True
+    gone = requests.post(f"{searchqa_url}/step", json={"action": "x", "env_idx": env_id}, timeout=10)
+    assert gone.status_code == 500 and gone.json() == {"error": f"The id {env_id} is not valid."}  # AgentGym raises
 
 
 def test_env_client_and_remote_env_match_in_process(searchqa_url):
-    """EnvClient over HTTP, LocalEnvClient in-process and a plain in-process Env give the same episode."""
-    actions = ["search[deepest lake]", "no action here", "answer[Baikal]"]
-    http, local = EnvClient(searchqa_url, timeout=30), LocalEnvClient(make_factory("searchqa"))
-    runs = []
-    for client in (http, local):
-        env_id = client.create()
-        trace = [client.reset(env_id, 24)["observation"]]
-        trace += [(s["observation"], s["reward"], s["done"]) for s in (client.step(env_id, a) for a in actions)]
-        with pytest.raises(EpisodeDone):
-            client.step(env_id, "answer[x]")
-        client.close(env_id)
-        with pytest.raises(EnvNotFound):
-            client.observation(env_id)
-        runs.append(trace)
+    """EnvClient over HTTP, a RemoteEnv and a plain in-process Env give the same episode."""
+    actions = ["<search>deepest lake</search>", "no action here", "<answer>Baikal</answer>"]
+    http = EnvClient(searchqa_url, timeout=30)
+    env_id = http.create()
+    trace = [http.reset(env_id, 24)["observation"]]
+    trace += [(s["observation"], s["reward"], s["done"]) for s in (http.step(env_id, a) for a in actions)]
+    assert http.step(env_id, "<answer>x</answer>")["observation"] == WRONG  # steps after done: allowed
+    http.close(env_id)
+    with pytest.raises(EnvNotFound):
+        http.observation(env_id)
+    runs = [trace]
     remote, plain = env_factory("searchqa", url=searchqa_url)(), env_factory("searchqa")()
     for env in (remote, plain):
         trace = [env.reset(24).text]
         trace += [(r.observation, r.reward, r.done) for r in (env.step(a) for a in actions)]
         env.close()
         runs.append(trace)
-    assert runs[0] == runs[1] == runs[2] == runs[3]
-    assert runs[0][-1] == ("", 1.0, True)
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0][-1] == (RIGHT, 1, True)
     assert len(remote) == 28
     with pytest.raises(EnvError, match="data index"):
         http.reset(http.create(), 10_000)
@@ -149,9 +154,18 @@ def _fuzz_request(rng: random.Random, client: httpx.Client, ids: list[int]) -> h
 
 
 @pytest.mark.parametrize("env", ["searchqa", "babyai"])
-def test_fuzzed_requests_never_5xx(env, searchqa_url, babyai_url):
-    """300 seeded random requests per server (600 in all): each answers < 500, and the server still works after."""
-    url = searchqa_url if env == "searchqa" else babyai_url
+def test_fuzzed_requests_never_5xx(env, babyai_url, tmp_path_factory):
+    """300 seeded random requests per server (600 in all): each answers < 500, and the server still works after.
+    searchqa runs with --http-errors: in AgentGym's mode its refusals are 500s, as upstream's."""
+    proc, url = _serve(tmp_path_factory, "searchqa", "--http-errors") if env == "searchqa" else (None, babyai_url)
+    try:
+        _fuzz(env, url)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+
+
+def _fuzz(env: str, url: str) -> None:
     rng = random.Random(1234)
     statuses: dict[int, int] = {}
     with httpx.Client(base_url=url, timeout=30) as client:
@@ -186,7 +200,7 @@ def test_ttl_eviction_and_cap(tmp_path_factory):
         while client.list_envs() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert client.list_envs() == []
-        with pytest.raises(EnvNotFound, match="expired"):
+        with pytest.raises(EnvNotFound, match="expired after 1s idle"):
             client.reset(ids[0], 0)
         fresh = client.create()
         assert client.reset(fresh, 0)["observation"].startswith("Janet")
@@ -248,7 +262,7 @@ def test_cli_help_and_errors():
     out = subprocess.run([*run, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--env" in out.stdout and "--max-envs" in out.stdout
     for args, needle in [
-        (["--env", "nope"], "valid names: gsm8k, gsm8k_tools, babyai, sciworld, searchqa"),
+        (["--env", "nope"], "valid names: gsm8k, gsm8k_tools, babyai, sciworld, searchqa, textcraft"),
         (["--env", "searchqa", "--data", "/does/not/exist"], "/does/not/exist"),
         (["--env", "gsm8k", "--ttl", "0"], "--ttl"),
         (["--env", "babyai", "--format-reward", "0.1"], "format_reward"),
@@ -263,9 +277,10 @@ def test_env_servers_import_no_torch():
         "import sys\n"
         "import env_servers, env_servers.app, env_servers.client, env_servers.__main__\n"
         "import env_servers.gsm8k, env_servers.gsm8k_tools, env_servers.babyai, env_servers.sciworld\n"
-        "import env_servers.searchqa, env_servers.bm25\n"
+        "import env_servers.searchqa, env_servers.bm25, env_servers.textcraft, env_servers.retrieval\n"
+        "import env_servers.agents, env_servers.babyai_text\n"
         "from env_servers.registry import make_factory\n"
-        "for name in ('gsm8k', 'gsm8k_tools', 'babyai', 'searchqa'):\n"
+        "for name in ('gsm8k', 'gsm8k_tools', 'babyai', 'searchqa', 'textcraft'):\n"
         "    make_factory(name)().reset(0)\n"
         "from env_servers.gsm8k import score\n"
         "score('\\\\boxed{\\\\frac{36}{2}}', '#### 18')\n"

@@ -1,4 +1,5 @@
-"""Each environment's reset/step/reward in-process: gsm8k_tools, babyai, sciworld (skips without Java), searchqa."""
+"""Each environment's reset/step/reward in-process: gsm8k_tools, babyai, sciworld (skips without Java), searchqa,
+textcraft. The AgentGym conformance over HTTP is in test_agentgym_conformance.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ from env_servers.api import EnvError
 from env_servers.bm25 import BM25
 from env_servers.gsm8k_tools import GSM8KToolsEnv, calculate
 from env_servers.registry import EnvUnavailable, make_factory
-from env_servers.searchqa import DEFAULT_DATA, f1_score, load_questions, normalize_answer, parse_action, score_answer
+from env_servers.searchqa import (
+    DEFAULT_DATA,
+    INVALID,
+    RIGHT,
+    WRONG,
+    f1_score,
+    last_answer,
+    load_questions,
+    normalize_answer,
+    parse_action,
+    score_answer,
+)
 
 ITEMS = [{"question": "Janet has 16 eggs, eats 3, bakes 4 and sells the rest at $2. Dollars?", "answer": "#### 18"}]
 
@@ -78,67 +90,61 @@ def test_gsm8k_tools_episode():
 # ---------------------------------------------------------------- babyai
 
 
-def test_babyai_parse_action():
-    from env_servers.babyai import ACTIONS, parse_action
+def test_babyai_items_are_agentgyms():
+    """Item i is AgentGym's: level LEVELS[i % 40] (its all_levels[i % 40 + 1]) with seed i // 40."""
+    from env_servers.babyai import LEVELS
 
-    assert (
-        parse_action("Thought:\nthe ball is left. turn right is wrong.\n\nAction:\nturn left") == ACTIONS["turn left"]
-    )
-    assert parse_action("I will Move Forward.") == ACTIONS["go forward"]
-    assert parse_action("pick up the key, then turn left") == ACTIONS["pick up"]  # the earliest action counts
-    assert parse_action("open the door") == ACTIONS["toggle"]
-    assert parse_action("leftover text") is None
-    assert parse_action("") is None
-
-
-def _bot_words(env):
-    from minigrid.utils.baby_ai_bot import BabyAIBot
-
-    from env_servers.babyai import ACTIONS
-
-    words = {v: k for k, v in ACTIONS.items()}
-    bot = BabyAIBot(env._env)
-    return lambda: words[int(bot.replan())]
-
-
-@pytest.mark.parametrize("idx", [0, 4, 5, 6])  # GoToRedBallGrey, PickupLoc, PutNextLocal, OpenDoor
-def test_babyai_solved_through_words(idx):
-    """minigrid's own BabyAI bot, speaking through our word actions, solves the level: minigrid's success reward."""
     env = make_factory("babyai")()
-    obs = env.reset(idx)
-    assert f"Your mission: {obs.info['mission']}" in obs.text and "You are carrying" in obs.text
-    next_word = _bot_words(env)
-    total, turns = 0.0, 0
-    while True:
-        step = env.step(f"Action: {next_word()}")
-        total, turns = total + step.reward, turns + 1
-        if step.done:
-            break
-    assert step.info["success"] and "Mission complete." in step.observation
-    assert total == pytest.approx(1 - 0.9 * turns / env._env.max_steps)
-    with pytest.raises(EnvError):
-        env.step("turn left")
+    assert (
+        len(LEVELS) == 40 and LEVELS[0] == "BabyAI-GoToRedBallGrey-v0" and LEVELS[39] == "BabyAI-BossLevelNoUnlock-v0"
+    )
+    assert len(env) == 40 * 10_000
+    for idx in (1, 41, 82):
+        info = env.reset(idx).info
+        assert (info["level"], info["seed"]) == (LEVELS[idx % 40], idx // 40)
+    assert env.reset(41).text != env.reset(1).text  # same level, the next seed
+    with pytest.raises(EnvError, match="deprecated"):  # this minigrid renamed GoToObjS6-v0; AgentGym says so too
+        env.reset(3)
+    for bad in (-1, 400_000, "3"):
+        with pytest.raises(EnvError):
+            env.reset(bad)
     env.close()
 
 
-def test_babyai_reset_is_reproducible_and_turns_are_bounded():
-    make = make_factory("babyai", "BabyAI-GoToRedBall-v0")
-    a, b = make(), make()
-    assert a.reset(7).text == b.reset(7).text
-    assert a.reset(7).text != a.reset(8).text
-    assert len(a) == 10_000
-    for bad in (-1, 10_000, "3"):
-        with pytest.raises(EnvError):
-            a.reset(bad)
-    a.reset(7)
-    step = a.step("sing a song")
-    assert "Not an action" in step.observation and step.info["valid_action"] is False and not step.done
-    turns = 1
-    while not step.done:
-        step = a.step("turn left")
-        turns += 1
-    assert turns == a._env.max_steps and step.reward == 0.0 and not step.info["success"]
-    assert a.available_actions() == ["turn left", "turn right", "go forward", "pick up", "drop", "toggle", "done"]
+def _actions(text: str) -> list[str]:
+    return text.rsplit("Available actions: [", 1)[1].rstrip("]").strip('"').split('", "')
+
+
+def test_babyai_high_level_actions_reach_the_goal():
+    """Item 1 (GoToRedBall, seed 0): "go to red ball 1" from the listed actions completes the mission."""
+    env = make_factory("babyai")()
+    obs = env.reset(1)
+    assert obs.text.startswith("Your goal: go to the red ball\n")
+    acts = _actions(obs.text)
+    assert acts[:2] == ["turn left", "turn right"] and acts[-1] == "check available actions"
+    for _ in range(8):  # turn until the ball is in view, then go to it
+        step = env.step("go to red ball 1" if "go to red ball 1" in acts else "turn left")
+        acts = _actions(step.observation)
+        if step.done:
+            break
+    assert step.done and step.reward > 0.5 and step.info["success"]
+    assert "\n The task is completed." in step.observation
+    env.close()
+
+
+def test_babyai_refusals_leave_the_state_unchanged():
+    env = make_factory("babyai")()
+    before = env.reset(1).text.split("\n", 1)[1]
+    state = before.split("\nAvailable actions:")[0]
+    pick = env.step("pick up red ball 1")  # the prompt's wording; the server's action is "pickup red ball 1"
+    assert pick.observation.startswith("The action is not recognized. Please check valid actions.\nAvailable")
+    assert env.step("").observation.startswith("No change in state.")
+    listed = env.step("Check available actions").observation  # matched lower-cased, anywhere in the text
+    assert listed.startswith("You can take the following actions: turn left, turn right, move forward")
+    assert not pick.done and pick.reward == 0 and pick.info["valid_action"] is False
+    assert env.observation() == f"Your goal: go to the red ball\n{listed}"
+    assert env.step("turn left").observation != before and state not in env.observation()
+    env.close()
 
 
 def test_babyai_unknown_level():
@@ -159,45 +165,67 @@ def sciworld():
         variations = list_variations(sims, ["find-living-thing"])
     except EnvUnavailable as e:
         pytest.skip(str(e))
-    yield (lambda: SciWorldEnv(variations, sims=sims)), sims
+    yield (lambda **kw: SciWorldEnv(variations, sims=sims, **kw)), sims
     sims.close_idle()
 
 
-def test_sciworld_gold_path_scores_one(sciworld):
+def test_sciworld_items_leave_out_agentgyms_tasks(sciworld):
+    from env_servers.sciworld import EXCLUDED_TASKS, list_variations
+
+    _, sims = sciworld
+    items = list_variations(sims)
+    assert len(items) == 4639  # AgentGym's item count: 30 tasks less 5-1, 5-2, 9-1, 9-2, 9-3, 10-1, 10-2
+    names = {t for t, _ in items}
+    assert len(names) == 23 and "grow-plant" not in names and "mendelian-genetics-known-plant" not in names
+    assert items[0] == ("boil", 0) and len(EXCLUDED_TASKS) == 7
+
+
+def test_sciworld_gold_path_scores_100(sciworld):
     env = sciworld[0]()
     env._sim.load("find-living-thing", 0, env.simplification, generateGoldPath=True)
     gold = env._sim.get_gold_action_sequence()
     obs = env.reset(0)
-    assert obs.info["task_description"].startswith("Your task is to find")
-    assert obs.text.startswith(obs.info["task_description"] + "\n")
-    assert env.available_actions()
-    rewards = []
+    assert obs.fields["task_description"].startswith("Your task is to find")
+    assert obs.fields["task_name"] == "find-living-thing" and obs.fields["var_num"] == 0
+    assert obs.text.startswith("This room is called") and env.available_actions()
+    rewards, scores = [obs.reward], [obs.score]
     for action in gold:
-        step = env.step(f"Thought: next.\nAction: {action}")
+        step = env.step(action)
         rewards.append(step.reward)
+        scores.append(step.score)
         if step.done:
             break
-    assert step.done and step.info["game_score"] == 100
-    assert sum(rewards) == pytest.approx(1.0) and min(rewards) >= 0
+    assert step.done and scores[-1] == 100 and sum(rewards) == 100  # ints: the game's own score, no drift
+    assert all(isinstance(r, int) for r in rewards)
     env.close()
 
 
-def test_sciworld_failure_ends_with_zero_and_simulators_are_reused(sciworld):
+def test_sciworld_failure_ends_negative_and_simulators_are_reused(sciworld):
     make, _ = sciworld
     env = make()
     sim = env._sim
     env.reset(1)
     step = env.step("focus on agent")  # focusing on the wrong thing fails the task
-    assert step.done and step.reward == 0.0 and step.info["game_score"] < 0
-    with pytest.raises(EnvError):
-        env.step("look around")
+    assert step.done and step.score < 0 and step.reward == step.score
     env.close()
     with pytest.raises(EnvError):
         env.reset(0)
-    again = make()
+    again = make(simplification="easy")  # rldock's opt-in: ScienceWorld's easy mode
     assert again._sim is sim  # no second JVM
-    assert again.reset(1).info["variation"] == 1
+    assert again.reset(1).info["variation"] == 1 and sim.get_simplifications_used()
     again.close()
+
+
+def test_sciworld_queries(sciworld):
+    env = sciworld[0]()
+    env.reset(0)
+    assert env.query("goals")["goals"] and env.query("task_description")["task_description"].startswith("Your task")
+    hint = env.query("action_hint")
+    assert "look around" in hint["possible_actions"] and hint["possible_objects"]
+    assert set(env.query("state")) >= {"observation", "inventory", "goal_progress", "current_moves"}
+    with pytest.raises(EnvError, match="nope"):
+        env.query("nope")
+    env.close()
 
 
 # ---------------------------------------------------------------- searchqa
@@ -225,60 +253,151 @@ def test_answer_scoring():
 
 
 def test_searchqa_parse_action():
-    assert parse_action("think... search[deepest lake] then answer[x]") == ("search", "deepest lake")
+    assert parse_action("<think>hm</think><search> deepest lake </search> <answer>x</answer>") == (
+        "search",
+        "deepest lake",
+    )
     assert parse_action("<think>hm</think><answer> Athens </answer>") == ("answer", "Athens")
-    assert parse_action("Answer[Bonn]") == ("answer", "Bonn")
-    assert parse_action("I don't know") is None
+    assert parse_action("search[deepest lake]") is None  # AgentGym reads tags only
+    assert parse_action("<Answer>Bonn</Answer>") is None
+    assert last_answer("<answer>a</answer> or rather <answer> b </answer>") == "b"
 
 
 def test_searchqa_episode_and_retrieval():
-    make = make_factory("searchqa", max_turns=3)
-    env = make()
+    env = make_factory("searchqa")()
     questions = load_questions(DEFAULT_DATA / "questions.jsonl")
     assert len(env) == len(questions) == 28
     for i, q in enumerate(questions):  # the shipped collection answers every question within the top 3
         env.reset(i)
-        step = env.step(f"search[{q['question']}]")
+        step = env.step(f"<search>{q['question']}</search>")
+        assert step.observation.startswith("<information>Doc 1(Title: ") and step.observation.endswith("</information>")
         passages = normalize_answer(step.observation)
         assert any(normalize_answer(a) in passages for a in q["answers"]), q["question"]
     obs = env.reset(22)
-    assert "Question: At which laboratory was the World Wide Web invented?" in obs.text
-    step = env.step("answer[the CERN laboratory]")
-    assert step.done and not step.info["em"] and step.reward == pytest.approx(2 / 3)  # "cern laboratory" vs "cern"
-    env.reset(0)
-    assert not env.step("hmm").done and not env.step("search[everest]").done
-    step = env.step("still thinking")  # third turn: the budget is spent
-    assert step.done and step.reward == 0.0
+    assert obs.text.startswith("You must reason inside <think>...</think> first.")
+    assert obs.text.endswith("\n\n Question: At which laboratory was the World Wide Web invented?")
+    wrong = env.step("<answer>the CERN laboratory</answer>")  # exact match only: no partial credit
+    assert (wrong.observation, wrong.reward, wrong.done) == (WRONG, 0, False)
+    assert wrong.info["f1"] == pytest.approx(2 / 3) and not wrong.info["em"]  # F1 stays an extra, off the wire
+    assert env.step("I think it is CERN").observation == INVALID
+    right = env.step("<answer>x</answer> no: <answer>CERN</answer>")  # the last answer is the one scored
+    assert (right.observation, right.reward, right.done) == (RIGHT, 1, True)
+    capped = make_factory("searchqa", max_turns=2)()  # rldock's opt-in turn budget
+    capped.reset(0)
+    assert not capped.step("hmm").done and capped.step("<answer>K2</answer>").done
 
 
-def test_searchqa_own_corpus_formats(tmp_path):
+def test_searchqa_own_corpus_and_question_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     (tmp_path / "corpus.jsonl").write_text(
         json.dumps({"contents": "Zorblax\nZorblax is the capital of the planet Quux."})
         + "\n"
-        + json.dumps({"contents": "Quux\nQuux orbits a red dwarf."})
+        + json.dumps({"title": "Quux", "text": "Quux orbits a red dwarf."})
         + "\n"
     )
     (tmp_path / "questions.jsonl").write_text(json.dumps({"question": "Capital of Quux?", "golden_answers": "Zorblax"}))
-    env = make_factory("searchqa", str(tmp_path), top_k=1)()
+    env = make_factory("searchqa", str(tmp_path))()
     env.reset(0)
-    assert env.step("search[capital]").observation == (
-        "<information>Doc 1 (Title: Zorblax) Zorblax is the capital of the planet Quux.</information>"
+    assert env.step("<search>capital</search>").observation == (
+        "<information>Doc 1(Title: Zorblax) Zorblax is the capital of the planet Quux.</information>"
     )
-    assert env.step("answer[Zorblax]").reward == 1.0
+    assert env.step("<answer>Zorblax</answer>").reward == 1
+    # AgentGym-RL's layout: parquet files in order (test ids first), answers under reward_model.ground_truth.target
+    rows = [{"question": "Orbit of Quux?", "reward_model": {"ground_truth": {"target": ["red dwarf"]}}}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test.parquet")
+    pq.write_table(pa.Table.from_pylist(rows * 2), tmp_path / "train.parquet")
+    files = f"{tmp_path}/test.parquet,{tmp_path}/train.parquet"
+    env = make_factory("searchqa", str(tmp_path), questions=files)()
+    assert len(env) == 3 and "Orbit of Quux?" in env.reset(2).text
+    assert env.step("<answer>a red dwarf</answer>").done
     (tmp_path / "questions.jsonl").write_text('{"question": "no answers"}\n')
     with pytest.raises(ValueError, match="answers"):
         make_factory("searchqa", str(tmp_path))
+    with pytest.raises(EnvError, match="retriever"):
+        make_factory("searchqa", str(tmp_path), questions=files, retriever="nope")
 
 
-def test_sciworld_reset_payload_matches_agentgym_client():
-    """AgentGym's SciworldEnvClient shows task_description + "\\n" + observation: the server must not send the task
-    twice, and RemoteEnv must rebuild the in-process text from the two fields."""
-    from env_servers.api import Observation
-    from env_servers.client import _normalise
-    from env_servers.protocol import reset_payload
+def test_searchqa_over_a_retrieval_service(tmp_path):
+    """The http retriever against a real /retrieve service (rldock's BM25 one, Search-R1's API)."""
+    import subprocess
+    import sys
 
-    task, look = "Your task is to boil water.", "This room is called the kitchen."
-    payload = reset_payload("agentgym", Observation(f"{task}\n{look}", {"task_description": task}))
-    assert (payload["task_description"], payload["observation"], payload["done"]) == (task, look, False)
-    assert payload["task_description"] + "\n" + payload["observation"] == f"{task}\n{look}"
-    assert _normalise(payload)["task_description"] == task
+    import httpx
+
+    from tests.conftest import ROOT, free_port, start_server, stop_server
+
+    port = free_port()
+    args = ["-m", "env_servers.retrieval", "--corpus", str(DEFAULT_DATA / "corpus.jsonl"), "--port", str(port)]
+    proc = start_server(args, f"http://127.0.0.1:{port}/docs", tmp_path / "retrieval.log", timeout=60)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        bad = httpx.post(url + "/retrieve", json={"queries": "nile"})
+        assert bad.status_code == 400 and "queries" in bad.json()["detail"]
+        remote = make_factory("searchqa", retriever=url)()
+        local = make_factory("searchqa")()
+        for env in (remote, local):
+            env.reset(1)
+        query = "<search>White Nile Blue Nile</search>"
+        assert remote.step(query).observation == local.step(query).observation
+    finally:
+        stop_server(proc)
+    with pytest.raises(EnvError, match="retrieval service"):
+        remote.step(query)
+    out = subprocess.run([sys.executable, "-m", "env_servers.retrieval", "--corpus", "/nope.jsonl"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "/nope.jsonl" in out.stderr
+
+
+# ---------------------------------------------------------------- textcraft
+
+
+def test_textcraft_items_and_a_solved_episode():
+    from env_servers.textcraft import TextCraftEnv
+
+    make = make_factory("textcraft")
+    env, other = make(), make()
+    assert isinstance(env, TextCraftEnv) and len(env) == 17
+    assert env.reset(9).text == other.reset(9).text == env.reset(9 + 17).text  # ids wrap; the same task every time
+    obs = env.reset(11)  # stick: depth 2 (logs → planks → sticks)
+    assert obs.text.startswith("Crafting commands:\n") and obs.text.endswith("\n\nGoal: craft stick.")
+    assert "craft 4 stick using 2 planks" in obs.text.split("\n")
+    steps = [("get 1 oak logs", "Got 1 oak logs"), ("craft 4 oak planks using 1 oak logs", "Crafted 4 minecraft:oak_planks"),
+             ("inventory", "Inventory: [oak planks] (4) "), ("craft 4 stick using 2 oak planks", "Crafted 4 minecraft:stick")]  # fmt: skip
+    for action, expected in steps:
+        step = env.step(action)
+        assert step.observation == expected
+    assert (step.reward, step.done, step.info["success"]) == (1, True, True)
+    assert env.step("inventory").observation == "Inventory: [oak planks] (2) [stick] (4) "  # steps after done: allowed
+
+
+def test_textcraft_refusals():
+    env = make_factory("textcraft")()
+    env.reset(11)
+    assert env.step("inventory").observation == "Inventory: You are not carrying anything."
+    assert env.step("get 2 stick").observation == "Could not find stick"  # craftable: not to be got
+    assert env.step("get 1 diamond").observation == "Could not find diamond"
+    assert env.step("get 1 planks").observation == "Could not find planks"  # a kind, not an item
+    assert (
+        env.step("craft 4 stick using 2 oak planks").observation
+        == "Could not find enough items to craft minecraft:stick"
+    )
+    assert env.step("craft 4 stick using oak planks").observation == "Wrong item format: oak planks"
+    assert env.step("get 3 oak planks").observation == "Could not find oak planks"  # craftable
+    env.step("get 2 oak logs")
+    assert env.step("craft 4 oak planks using 2 oak logs").observation == (  # the recipe takes 1
+        "Could not find a valid recipe for "
+        "ItemTagWithCount(item_tag=ItemTag(tag=None, item_id='minecraft:oak_planks'), count=4)"
+    )
+    assert env.step("dance").observation == "Could not execute dance"
+    step = env.step("Craft 4 stick using 2 oak planks")  # case matters, as upstream
+    assert step.observation.startswith("Could not execute") and step.reward == 0 and not step.done
+
+
+def test_textcraft_data_errors(tmp_path):
+    with pytest.raises(EnvError, match="recipes"):
+        make_factory("textcraft", str(tmp_path))
+    (tmp_path / "recipes").mkdir()
+    with pytest.raises(EnvError, match="no recipe files"):
+        make_factory("textcraft", str(tmp_path))
