@@ -229,4 +229,6 @@ def _add_query_routes(app: FastAPI, pool: EnvPool, wire: Wire) -> None:
 
         @app.get("/detail", openapi_extra=openapi_env_query())
         async def detail(request: Request) -> dict[str, Any]:
-            return await run_in_threadpool(pool.detail, env_id_of(dict(request.query_params)))
+            fields = await run_in_threadpool(pool.detail, env_id_of(dict(request.query_params)))
+            shown = {"deleted", "done", *wire.reset_keys, *wire.step_keys} - {"id"}
+            return {k: v for k, v in fields.items() if k in shown}
