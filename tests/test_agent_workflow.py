@@ -223,3 +223,35 @@ def test_rounds_schedule_and_token_budget(engine, tokenizer, calc_data, model_pa
             assert c is not None and c.token_ids == s.token_ids
         else:
             assert c is None
+
+
+def test_babyai_episodes_open_and_act_the_agentgym_way(engine, tokenizer):
+    """A real babyai episode on SmolLM2: the prompt is AgentGym's opening (instructions, the scripted OK, then the
+    goal and view), and what the env received is the "Action:" line the client cuts out, not the raw reply."""
+    from env_servers.agents import BABYAI, OK, spec_of
+    from env_servers.registry import make_factory
+    from rollout.api import SamplingParams
+    from trainer.agent_workflow import AgentWorkflow
+
+    sent: list[str] = []
+    make = make_factory("babyai")
+
+    def make_env():
+        env = make()
+        step = env.step
+
+        def recording_step(action):
+            sent.append(action)
+            return step(action)
+
+        env.step = recording_step
+        return env
+
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=24, seed=3)
+    flow = AgentWorkflow(tokenizer, make_env, params, RoundsSchedule(2), spec=spec_of("babyai"))
+    trajs = flow.run(engine, [{"idx": 1}], [0])
+    assert len(trajs) == 2 and all(t is not None for t in trajs)
+    text = tokenizer.decode(trajs[0].token_ids)
+    assert text.index(BABYAI[:60]) < text.index(OK) < text.index("Your goal: go to the red ball")
+    assert sent and all("Action:" not in a and "\n" not in a for a in sent)  # cleaned action lines only
+    assert all(t.reward == 0.0 or t.info["success"] for t in trajs)
