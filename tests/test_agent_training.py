@@ -95,3 +95,23 @@ def test_trainer_trains_on_searchqa_questions(tmp_path, tokenizer):
     assert len(evals) == 1 and 0.0 <= evals[0]["eval/accuracy"] <= 1.0
     state = json.loads((exp / "global_step_1" / "trainer_state.json").read_text())
     assert state["data"]["num_items"] == 28 and (exp / "latest").read_text().strip() == "global_step_1"
+
+
+@pytest.mark.slow
+def test_trainer_trains_on_textcraft_goals(tmp_path):
+    """Two real GRPO steps from configs/textcraft_tiny.yaml: the items are the TextCraft goals, episodes run several
+    rounds, and a checkpoint is written."""
+    saves = tmp_path / "saves"
+    overrides = ["experiment_name=tc", "train.total_steps=2", "rollout.n=2", "eval.num_samples=2", "eval.every=2",
+                 "eval.at_start=false", "checkpoint.every=2", f"checkpoint.save_dir={saves}", "logging.wandb=false"]  # fmt: skip
+    cmd = [sys.executable, "-m", "trainer", "configs/textcraft_tiny.yaml", *overrides]
+    env = {**os.environ, "WANDB_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = saves / "tc"
+    rows = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
+    trained = [r["item_ids"] for r in rows if "item_ids" in r]
+    assert len(trained) == 2 and all(0 <= i < 17 for ids in trained for i in ids)
+    assert any("eval/reward" in r for r in rows)
+    state = json.loads((exp / "global_step_2" / "trainer_state.json").read_text())
+    assert state["data"]["num_items"] == 17
