@@ -1,4 +1,5 @@
-"""`python -m env_servers --env NAME [--host H] [--port P] [--ttl S] [--max-envs N] [--data PATH]`: serve one env."""
+"""`python -m env_servers --env NAME [--host H] [--port P] [--ttl S] [--max-envs N] [--data PATH] ...`: serve one env,
+answering as AgentGym's server for it does (--http-errors: rldock's 4xx errors instead)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data",
         default=None,
         help="dataset override: gsm8k/gsm8k_tools a JSONL file or folder; searchqa a folder with corpus.jsonl and "
-        "questions.jsonl; babyai comma-separated BabyAI level ids; sciworld comma-separated task names",
+        "questions.jsonl; textcraft a folder holding recipes/; babyai comma-separated BabyAI level ids; sciworld "
+        "comma-separated task names (defaults: AgentGym's items, or the shipped data)",
+    )
+    p.add_argument(
+        "--questions",
+        default=None,
+        help="searchqa: question files (JSONL or parquet, comma-separated, ids in order), e.g. AgentGym-RL's "
+        "queries/test.parquet,queries/train.parquet",
+    )
+    p.add_argument(
+        "--retriever",
+        default=None,
+        help="searchqa: 'bm25' over the corpus (default), a Search-R1-style /retrieve URL, or a Lucene index folder",
+    )
+    p.add_argument("--max-turns", type=int, default=None, help="searchqa: end episodes after N turns (rldock's opt-in)")
+    p.add_argument(
+        "--simplification", default=None, help="sciworld: ScienceWorld simplifications, e.g. 'easy' (rldock's opt-in)"
     )
     p.add_argument(
         "--http-errors",
@@ -58,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        factory = make_factory(args.env, args.data, format_reward=args.format_reward)
+        options = {"format_reward": args.format_reward, "questions": args.questions, "retriever": args.retriever}
+        options.update(max_turns=args.max_turns, simplification=args.simplification)
+        factory = make_factory(args.env, args.data, **options)
     except (EnvError, OSError, ValueError) as e:
         _fail(f"cannot start env {args.env!r}: {e}")
     wire = wire_of(args.env)

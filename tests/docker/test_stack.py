@@ -127,9 +127,11 @@ def test_env_profile_serves_an_agentgym_episode_on_loopback(stack):
     assert_loopback_only(stack)
 
 
-@pytest.mark.parametrize("env_name,action", [("babyai", "turn left"), ("sciworld", "look around")])
+@pytest.mark.parametrize(
+    "env_name,action", [("babyai", "turn left"), ("sciworld", "look around"), ("textcraft", "inventory")]
+)
 def test_env_profile_runs_the_agent_envs_with_their_runtimes(stack, env_name, action):
-    """babyai needs minigrid, sciworld a Java runtime: both only in the eval image."""
+    """babyai needs minigrid, sciworld a Java runtime (both only in the eval image), textcraft the mounted ./data."""
     stack.must("docker-env", ENV=env_name, timeout=300)
     url = http(stack, "ENV_PORT")
     assert httpx.get(f"{url}/health", timeout=30).json()["env"] == env_name
