@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from env_servers.api import Env, EnvError, Observation, StepResult
-from env_servers.pool import EnvNotFound, EnvPool, EpisodeDone, PoolFull
+from env_servers.pool import EnvNotFound, EpisodeDone, PoolFull
 from rollout.recovery import DEFAULT_BUDGET_S, Recovery, Retryable
 
 _ERRORS = {404: EnvNotFound, 409: EpisodeDone, 429: PoolFull}

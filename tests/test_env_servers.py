@@ -14,8 +14,7 @@ import pytest
 
 from env_servers.api import Env, EnvError, Observation, StepResult
 from env_servers.client import EnvClient, RemoteEnv, env_factory
-from env_servers.pool import EnvNotFound, EnvPool, EpisodeDone, PoolFull
-from env_servers.registry import make_factory
+from env_servers.pool import EnvNotFound, EnvPool, PoolFull
 from env_servers.searchqa import RIGHT, WRONG
 from tests.conftest import ROOT, free_port, start_server, stop_server
 
