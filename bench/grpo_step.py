@@ -7,7 +7,7 @@ Measured in one process, each figure the median of --steps timed repetitions aft
 - rollout alone: rldock engine (fused kernels + CUDA graphs; also without graphs, and unfused torch ops + graphs),
   HF `generate` with a static cache; completion tokens / s and the ratio to HF;
 - weight sync: fp32 master state dict -> the engine's packed bf16 copy;
-- GRPO step: rldock (trainer.workflow rollout + GSM8K reward, trainer.loop.update_policy, trainer weight sync) vs
+- GRPO step: rldock (trainer.workflow rollout + GSM8K reward, trainer.learner.Learner.update, trainer weight sync) vs
   TRL GRPOTrainer (HF generate, no vLLM), same model folder, prompts, reward and batch; learner TFLOP/s = 6 N T / time
   with N = 401.9 M and T = 64 x 288 tokens.
 
@@ -140,14 +140,15 @@ def bench_hf_static(model, items, tok, steps: int, warmup: int) -> dict:
 
 
 def rldock_run(path: str, tok, micro_batch: int, compile_model: bool = True) -> SimpleNamespace:
-    """What trainer.loop.update_policy reads from a Run, built from the trainer's own pieces (config, engine
-    factory, optimizer, weight pusher, workflow)."""
+    """The trainer's own pieces for one GRPO step (config, engine factory, optimizer, learner, weight pusher,
+    workflow)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from rollout.api import SamplingParams
     from trainer.config import Config
     from trainer.dist import Dist
+    from trainer.learner import Learner
     from trainer.loop import compile_layers, make_optimizer
     from trainer.rollout_factory import WeightPusher, make_engine
     from trainer.workflow import SingleTurnWorkflow
@@ -162,18 +163,17 @@ def rldock_run(path: str, tok, micro_batch: int, compile_model: bool = True) -> 
         compile_layers(model)  # what trainer.loop.build does on CUDA (train.compile, default on)
     optimizer, scheduler = make_optimizer(cfg, model)
     params = SamplingParams(n=W["group"], temperature=1.0, max_new_tokens=W["new_tokens"])
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    learner = Learner.for_config(cfg, model, optimizer, scheduler, d, dtype, tok.pad_token_id)
     return SimpleNamespace(
-        cfg=cfg, d=d, model=model, tokenizer=tok, engine=engine, optimizer=optimizer, scheduler=scheduler,
-        dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32, ref_model=None,
+        cfg=cfg, model=model, engine=engine, learner=learner,
         pusher=WeightPusher(cfg, engine, d), workflow=SingleTurnWorkflow(tok, params),
     )  # fmt: skip
 
 
 def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batch: int) -> dict:
-    """One rldock GRPO step = workflow rollout (engine + GSM8K reward) + update_policy + weight push."""
+    """One rldock GRPO step = workflow rollout (engine + GSM8K reward) + learner update + weight push."""
     import torch
-
-    from trainer.loop import update_policy
 
     run = rldock_run(path, tok, micro_batch)
     phases: list[tuple[float, float, float]] = []
@@ -183,7 +183,7 @@ def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batc
         trajs = [t for t in run.workflow.run(run.engine, items, list(range(len(items)))) if t is not None]
         torch.cuda.synchronize()
         t1 = time.perf_counter()
-        update_policy(run, trajs)
+        run.learner.update(trajs)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         run.pusher.push(run.model, run.engine.weight_version + 1)

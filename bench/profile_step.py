@@ -1,6 +1,6 @@
 """Where the time goes on workload W (see bench/grpo_step.py): GPU kernel time by kind against wall time for one
 engine rollout (fused kernels, run without graphs so each kernel is traced) and for one learner update
-(trainer.loop.update_policy), then the learner timed under variants that show what bounds it.
+(trainer.learner.Learner.update), then the learner timed under variants that show what bounds it.
 
     python bench/profile_step.py [--tokenizer DIR] [--json out.json]
 """
@@ -86,16 +86,14 @@ def profile_rollout(model, items, eos: int) -> dict:
 
 
 def time_update(run, trajs, steps: int = 3) -> float:
-    """Median wall time of update_policy; the first call (compile, allocator growth) is not timed."""
+    """Median wall time of the learner's update; the first call (compile, allocator growth) is not timed."""
     import torch
-
-    from trainer.loop import update_policy
 
     times = []
     for _ in range(steps + 1):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        update_policy(run, trajs)
+        run.learner.update(trajs)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
@@ -104,8 +102,6 @@ def time_update(run, trajs, steps: int = 3) -> float:
 def profile_learner(path: str, tok, items) -> dict:
     """The trainer's update as it runs (fp32 master weights, bf16 autocast, chunked logprobs, fused AdamW, compiled
     decoder layers), its kernel split, and the same update at other micro-batch sizes and without compile."""
-    from trainer.loop import update_policy
-
     out: dict = {}
     for compiled in (True, False):
         run = G.rldock_run(path, tok, 64, compile_model=compiled)
@@ -113,10 +109,10 @@ def profile_learner(path: str, tok, items) -> dict:
         run.engine.close()
         tag = "" if compiled else "_eager"
         for mb in (64, 32, 16):
-            run.cfg.train.micro_batch_size = mb
+            run.learner.micro_batch_size = mb
             out[f"update{tag}_mb{mb}_s"] = time_update(run, trajs)
-        run.cfg.train.micro_batch_size = 64
-        out[f"profile{tag}_mb64"] = kernel_split(lambda run=run, trajs=trajs: update_policy(run, trajs))
+        run.learner.micro_batch_size = 64
+        out[f"profile{tag}_mb64"] = kernel_split(lambda run=run, trajs=trajs: run.learner.update(trajs))
         del run
     return out
 
@@ -139,7 +135,7 @@ def main() -> None:
     print(f"rollout, fused kernels without graphs: {fmt(r['wall_s'], r['kernels_s'])}")
     for tag in ("", "_eager"):
         wall, split = res["learner"][f"profile{tag}_mb64"]
-        print(f"learner update_policy{tag} mb64: {fmt(wall, split)}")
+        print(f"learner update{tag} mb64: {fmt(wall, split)}")
     for k, v in res["learner"].items():
         if k.endswith("_s"):
             print(f"learner {k[:-2]}: {v:.3f} s = {flops / v / 1e12:.0f} TFLOP/s")

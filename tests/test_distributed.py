@@ -89,14 +89,12 @@ def synthetic_groups(num_groups: int, n: int, vocab: int) -> list:
 
 
 def one_update(d, trajectories) -> tuple:
-    """update_policy on a tiny tied-embedding Llama (FSDP2 when `d` is distributed), SGD lr 1 so params move by
+    """Learner.update on a tiny tied-embedding Llama (FSDP2 when `d` is distributed), SGD lr 1 so params move by
     exactly the clipped gradient; returns (full state dict after the step, step metrics)."""
-    from types import SimpleNamespace
-
     from tests.test_checkpoint import tiny_llama
     from trainer import dist
     from trainer.config import Config
-    from trainer.loop import Run, update_policy
+    from trainer.learner import Learner
 
     cfg = Config.model_validate({"train": {"micro_batch_size": 2, "grad_clip": 0.5}, "rollout": {"max_new_tokens": 8}})
     model = tiny_llama(seed=0)
@@ -104,8 +102,7 @@ def one_update(d, trajectories) -> tuple:
         dist.shard(model, d)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    run = Run(cfg, d, model, SimpleNamespace(pad_token_id=0), None, opt, sched, None, [], 1, torch.float32)
-    stats = update_policy(run, trajectories)
+    stats = Learner.for_config(cfg, model, opt, sched, d, torch.float32, pad_id=0).update(trajectories)
     return {k: v.detach().clone() for k, v in dist.full_state_dict(model, d).items()}, stats
 
 

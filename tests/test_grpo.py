@@ -168,3 +168,10 @@ def test_masked_mean_and_aggregate_on_empty_mask_are_zero():
     assert masked_mean(x, torch.tensor([[1, 1], [0, 0]]), dim=-1).tolist() == [1.5, 0.0]
     assert masked_mean(x, torch.zeros(2, 2)).item() == 0.0
     assert aggregate(x, torch.zeros(2, 2), "token_mean").item() == 0.0
+
+
+def test_groups_with_spread_marks_groups_that_teach():
+    from trainer.grpo import groups_with_spread
+
+    assert groups_with_spread([7, 7, 3, 3, 9], [1.0, 0.0, 0.5, 0.5, 1.0]) == [True, True, False, False, False]
+    assert groups_with_spread([], []) == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from rollout.api import RolloutEngine
 
@@ -48,3 +48,17 @@ class Workflow(abc.ABC):
     def run(
         self, engine: RolloutEngine, items: list[dict[str, Any]], group_ids: list[int]
     ) -> list[Trajectory | None]: ...
+
+    @abc.abstractmethod
+    def reseed(self, seed: int) -> None:
+        """The sampling seed of the next `run` (the trainer derives it from the step, so a resumed run samples as
+        an unbroken one)."""
+
+
+class BatchSource(Protocol):
+    """Where the trainer takes each step's trajectories from: generated now (synchronous) or ahead of time by a
+    producer thread within the staleness bound (trainer/async_rollout.py)."""
+
+    def next_batch(self, version: int) -> list[Trajectory | None]: ...
+
+    def close(self) -> None: ...

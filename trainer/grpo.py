@@ -23,6 +23,15 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "token_sum_norm")
 _MAX_LOG_RATIO = 20.0
 
 
+def groups_with_spread(group_ids: Sequence[int], rewards: Sequence[float]) -> list[bool]:
+    """Per sample: whether its group's rewards differ. A group with one reward has advantage 0 for every sample,
+    so it carries no learning signal (DAPO's dynamic sampling drops such groups)."""
+    spread: dict[int, set[float]] = {}
+    for g, r in zip(group_ids, rewards, strict=True):
+        spread.setdefault(g, set()).add(r)
+    return [len(spread[g]) > 1 for g in group_ids]
+
+
 def group_advantages(rewards: Tensor, group_ids: Tensor, scale: bool = True, eps: float = 1e-6) -> Tensor:
     """A_i = r_i - mean(r over i's group), divided by (std + eps) of the group when `scale` (False = Dr.GRPO).
 

@@ -22,15 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from rollout.api import SamplingParams
+from rollout.api import RolloutEngine, SamplingParams
 from trainer import checkpoint, dist, sft
-from trainer.api import Trajectory, Workflow
+from trainer.api import BatchSource, Trajectory, Workflow
 from trainer.config import Config, ConfigError, save_config
 from trainer.data import DataCursor, load_eval_items, load_train_items, num_steps
 from trainer.dist import Dist
-from trainer.grpo import group_advantages, loss_norms, masked_mean, policy_loss
+from trainer.learner import Learner
 from trainer.metrics import MetricsLogger, bar_postfix, progress_bar, read_metrics, summary_table
-from trainer.policy import on_device, right_pad, token_logprobs
 from trainer.rollout_factory import WeightPusher, compute_dtype, make_engine
 from trainer.workflow import SingleTurnWorkflow
 
@@ -42,19 +41,17 @@ class Run:
     cfg: Config
     d: Dist
     model: nn.Module
-    tokenizer: Any
-    engine: Any
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
+    tokenizer: Any  # a Hugging Face tokenizer
+    engine: RolloutEngine
+    learner: Learner
     cursor: DataCursor
     eval_items: list[dict]
     total_steps: int
     dtype: torch.dtype
-    ref_model: nn.Module | None = None
-    workflow: Workflow | None = None  # has reseed(seed), like SingleTurnWorkflow and AgentWorkflow
+    workflow: Workflow | None = None
     eval_workflow: Workflow | None = None
     logger: MetricsLogger | None = None
-    source: Any = None
+    source: BatchSource | None = None
     pusher: WeightPusher | None = None
     step: int = 0
     version: int = 0  # weight version the engine serves (the trainer's count: a remote engine may not report it)
@@ -165,8 +162,9 @@ def build(cfg: Config, d: Dist) -> Run:
     items, eval_items = load_items(cfg, tokenizer, workflow)
     cursor = DataCursor(items, cfg.train.seed, cfg.data.shuffle, d.rank, d.world_size)
     total = cfg.train.total_steps or num_steps(len(items), cfg.train.batch_size, cfg.data.epochs)
-    run = Run(cfg, d, model, tokenizer, engine, optimizer, scheduler, cursor, eval_items, total, dtype)
-    run.ref_model = load_reference(cfg, path, d, dtype) if cfg.grpo.beta > 0 else None
+    ref_model = load_reference(cfg, path, d, dtype) if cfg.grpo.beta > 0 else None
+    learner = Learner.for_config(cfg, model, optimizer, scheduler, d, dtype, tokenizer.pad_token_id, ref_model)
+    run = Run(cfg, d, model, tokenizer, engine, learner, cursor, eval_items, total, dtype)
     run.workflow, run.eval_workflow = workflow, eval_workflow
     run.pusher = WeightPusher(cfg, engine, d)
     return run
@@ -272,8 +270,8 @@ def restore(run: Run) -> bool:
     state = checkpoint.load_newest_intact(
         run.exp_dir,
         model=run.model,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler,
+        optimizer=run.learner.optimizer,
+        scheduler=run.learner.scheduler,
         d=run.d,
         warn=lambda line: say(run, f"warning: {line}"),
     )
@@ -366,7 +364,7 @@ def train_step(run: Run, on_phase: Callable[[str], None] = lambda phase: None) -
     t1 = time.perf_counter()
     on_phase("update")
     stats = rollout_stats(run, trajectories)
-    stats.update(update_policy(run, trajectories))
+    stats.update(run.learner.update(trajectories))
     run.step += 1
     t2 = time.perf_counter()
     on_phase("weight sync")
@@ -432,134 +430,6 @@ def sample_stats(run: Run, trajectories: list[Trajectory]) -> dict[str, float]:
     return {"sample_version": oldest, "staleness": run.version - oldest, "num_rounds": rounds}
 
 
-def update_policy(run: Run, trajectories: list[Trajectory]) -> dict[str, float]:
-    """Advantages → micro-batched PPO-clip loss with gradient accumulation → clip → AdamW step.
-
-    Metrics stay on the device until the step is done: one host sync per update instead of one per micro-batch.
-    """
-    cfg, d = run.cfg, run.d
-    trajectories, adv = advantages(cfg, trajectories)
-    lengths = [n for part in dist.all_gather_object(d, [t.num_model_tokens for t in trajectories]) for n in part]
-    if not lengths:  # nothing left on any rank (every group dropped): no step, same on all ranks
-        return {"skipped_update": 1.0}
-    norms = loss_norms(lengths, cfg.grpo.loss_agg, cfg.rollout.max_new_tokens)
-    order = sorted(range(len(trajectories)), key=lambda i: len(trajectories[i].token_ids))  # less padding per chunk
-    trajectories, adv = [trajectories[i] for i in order], adv[order]
-    mbs = cfg.train.micro_batch_size
-    count = max_chunks(d, len(trajectories), mbs)
-    run.model.train()
-    run.optimizer.zero_grad(set_to_none=True)
-    parts = []
-    for i in range(count):
-        chunk = trajectories[i * mbs : (i + 1) * mbs] or [padding_trajectory(run.tokenizer)]
-        parts.append(micro_step(run, chunk, adv[i * mbs : (i + 1) * mbs], norms))
-    grad_norm = dist.clip_grad_norm(run.model, cfg.train.grad_clip)
-    run.optimizer.step()
-    run.scheduler.step()
-    parts, grad_norm = to_host(parts, grad_norm)
-    return {**combine(d, parts), "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0]}
-
-
-def to_host(parts: list[dict[str, torch.Tensor]], grad_norm: torch.Tensor) -> tuple[list[dict[str, float]], float]:
-    """Every micro-batch metric and the grad norm as Python floats, in one device-to-host copy."""
-    keys = list(parts[0])
-    device = parts[0][keys[0]].device  # the grad norm is on the host when train.cpu_offload keeps the gradients there
-    flat = torch.stack(
-        [p[k].float().reshape(()) for p in parts for k in keys] + [grad_norm.float().reshape(()).to(device)]
-    )
-    values = flat.tolist()
-    return [
-        dict(zip(keys, values[i * len(keys) : (i + 1) * len(keys)], strict=True)) for i in range(len(parts))
-    ], values[-1]
-
-
-def max_chunks(d: Dist, n: int, mbs: int) -> int:
-    """Micro-batches every rank runs: the most any rank needs (FSDP collectives must match across ranks)."""
-    mine = -(-n // mbs)
-    return int(max(dist.all_gather_object(d, mine)))
-
-
-def advantages(cfg: Config, trajectories: list[Trajectory]) -> tuple[list[Trajectory], torch.Tensor]:
-    """Group-normalised advantages; groups with no reward spread are dropped when grpo.drop_zero_adv_groups."""
-    if cfg.grpo.drop_zero_adv_groups:
-        spread: dict[int, set[float]] = {}
-        for t in trajectories:
-            spread.setdefault(t.group_id, set()).add(t.reward)
-        trajectories = [t for t in trajectories if len(spread[t.group_id]) > 1]
-    if not trajectories:
-        return [], torch.zeros(0)
-    rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
-    gids = torch.tensor([t.group_id for t in trajectories])
-    return trajectories, group_advantages(rewards, gids, scale=cfg.grpo.scale_rewards)
-
-
-def padding_trajectory(tokenizer) -> Trajectory:
-    """A no-token stand-in for a rank with fewer micro-batches: it contributes zero loss but joins the collectives."""
-    pad = tokenizer.pad_token_id
-    return Trajectory([pad, pad], [0, 0], [0.0, 0.0], 0.0, 0)
-
-
-def collate(trajectories: list[Trajectory], adv: torch.Tensor, pad_id: int, device) -> dict[str, Any]:
-    """Right-padded tensors, cut to the positions from the earliest model token on (the only logits we need)."""
-    ids = right_pad([t.token_ids for t in trajectories], pad_id, np.int64)
-    mask = right_pad([t.loss_mask for t in trajectories], 0, np.int64)
-    old = right_pad([t.logprobs for t in trajectories], 0.0, np.float32)
-    n, length = ids.shape
-    starts = mask.argmax(axis=1)  # first model token of each row (0 when a row has none)
-    first = max(int(min(s if mask[i, s] else length - 1 for i, s in enumerate(starts))), 1)
-    adv = adv if len(adv) == n else torch.zeros(n)
-    return {
-        "input_ids": on_device(ids, device),
-        "keep": length - first + 1,  # logits at positions first-1 .. length-1; the last one is dropped
-        "targets": on_device(ids[:, first:], device),
-        "mask": on_device(mask[:, first:], device),
-        "old_logp": on_device(old[:, first:], device),
-        "adv": adv.to(device, torch.float32),
-    }
-
-
-def micro_step(
-    run: Run, chunk: list[Trajectory], adv: torch.Tensor, norms: dict[str, float]
-) -> dict[str, torch.Tensor]:
-    """Forward + loss + backward on one micro-batch; gradients accumulate (the normaliser is the whole batch's)."""
-    g = run.cfg.grpo
-    batch = collate(chunk, adv, run.tokenizer.pad_token_id, run.d.device)
-    logp, entropy = token_logprobs(run.model, batch, run.dtype)
-    ref_logp = None
-    if run.ref_model is not None:
-        with torch.no_grad():
-            ref_logp = token_logprobs(run.ref_model, batch, run.dtype)[0]
-    loss, metrics = policy_loss(
-        logp,
-        batch["old_logp"],
-        batch["adv"],
-        batch["mask"],
-        g.clip_eps,
-        g.clip_eps_high,
-        g.loss_agg,
-        ref_logp,
-        g.beta,
-        **norms,
-        sync=False,
-    )
-    (loss * run.d.loss_scale).backward()
-    metrics["entropy"] = masked_mean(entropy, batch["mask"].bool())
-    metrics["loss"] = loss.detach()
-    return metrics
-
-
-def combine(d: Dist, parts: list[dict[str, float]]) -> dict[str, float]:
-    """Micro-batch metrics → step metrics over all ranks: token-weighted means, max of maxima, sum of losses."""
-    everything = [m for rank_parts in dist.all_gather_object(d, parts) for m in rank_parts]
-    tokens = sum(m["num_tokens"] for m in everything) or 1.0
-    out = {"loss": sum(m["loss"] for m in everything)}  # each part is normalised by the global batch already
-    out["ratio_max"] = max(m["ratio_max"] for m in everything)
-    for key in ("clip_frac", "approx_kl", "ratio_mean", "entropy", "kl_ref"):
-        if key in everything[0]:
-            out[key] = sum(m[key] * m["num_tokens"] for m in everything) / tokens
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- logs, eval, saves
 
 
@@ -623,8 +493,8 @@ def save(run: Run) -> Path:
     path = checkpoint.save(
         run.exp_dir,
         model=run.model,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler,
+        optimizer=run.learner.optimizer,
+        scheduler=run.learner.scheduler,
         tokenizer=run.tokenizer,
         trainer_state=state,
         d=run.d,
