@@ -172,6 +172,9 @@ class GSM8KEnv(Env):
 
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "gsm8k" / "test.jsonl"
+# The user turn a GSM8K question is asked in, by default (the trainer's data.prompt_template and the eval runner's):
+# one definition, so training-time and standalone eval numbers are comparable.
+PROMPT_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
 
 def factory(data: str | None = None, format_reward: float = 0.0) -> Callable[[], Env]:

@@ -6,14 +6,37 @@ Pure Python, no torch: the eval image and the HTTP client import this module.
 from __future__ import annotations
 
 import abc
+import operator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+from annotated_types import Ge, Gt, Le
 
 FINISH_STOP = "stop"  # an EOS / stop token was sampled (it is included in token_ids)
 FINISH_LENGTH = "length"  # max_new_tokens reached
 FINISH_ABORT = "abort"  # generation was paused/aborted mid-way
 # Above this the distribution is uniform to float32 precision: a larger value only overflows (1e39 did, as a 500).
 MAX_TEMPERATURE = 100.0
+
+# The sampling fields' bounds, written once: SamplingParams checks them, and the pydantic models of the service's
+# requests and of the trainer's config declare their fields with these types (pydantic reads the same constraints).
+Count = Annotated[int, Ge(1)]
+Temperature = Annotated[float, Ge(0), Le(MAX_TEMPERATURE)]
+TopP = Annotated[float, Gt(0), Le(1)]
+TopK = Annotated[int, Ge(0)]  # 0 disables top-k
+BOUNDS = {"n": Count, "temperature": Temperature, "top_p": TopP, "top_k": TopK, "max_new_tokens": Count}
+
+
+_TESTS = {Ge: ("ge", ">=", operator.ge), Gt: ("gt", ">", operator.gt), Le: ("le", "<=", operator.le)}
+
+
+def check_bounds(name: str, value: float) -> None:
+    """ValueError naming `name` when `value` breaks its BOUNDS entry (NaN breaks every bound)."""
+    for constraint in BOUNDS[name].__metadata__:
+        attr, sign, test = _TESTS[type(constraint)]
+        limit = getattr(constraint, attr)
+        if not test(value, limit):
+            raise ValueError(f"{name} must be {sign} {limit:g}, got {value}")
 
 
 @dataclass
@@ -29,16 +52,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # NaN fails this too
-            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in BOUNDS:
+            check_bounds(name, getattr(self, name))
 
     @property
     def greedy(self) -> bool:
@@ -89,12 +104,6 @@ class RolloutEngine(abc.ABC):
     @property
     @abc.abstractmethod
     def weight_version(self) -> int: ...
-
-    def pause(self) -> None:
-        """Stop admitting new generations (in-flight ones finish or abort). Default: nothing to do."""
-
-    def resume(self) -> None:
-        """Admit generations again after `pause`."""
 
     def close(self) -> None:
         """Release resources (GPU memory, sockets)."""

@@ -183,12 +183,6 @@ class HTTPRolloutClient(RolloutEngine):
             return self._synced[1]
         return self.health(self.urls[0])["weight_version"]
 
-    def pause(self) -> None:
-        self.post_all("/pause")
-
-    def resume(self) -> None:
-        self.post_all("/resume")
-
     def close(self) -> None:
         self._gen_pool.shutdown(wait=False)
         self._admin_pool.shutdown(wait=False)

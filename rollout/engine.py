@@ -15,7 +15,6 @@ window) architectures are supported (`rollout/model.py`).
 
 from __future__ import annotations
 
-import json
 import operator
 import threading
 from collections import OrderedDict
@@ -26,51 +25,9 @@ import torch
 from torch import nn
 
 from rollout.api import FINISH_LENGTH, FINISH_STOP, Completion, RolloutEngine, SamplingParams
+from rollout.defaults import default_dtype, eos_ids_of_folder, eos_ids_of_module
 from rollout.model import CausalLM, ModelConfig, alias_parameters, load_folder, load_state
 from rollout.sampling import sample, truncate
-
-
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def read_eos_ids(folder: str | Path) -> list[int]:
-    """Stop ids of a model folder: every EOS id that generation_config.json, config.json or the tokenizer names.
-
-    A chat model's end-of-turn token (<|im_end|>) may be named by only some of them, depending on what wrote the
-    folder. The trainer stops on all of them (trainer.rollout_factory.stop_ids); an engine that read only the first
-    file found ran past <|im_end|> into an invented next turn on a GPU machine's converted SmolLM2 (bench/RESULTS.md).
-    """
-    ids: list[int] = []
-    for name in ("generation_config.json", "config.json"):
-        path = Path(folder) / name
-        if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            ids += [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    tok = _tokenizer_eos_id(Path(folder))
-    return list(dict.fromkeys(ids + ([tok] if tok is not None else [])))
-
-
-def _tokenizer_eos_id(folder: Path) -> int | None:
-    """The id of tokenizer_config.json's eos_token, looked up in tokenizer.json (no tokenizer library needed)."""
-    cfg_path, tok_path = folder / "tokenizer_config.json", folder / "tokenizer.json"
-    if not (cfg_path.is_file() and tok_path.is_file()):
-        return None
-    eos = json.loads(cfg_path.read_text()).get("eos_token")
-    eos = eos.get("content") if isinstance(eos, dict) else eos
-    if not eos:
-        return None
-    tok = json.loads(tok_path.read_text())
-    added = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
-    return added.get(eos, (tok.get("model") or {}).get("vocab", {}).get(eos))
-
-
-def _module_eos_ids(hf_model: nn.Module) -> list[int]:
-    for cfg in (getattr(hf_model, "generation_config", None), hf_model.config):
-        eos = getattr(cfg, "eos_token_id", None)
-        if eos is not None:
-            return [eos] if isinstance(eos, int) else list(eos)
-    return []
 
 
 def _fused_ok(device: torch.device, cfg: ModelConfig, fused: bool) -> bool:
@@ -250,7 +207,7 @@ class EmbeddedEngine(RolloutEngine):
         cfg = ModelConfig.from_folder(model_path)
         model = CausalLM.empty(cfg, device, dtype)
         load_folder(model, model_path)
-        eos = read_eos_ids(model_path) if eos_token_ids is None else eos_token_ids
+        eos = eos_ids_of_folder(model_path) if eos_token_ids is None else eos_token_ids
         self._setup(model, eos, max_batch_size, cuda_graphs, seed, fused)
 
     @classmethod
@@ -281,7 +238,7 @@ class EmbeddedEngine(RolloutEngine):
                 load_state(model, hf_model.state_dict())
         model.init_rope(device)
         self = cls.__new__(cls)
-        eos = _module_eos_ids(hf_model) if eos_token_ids is None else eos_token_ids
+        eos = eos_ids_of_module(hf_model) if eos_token_ids is None else eos_token_ids
         self._setup(model.eval(), eos, max_batch_size, cuda_graphs, seed, fused)
         self._source = hf_model if aliased else None
         return self

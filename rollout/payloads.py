@@ -11,11 +11,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rollout.api import MAX_TEMPERATURE, Completion, SamplingParams
+from rollout.api import Completion, Count, SamplingParams, Temperature, TopK, TopP
 
 TokenId = Annotated[int, Field(ge=0)]
 Prompt = Annotated[list[TokenId], Field(min_length=1)]
-Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)]
 
 # Bytes per element of every dtype a weight manifest may name (torch dtype names).
 DTYPE_BYTES = {
@@ -46,11 +45,11 @@ class GenerateRequest(Strict):
     """POST /generate: token ids in, `len(prompts) * n` completions out (grouped by prompt)."""
 
     prompts: list[Prompt] = Field(min_length=1)
-    n: int = Field(1, ge=1)
+    n: Count = 1
     temperature: Temperature = 1.0
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    max_new_tokens: int = Field(256, ge=1)
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    max_new_tokens: Count = 256
     stop_token_ids: list[TokenId] = Field(default_factory=list)
     seed: int | None = None
 
@@ -93,11 +92,11 @@ class OpenAISampling(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Count | None = None
     temperature: Temperature = 1.0
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    n: int = Field(1, ge=1)
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    n: Count = 1
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] = Field(default_factory=list)
     seed: int | None = None

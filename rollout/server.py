@@ -659,7 +659,6 @@ def build_engine(args: argparse.Namespace, path: str) -> RolloutEngine:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.backend == "vllm":
         from rollout.vllm_backend import VLLMEngine
 
@@ -671,17 +670,14 @@ def build_engine(args: argparse.Namespace, path: str) -> RolloutEngine:
             gpu_memory_utilization=args.gpu_memory_utilization,
             tensor_parallel_size=args.tensor_parallel_size,
         )
+    from rollout.defaults import resolve_device, resolve_dtype
     from rollout.engine import EmbeddedEngine
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA device is visible")
-        index = torch.device(device).index
-        device = f"cuda:{torch.cuda.current_device() if index is None else index}"
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)  # NCCL weight sync uses the current device
+    dtype = resolve_dtype(args.dtype, device)
     return EmbeddedEngine(path, device=device, dtype=dtype, max_batch_size=args.max_batch_size, seed=args.seed)
 
 

@@ -31,12 +31,13 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-# Same default as the trainer's data.prompt_template, so eval numbers match the training-time eval.
-DEFAULT_PROMPT_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+from env_servers.gsm8k import PROMPT_TEMPLATE
+from rollout.api import SamplingParams
+
 DEFAULT_DATA = "data/gsm8k/test.jsonl"
 RESUME_KEYS = ("target", "model", "task", "k", "temperature", "top_p", "max_new_tokens", "max_round", "prompt")
 
@@ -98,15 +99,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--out-dir", default=None, help="default: saves/eval/<model>__<task>")
     o.add_argument("--overwrite", action="store_true", help="discard a previous run in --out-dir instead of resuming")
     args = p.parse_args(argv)
-    if args.k < 1 or args.concurrency < 1 or args.max_round < 1 or args.max_new_tokens < 1:
-        p.error("--k, --concurrency, --max-round and --max-new-tokens must be >= 1")
+    if args.concurrency < 1 or args.max_round < 1:
+        p.error("--concurrency and --max-round must be >= 1")
     if args.temperature is None:
         args.temperature = 0.0 if args.k == 1 else 1.0
+    try:
+        sampling(args)
+    except ValueError as e:  # the bounds of rollout.api, named as the flag
+        p.error(f"--{str(e).replace('max_new_tokens', 'max-new-tokens').replace('n must', 'k must')}")
     if args.train_config:
         data = read_train_config(args.train_config, p)
         args.prompt_template = args.prompt_template or data.get("prompt_template")
         args.system_prompt = args.system_prompt or data.get("system_prompt")
     return args
+
+
+def sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(args.k, args.temperature, args.top_p, 0, args.max_new_tokens, seed=args.seed)
 
 
 def read_train_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -194,16 +203,7 @@ def markdown(results: dict[str, Any]) -> str:
 # ---- targets ----------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Sampling:
-    n: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seed: int | None = None
-
-
-def _sampling_fields(model: str | None, s: Sampling) -> dict[str, Any]:
+def _sampling_fields(model: str | None, s: SamplingParams) -> dict[str, Any]:
     body = {"n": s.n, "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_new_tokens}
     if model:
         body["model"] = model
@@ -212,11 +212,11 @@ def _sampling_fields(model: str | None, s: Sampling) -> dict[str, Any]:
     return body
 
 
-def chat_body(model: str | None, messages: list[dict], s: Sampling) -> dict[str, Any]:
+def chat_body(model: str | None, messages: list[dict], s: SamplingParams) -> dict[str, Any]:
     return {"messages": messages, **_sampling_fields(model, s)}
 
 
-def completions_body(model: str | None, prompt: str, s: Sampling) -> dict[str, Any]:
+def completions_body(model: str | None, prompt: str, s: SamplingParams) -> dict[str, Any]:
     return {"prompt": prompt, **_sampling_fields(model, s)}
 
 
@@ -248,7 +248,7 @@ class OpenAITarget:
         self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
         self.name = f"openai:{self.base_url}"
 
-    def complete(self, messages: list[dict], s: Sampling) -> list[dict[str, Any]]:
+    def complete(self, messages: list[dict], s: SamplingParams) -> list[dict[str, Any]]:
         if self.api == "chat":
             return parse_choices(self.post("/chat/completions", chat_body(self.model, messages, s)))
         return parse_choices(self.post("/completions", completions_body(self.model, render_plain(messages), s)))
@@ -301,20 +301,19 @@ class LocalTarget:
     call of at most --concurrency x k sequences (the engine runs one call at a time)."""
 
     def __init__(self, model: str, device: str, max_rows: int):
-        import torch
-
+        from rollout.defaults import resolve_device
         from rollout.engine import EmbeddedEngine
         from rollout.loading import load_tokenizer, resolve_model_path
 
         path = resolve_model_path(model)
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        device = str(resolve_device(device))
         self.tokenizer = load_tokenizer(path)
         self.engine = EmbeddedEngine(path, device=device, max_batch_size=max(8, max_rows))
         self.name, self.model = f"local:{device}", model
         self.lock = threading.Lock()
-        self.pending: list[tuple[list[int], Sampling, Future]] = []
+        self.pending: list[tuple[list[int], SamplingParams, Future]] = []
 
-    def complete(self, messages: list[dict], s: Sampling) -> list[dict[str, Any]]:
+    def complete(self, messages: list[dict], s: SamplingParams) -> list[dict[str, Any]]:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         future: Future = Future()
@@ -325,15 +324,13 @@ class LocalTarget:
         return future.result()
 
     def _drain(self) -> None:
-        from rollout.api import SamplingParams
-
         with self.lock:
             jobs, self.pending = self.pending, []
         if not jobs:
             return
         s = jobs[0][1]  # one run uses one sampling setting; only n differs (k samples vs one env turn)
         prompts = [ids for ids, job_s, _ in jobs for _ in range(job_s.n)]
-        params = SamplingParams(1, s.temperature, s.top_p, 0, s.max_new_tokens, seed=s.seed)
+        params = replace(s, n=1)
         try:
             out = self.engine.generate(prompts, params)
         except Exception as e:
@@ -379,7 +376,7 @@ class GSM8KTask:
 
     def __init__(self, args: argparse.Namespace):
         self.rows = load_rows(args.data, args.split)
-        self.template = args.prompt_template or DEFAULT_PROMPT_TEMPLATE
+        self.template = args.prompt_template or PROMPT_TEMPLATE
         self.system = args.system_prompt
         local = Path(args.data).expanduser().exists()
         self.name = f"gsm8k:{args.data}" + ("" if local else f":{args.split}")
@@ -392,7 +389,7 @@ class GSM8KTask:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return [*head, {"role": "user", "content": self.template.format(question=question)}]
 
-    def run(self, target, idx: int, s: Sampling, threshold: float) -> dict[str, Any]:
+    def run(self, target, idx: int, s: SamplingParams, threshold: float) -> dict[str, Any]:
         from env_servers.gsm8k import gold_answer, score
 
         row = self.rows[idx]
@@ -458,7 +455,7 @@ class EnvTask:
     def __len__(self) -> int:
         return self.size
 
-    def run(self, target, idx: int, s: Sampling, threshold: float) -> dict[str, Any]:
+    def run(self, target, idx: int, s: SamplingParams, threshold: float) -> dict[str, Any]:
         episodes = [self.episode(target, idx, replace(s, n=1)) for _ in range(s.n)]
         samples = [self.judge(sample, threshold) for _, sample in episodes]
         return {"idx": idx, "question": episodes[0][0], "samples": samples}
@@ -471,7 +468,7 @@ class EnvTask:
         sample.update({k: info[k] for k in ("format_ok", "strict") if k in info})
         return sample
 
-    def episode(self, target, idx: int, s: Sampling) -> tuple[str, dict]:
+    def episode(self, target, idx: int, s: SamplingParams) -> tuple[str, dict]:
         """(task text, sample) of one episode on a fresh env slot, closed afterwards."""
         from env_servers.agents import NoAction, first_prompt
         from env_servers.api import EnvError
@@ -574,7 +571,7 @@ def item_result(fut: Future) -> dict:
         raise EvalError(f"{type(e).__name__}: {e}; finished items are kept, rerun to resume") from e
 
 
-def run_items(task, target, todo: list[int], s: Sampling, args, items_path: Path) -> None:
+def run_items(task, target, todo: list[int], s: SamplingParams, args, items_path: Path) -> None:
     """Evaluate `todo` with at most --concurrency items in flight; each finished item is appended to items.jsonl."""
     from tqdm import tqdm
 
@@ -600,9 +597,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     task = EnvTask(url, args) if url else GSM8KTask(args)
     target = make_target(args)
     info = target.info()
-    s = Sampling(args.k, args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    s = sampling(args)
     model = str(info.get("model") or args.model)
-    prompt = [args.system_prompt, args.prompt_template or (None if url else DEFAULT_PROMPT_TEMPLATE)]
+    prompt = [args.system_prompt, args.prompt_template or (None if url else PROMPT_TEMPLATE)]
     config = {**info, "model": model, "task": task.name, "k": args.k, "temperature": args.temperature,
               "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "max_round": args.max_round if url else None,
               "prompt": prompt, "seed": args.seed}  # fmt: skip

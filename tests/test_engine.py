@@ -163,7 +163,7 @@ def test_folder_stop_ids_include_every_eos_the_folder_names(model_path, tmp_path
     import json
     import shutil
 
-    from rollout.engine import read_eos_ids
+    from rollout.defaults import eos_ids_of_folder as read_eos_ids
 
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(Path(model_path) / name, tmp_path / name)

@@ -12,7 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rollout.api import MAX_TEMPERATURE
+from env_servers.gsm8k import PROMPT_TEMPLATE
+from rollout.api import Count, Temperature, TopK, TopP
 from rollout.recovery import DEFAULT_BUDGET_S
 
 
@@ -46,7 +47,7 @@ class DataConfig(Section):
     """Shuffle the training order each epoch (seeded by train.seed, so resume replays the same order)."""
     system_prompt: str | None = None
     """System message for the chat template (None = the template's default)."""
-    prompt_template: str = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    prompt_template: str = PROMPT_TEMPLATE
     """User message; `{question}` is replaced by the item's question."""
 
 
@@ -55,15 +56,15 @@ class RolloutConfig(Section):
     """embedded = in-process engine; http = rollout service(s) at `urls`; vllm = in-process vLLM (GPU, optional)."""
     urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])
     """Rollout service base URLs (backend=http); requests are spread round-robin."""
-    n: int = Field(4, ge=1)
+    n: Count = 4
     """Completions per prompt (the GRPO group size)."""
-    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE)
+    temperature: Temperature = 1.0
     """Sampling temperature for training rollouts."""
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: TopP = 1.0
     """Nucleus sampling mass."""
-    top_k: int = Field(0, ge=0)
+    top_k: TopK = 0
     """Top-k truncation (0 = off)."""
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: Count = 256
     """Completion length cap for training rollouts."""
     max_prompt_tokens: int = Field(512, ge=1)
     """Prompts longer than this are dropped from the dataset."""

@@ -13,26 +13,14 @@ import torch
 from torch import nn
 
 from rollout.api import RolloutEngine
+from rollout.defaults import eos_ids_of_module, resolve_dtype
 from trainer.config import Config, ConfigError
 from trainer.dist import Dist, full_state_dict
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """model.dtype resolved: auto = bfloat16 on GPU, float32 on CPU."""
-    if cfg.model.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, cfg.model.dtype)
-
-
-def stop_ids(model: nn.Module, tokenizer) -> list[int]:
-    """The model's EOS ids plus the tokenizer's (a chat model's end-of-turn token may only be named there)."""
-    ids: list[int] = []
-    for cfg in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(cfg, "eos_token_id", None)
-        ids += [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return list(dict.fromkeys(ids))
+    """model.dtype resolved for `device` (rollout.defaults: auto = bfloat16 on GPU, float32 on CPU)."""
+    return resolve_dtype(cfg.model.dtype, device)
 
 
 def make_engine(cfg: Config, model: nn.Module, tokenizer, d: Dist | None = None, model_path: str | None = None):
@@ -53,7 +41,7 @@ def make_engine(cfg: Config, model: nn.Module, tokenizer, d: Dist | None = None,
         max_batch_size=cfg.rollout.max_batch_size,
         cuda_graphs=cfg.rollout.cuda_graphs,
         seed=cfg.train.seed + d.rank,
-        eos_token_ids=stop_ids(model, tokenizer),
+        eos_token_ids=eos_ids_of_module(model, tokenizer),
     )
     engine = EmbeddedEngine.from_module(model, **kwargs)
     if engine.aliased and (d.distributed or cfg.rollout.max_staleness > 0):
