@@ -21,7 +21,7 @@ import httpx
 
 from env_servers.api import Env, EnvError, Observation, StepResult
 from env_servers.pool import EnvNotFound, EpisodeDone, PoolFull
-from rollout.recovery import DEFAULT_BUDGET_S, Recovery, Retryable
+from rollout.recovery import DEFAULT_BUDGET_S, Recovery, http_attempt
 
 _ERRORS = {404: EnvNotFound, 409: EpisodeDone, 429: PoolFull}
 
@@ -72,15 +72,14 @@ class EnvClient:
         self._http = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0), headers=headers)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        def attempt() -> httpx.Response:
-            try:
-                return self._http.request(method, path, **kwargs)
-            except httpx.ConnectError as e:  # nothing was sent: safe to retry any call (a restarting server)
-                raise Retryable(f"{type(e).__name__}: {e}") from None
-            except httpx.HTTPError as e:
-                raise EnvServerError(f"{method} {self.base_url}{path} failed: {e}") from None
-
-        resp = self.recovery.run(f"env server {self.base_url}", attempt, give_up=EnvServerError)
+        # only a refused connection is safe to retry: nothing was sent (a step is not idempotent)
+        attempt = http_attempt(
+            lambda: self._http.request(method, path, **kwargs), (httpx.ConnectError,), lambda status: False
+        )
+        try:
+            resp = self.recovery.run(f"env server {self.base_url}", attempt, give_up=EnvServerError)
+        except httpx.HTTPError as e:
+            raise EnvServerError(f"{method} {self.base_url}{path} failed: {e}") from None
         body = _json_or_none(resp)
         if isinstance(body, dict) and set(body) == {"error"} and resp.status_code in (200, 500):
             raise _refusal(f"{path}: {body['error']}")

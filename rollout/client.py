@@ -23,7 +23,7 @@ import httpx
 
 from rollout import payloads as P
 from rollout.api import Completion, RolloutEngine, SamplingParams
-from rollout.recovery import DEFAULT_BUDGET_S, Recovery, Retryable
+from rollout.recovery import DEFAULT_BUDGET_S, Recovery, http_attempt
 
 
 class ServiceError(RuntimeError):
@@ -68,15 +68,9 @@ class HTTPRolloutClient(RolloutEngine):
         """One call; transport errors and 5xx are retried within the recovery budget (retry=False: one attempt, for
         calls that must not be re-sent); 4xx raises ServiceError at once."""
 
-        def attempt() -> httpx.Response:
-            try:
-                r = self._http.request(method, url + route, json=body, timeout=timeout or httpx.USE_CLIENT_DEFAULT)
-            except httpx.TransportError as err:
-                raise Retryable(f"{type(err).__name__}: {err}") from None
-            if r.status_code >= 500:
-                raise Retryable(f"HTTP {r.status_code}: {r.text[:300]}")
-            return r
-
+        attempt = http_attempt(
+            lambda: self._http.request(method, url + route, json=body, timeout=timeout or httpx.USE_CLIENT_DEFAULT)
+        )
         recovery = self.recovery if retry else Recovery(0.0)
         r = recovery.run(f"rollout service {url}{route}", attempt, give_up=ServiceUnavailable)
         if r.status_code >= 400:

@@ -1,9 +1,11 @@
-"""Waiting out a restarting service on a time budget, not a retry count (shared by the rollout and env clients).
+"""Waiting out a restarting service on a time budget, not a retry count (the rollout, env and eval clients' one
+retry loop).
 
 A service restarted by its supervisor (compose `restart:`, Kubernetes) is back in seconds to minutes depending on the
 model it loads, so a fixed number of quick retries gives up too early or waits too long. `Recovery.run` retries what
 raises `Retryable` with exponential backoff (0.5 s doubling up to 10 s) until `budget_s` have passed since the first
 failure, logging one line per attempt; then it raises the caller's error class with one line naming the service.
+`http_attempt` turns one httpx call into such an attempt, with the caller's choice of what is worth retrying.
 No torch.
 """
 
@@ -14,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+import httpx
 
 T = TypeVar("T")
 DEFAULT_BUDGET_S = 300.0
@@ -55,3 +59,23 @@ class Recovery:
                     f"[rldock] {what}: {err}; attempt {tries + 1} in {wait:.1f} s ({spent:.0f} of {self.budget_s:.0f} s)"
                 )
                 time.sleep(wait)
+
+
+def http_attempt(
+    send: Callable[[], httpx.Response],
+    retry_errors: tuple[type[Exception], ...] = (httpx.TransportError,),
+    retry_status: Callable[[int], bool] = lambda status: status >= 500,
+) -> Callable[[], httpx.Response]:
+    """`send` as a Recovery attempt: `retry_errors` (default: any transport error) and answers whose status
+    `retry_status` picks (default: 5xx) raise Retryable; other errors propagate, other answers are returned."""
+
+    def attempt() -> httpx.Response:
+        try:
+            r = send()
+        except retry_errors as err:
+            raise Retryable(f"{type(err).__name__}: {err}") from None
+        if retry_status(r.status_code):
+            raise Retryable(f"HTTP {r.status_code}: {r.text[:300]}")
+        return r
+
+    return attempt

@@ -238,12 +238,17 @@ def render_plain(messages: list[dict]) -> str:
 
 
 class OpenAITarget:
-    """/v1/chat/completions or /v1/completions; retries transport errors, 429 and 5xx; other 4xx fail at once."""
+    """/v1/chat/completions or /v1/completions; transport errors, 429 and 5xx are retried for up to `recovery_s`
+    (rollout.recovery); other 4xx fail at once."""
 
-    def __init__(self, base_url: str, model: str | None, api: str, api_key: str | None, timeout: float, retries=4):
+    def __init__(self, base_url: str, model: str | None, api: str, api_key: str | None, timeout: float,
+                 recovery_s: float = 30.0):  # fmt: skip
         import httpx
 
-        self.base_url, self.model, self.api, self.retries = base_url.rstrip("/"), model, api, retries
+        from rollout.recovery import Recovery
+
+        self.base_url, self.model, self.api = base_url.rstrip("/"), model, api
+        self.recovery = Recovery(recovery_s)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
         self.name = f"openai:{self.base_url}"
@@ -254,24 +259,16 @@ class OpenAITarget:
         return parse_choices(self.post("/completions", completions_body(self.model, render_plain(messages), s)))
 
     def post(self, route: str, body: dict) -> dict:
-        import httpx
+        from rollout.recovery import http_attempt
 
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(0.5 * 2**attempt, 10.0))
-            try:
-                r = self.http.post(self.base_url + route, json=body)
-            except httpx.TransportError as e:
-                last = f"{type(e).__name__}: {e}"
-                continue
-            if r.status_code == 429 or r.status_code >= 500:
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
-                continue
-            if r.status_code >= 400:
-                raise EvalError(f"{self.base_url}{route} answered {r.status_code}: {r.text[:300]}")
-            return r.json()
-        raise EvalError(f"{self.base_url}{route} failed after {self.retries + 1} attempts ({last})")
+        def busy(status: int) -> bool:
+            return status == 429 or status >= 500
+
+        attempt = http_attempt(lambda: self.http.post(self.base_url + route, json=body), retry_status=busy)
+        r = self.recovery.run(f"{self.base_url}{route}", attempt, give_up=EvalError)
+        if r.status_code >= 400:
+            raise EvalError(f"{self.base_url}{route} answered {r.status_code}: {r.text[:300]}")
+        return r.json()
 
     def info(self) -> dict[str, Any]:
         return {"target": self.name, "model": self.model}

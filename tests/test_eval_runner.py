@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from rollout.api import SamplingParams
 from scripts.eval import (
-    Sampling,
     chat_body,
     completions_body,
     k_values,
@@ -72,7 +72,7 @@ def test_summarize_items_with_rewards_and_formats():
 
 
 def test_payloads_and_answers():
-    s = Sampling(n=3, temperature=0.7, top_p=0.9, max_new_tokens=32, seed=5)
+    s = SamplingParams(n=3, temperature=0.7, top_p=0.9, max_new_tokens=32, seed=5)
     msgs = [{"role": "user", "content": "hi"}]
     body = chat_body("m", msgs, s)
     assert body == {
@@ -84,21 +84,14 @@ def test_payloads_and_answers():
         "model": "m",
         "seed": 5,
     }
-    assert "model" not in chat_body(None, msgs, Sampling(1, 0.0, 1.0, 8)) and "seed" not in chat_body(
-        None, msgs, Sampling(1, 0.0, 1.0, 8)
+    assert "model" not in chat_body(None, msgs, SamplingParams(1, 0.0, 1.0, 0, 8)) and "seed" not in chat_body(
+        None, msgs, SamplingParams(1, 0.0, 1.0, 0, 8)
     )
     assert completions_body("m", "text", s)["prompt"] == "text" and "messages" not in completions_body("m", "t", s)
     chat = {"choices": [{"index": 1, "message": {"content": "b"}, "finish_reason": "length"},
                         {"index": 0, "message": {"content": "a"}, "finish_reason": "stop"}]}  # fmt: skip
     assert parse_choices(chat) == [{"text": "a", "finish_reason": "stop"}, {"text": "b", "finish_reason": "length"}]
     assert parse_choices({"choices": [{"index": 0, "text": "t", "finish_reason": "stop"}]})[0]["text"] == "t"
-
-
-def test_default_prompt_matches_the_trainer():
-    from scripts.eval import DEFAULT_PROMPT_TEMPLATE
-    from trainer.config import DataConfig
-
-    assert DEFAULT_PROMPT_TEMPLATE == DataConfig().prompt_template
 
 
 def test_prompt_from_a_training_config(tmp_path):
@@ -253,7 +246,7 @@ def test_legacy_completions_route(rollout_url, tmp_path, model_path, tokenizer):
     import httpx
 
     from env_servers.gsm8k import load_gsm8k
-    from scripts.eval import DEFAULT_PROMPT_TEMPLATE
+    from env_servers.gsm8k import PROMPT_TEMPLATE
 
     before = httpx.get(rollout_url + "/metrics").json()["prompt_tokens"]
     out = tmp_path / "completions"
@@ -261,7 +254,7 @@ def test_legacy_completions_route(rollout_url, tmp_path, model_path, tokenizer):
     ok(run_eval(*args, "--limit", "2", "--out-dir", str(out), *COMMON))
     sent = httpx.get(rollout_url + "/metrics").json()["prompt_tokens"] - before
     rows = load_gsm8k(ROOT / "data" / "gsm8k" / "test.jsonl")[:2]
-    plain = [DEFAULT_PROMPT_TEMPLATE.format(question=r["question"]) for r in rows]
+    plain = [PROMPT_TEMPLATE.format(question=r["question"]) for r in rows]
     assert sent == sum(len(tokenizer(text)["input_ids"]) for text in plain)
     assert sorted(r["idx"] for r in read_jsonl(out / "items.jsonl")) == [0, 1]
 
