@@ -245,8 +245,7 @@ def test_legacy_completions_route(rollout_url, tmp_path, model_path, tokenizer):
     """--api completions sends the plain prompt text (no chat template): the service counts exactly its tokens."""
     import httpx
 
-    from env_servers.gsm8k import load_gsm8k
-    from env_servers.gsm8k import PROMPT_TEMPLATE
+    from env_servers.gsm8k import PROMPT_TEMPLATE, load_gsm8k
 
     before = httpx.get(rollout_url + "/metrics").json()["prompt_tokens"]
     out = tmp_path / "completions"
