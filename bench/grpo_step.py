@@ -140,7 +140,7 @@ def bench_hf_static(model, items, tok, steps: int, warmup: int) -> dict:
 
 
 def rldock_run(path: str, tok, micro_batch: int, compile_model: bool = True) -> SimpleNamespace:
-    """The trainer's own pieces for one GRPO step (config, engine factory, optimizer, learner, weight pusher,
+    """The trainer's own pieces for one GRPO step (config, engine factory, optimizer, learner, weight sync,
     workflow)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -150,7 +150,8 @@ def rldock_run(path: str, tok, micro_batch: int, compile_model: bool = True) -> 
     from trainer.dist import Dist
     from trainer.learner import Learner
     from trainer.loop import compile_layers, make_optimizer
-    from trainer.rollout_factory import WeightPusher, make_engine
+    from trainer.rollout_factory import make_engine
+    from trainer.weight_sync import make_weight_sync
     from trainer.workflow import SingleTurnWorkflow
 
     cfg = Config()
@@ -167,7 +168,7 @@ def rldock_run(path: str, tok, micro_batch: int, compile_model: bool = True) -> 
     learner = Learner.for_config(cfg, model, optimizer, scheduler, d, dtype, tok.pad_token_id)
     return SimpleNamespace(
         cfg=cfg, model=model, engine=engine, learner=learner,
-        pusher=WeightPusher(cfg, engine, d), workflow=SingleTurnWorkflow(tok, params),
+        sync=make_weight_sync(cfg, engine, d), workflow=SingleTurnWorkflow(tok, params),
     )  # fmt: skip
 
 
@@ -186,7 +187,7 @@ def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batc
         run.learner.update(trajs)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        run.pusher.push(run.model, run.engine.weight_version + 1)
+        run.sync.push(run.model, run.engine.weight_version + 1)
         torch.cuda.synchronize()
         phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 

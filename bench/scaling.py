@@ -7,7 +7,7 @@ Parts (--part; one device call each, the machine's GPUs as the part needs them):
          GPU (8 GSM8K prompts x 8 samples x 256 new tokens, micro-batch 64), each rank generating with its own
          colocated engine; 1 GPU, then 2 GPUs (FSDP2), in the same call: samples/s and the ratio.
   async  SmolLM2-135M-Instruct on GSM8K (configs/gsm8k_h100_15min.yaml's GRPO recipe, no SFT): trainer on GPU 0,
-         rollout service on GPU 1 (rollout.backend=http, train.weight_sync=nccl), first with the staleness bound
+         rollout service on GPU 1 (rollout.backend=http, weight_sync=nccl), first with the staleness bound
          eta = 0, then eta = 1: step time against max(rollout, learner + sync) and their sum, the staleness of the
          trained samples, and both reward curves side by side (async_curves.png).
   big    A Qwen2.5-7B-shape model (random init, vocab 49,152: ~6.9 B parameters; fp32 master weights and AdamW take
@@ -253,7 +253,7 @@ def part_async(args) -> dict:
         try:
             overrides = [f"model.path={model}", "sft.steps=0", "train.time_limit_s=0", f"train.total_steps={steps}",
                          "rollout.backend=http", f'rollout.urls=["http://127.0.0.1:{port}"]',
-                         "train.weight_sync=nccl", f"rollout.max_staleness={eta}"]  # fmt: skip
+                         "weight_sync=nccl", f"rollout.max_staleness={eta}"]  # fmt: skip
             run = train(args, f"async_eta{eta}", 0, overrides, "0", base="configs/gsm8k_h100_15min.yaml")
         finally:
             stop_service(service)

@@ -2,7 +2,7 @@
 
 `python -m trainer` runs 2 GRPO steps of the multi-turn gsm8k_tools env: generation on `python -m rollout.server`
 (rollout.backend=http), episodes on `python -m env_servers` (env.url), new weights handed over through safetensors on
-disk (train.weight_sync=disk). The service must end at the trainer's last version, each step's samples must come
+disk (weight_sync=disk). The service must end at the trainer's last version, each step's samples must come
 from the weights of the step before, and every env slot the trainer opened must be closed again.
 """
 
@@ -53,7 +53,8 @@ def test_trainer_rollout_service_env_server(services, tmp_path):
         "experiment_name": "e2e",
         "data": {"max_train_samples": 4},
         "rollout": {"backend": "http", "urls": [rollout_url], "n": 2, "max_new_tokens": 16},
-        "train": {"batch_size": 2, "micro_batch_size": 4, "total_steps": STEPS, "threads": 1, "weight_sync": "disk"},
+        "train": {"batch_size": 2, "micro_batch_size": 4, "total_steps": STEPS, "threads": 1},
+        "weight_sync": "disk",
         "eval": {"every": 0},
         "checkpoint": {"save_dir": str(tmp_path / "saves"), "every": 0},
         "logging": {"wandb": False, "progress": False},

@@ -193,7 +193,7 @@ def test_a_rollout_service_down_past_the_budget_is_one_line_after_a_checkpoint(w
 
     url = f"http://127.0.0.1:{free_port()}"
     result = run_trainer(
-        workdir, "experiment_name=down", "rollout.backend=http", f"rollout.urls=[{url}]", "train.weight_sync=disk",
+        workdir, "experiment_name=down", "rollout.backend=http", f"rollout.urls=[{url}]", "weight_sync=disk",
         "train.recovery_s=2", "train.total_steps=2", "eval.every=0",
     )  # fmt: skip
     assert result.returncode == 3, result.stderr[-3000:]

@@ -170,11 +170,15 @@ def test_inprocess_sync_and_config_wiring(model_path, trainer_model, client, tmp
     def cfg(*overrides):
         return load_config(None, ["experiment_name=ws", f"checkpoint.save_dir={tmp_path}", *overrides])
 
-    disk = make_weight_sync(cfg("train.weight_sync=disk"), client)
-    assert isinstance(disk, DiskSync) and disk.dir == tmp_path / "ws" / "weights" and disk.keep == 2
+    disk = make_weight_sync(cfg("rollout.backend=http", "weight_sync=disk", "weight_sync.keep=3"), client)
+    assert isinstance(disk, DiskSync) and disk.dir == tmp_path / "ws" / "weights" and disk.keep == 3
     assert isinstance(make_weight_sync(cfg(), engine), InProcessSync)
-    with pytest.raises(ConfigError, match="inprocess cannot reach"):
-        make_weight_sync(cfg(), client)
-    with pytest.raises(ConfigError, match="needs rollout.backend=http"):
-        make_weight_sync(cfg("train.weight_sync=nccl"), engine)
+    nccl = make_weight_sync(cfg("rollout.backend=http", "weight_sync=nccl", "weight_sync.bucket_mb=8"), client)
+    assert isinstance(nccl, NcclSync) and nccl.bucket_bytes == 8 << 20
+    nccl.close()
+    # a pairing that cannot work fails when the config loads, before any model does
+    with pytest.raises(ConfigError, match="inprocess does not reach rollout.backend=http: use disk or nccl"):
+        cfg("rollout.backend=http")
+    with pytest.raises(ConfigError, match="nccl does not reach rollout.backend=embedded"):
+        cfg("weight_sync=nccl")
     engine.close()

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from env_servers.gsm8k import PROMPT_TEMPLATE
 from rollout.api import Count, Temperature, TopK, TopP
@@ -52,8 +52,9 @@ class DataConfig(Section):
 
 
 class RolloutConfig(Section):
-    backend: Literal["embedded", "http", "vllm"] = "embedded"
-    """embedded = in-process engine; http = rollout service(s) at `urls`; vllm = in-process vLLM (GPU, optional)."""
+    backend: Literal["embedded", "http"] = "embedded"
+    """embedded = in-process engine; http = rollout service(s) at `urls` (the service runs the embedded engine or
+    vLLM: `python -m rollout.server --backend vllm`)."""
     urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])
     """Rollout service base URLs (backend=http); requests are spread round-robin."""
     n: Count = 4
@@ -142,20 +143,6 @@ class TrainConfig(Section):
     """FSDP2 keeps the fp32 master weights, gradients and AdamW state in host memory and steps the optimizer on
     the CPU: a model whose optimizer state does not fit the GPUs trains, slower. Needs CUDA and torchrun (also for one
     GPU: `torchrun --nproc_per_node 1 -m trainer ...`)."""
-    weight_sync: Literal["inprocess", "disk", "nccl"] = "inprocess"
-    """How new weights reach the engine: shared memory in-process, HF safetensors on disk, or NCCL broadcast."""
-    weight_sync_keep: int = Field(2, ge=1)
-    """disk sync: newest weight versions kept under saves/<exp>/weights/ (older ones are pruned)."""
-    weight_sync_bucket_mb: int = Field(256, ge=1)
-    """nccl sync: parameters are broadcast in buckets of at most this many MiB."""
-    weight_sync_host: str = "127.0.0.1"
-    """nccl sync: the trainer's address as the rollout services see it (they connect to its TCP store)."""
-    weight_sync_port: int = Field(0, ge=0, le=65535)
-    """nccl sync: TCP store port on the trainer (0 = any free port; the services are told it over HTTP)."""
-    weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """nccl sync: process-group backend; auto = nccl when the trainer has CUDA, else gloo (CPU)."""
-    weight_sync_timeout_s: float = Field(600.0, gt=0)
-    """nccl sync: how long a rendezvous or broadcast may wait for the other side before failing."""
     recovery_s: float = Field(DEFAULT_BUDGET_S, ge=0)
     """How long a rollout service or env server may stay unreachable (or answer 5xx) before training stops with a
     checkpoint: a restarting service is waited for with exponential backoff, one log line per attempt (0: at once)."""
@@ -163,6 +150,37 @@ class TrainConfig(Section):
     """Wall-clock budget of the run in seconds (0 = none): the GRPO loop stops after the step that crosses it, then
     evaluates, saves and exits normally. Counted from the start of each trainer process (model loading, SFT, evals and
     saves included) and summed over resumes through the checkpoint, so resumed processes share one budget."""
+
+
+class InProcessSyncConfig(Section):
+    kind: Literal["inprocess"] = "inprocess"
+    """Shared memory: each rank's embedded engine reads the trainer's weights (rollout.backend=embedded)."""
+
+
+class DiskSyncConfig(Section):
+    kind: Literal["disk"]
+    """HF safetensors folders under saves/<exp>/weights/, loaded by every rollout service (rollout.backend=http)."""
+    keep: int = Field(2, ge=1)
+    """Newest weight versions kept (older ones are pruned)."""
+
+
+class NcclSyncConfig(Section):
+    kind: Literal["nccl"]
+    """A broadcast in a process group of the trainer (rank 0) and every rollout service worker (rollout.backend=http)."""
+    host: str = "127.0.0.1"
+    """The trainer's address as the rollout services see it (they connect to its TCP store)."""
+    port: int = Field(0, ge=0, le=65535)
+    """TCP store port on the trainer (0 = any free port; the services are told it over HTTP)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend; auto = nccl when the trainer has CUDA, else gloo (CPU)."""
+    bucket_mb: int = Field(256, ge=1)
+    """Parameters are broadcast in buckets of at most this many MiB."""
+    timeout_s: float = Field(600.0, gt=0)
+    """How long a rendezvous or broadcast may wait for the other side before failing."""
+
+
+WeightSyncConfig = Annotated[InProcessSyncConfig | DiskSyncConfig | NcclSyncConfig, Field(discriminator="kind")]
+SYNC_OF_BACKEND = {"embedded": ("inprocess",), "http": ("disk", "nccl")}  # which syncs reach which engines
 
 
 class EvalConfig(Section):
@@ -229,6 +247,22 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=InProcessSyncConfig)
+    """How new weights reach the engine (`kind`: inprocess, disk or nccl; `weight_sync: disk` is short for
+    `weight_sync: {kind: disk}`)."""
+
+    @field_validator("weight_sync", mode="before")
+    @classmethod
+    def _sync_shorthand(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _sync_reaches_engine(self) -> Config:
+        backend, kind = self.rollout.backend, self.weight_sync.kind
+        if kind not in SYNC_OF_BACKEND[backend]:
+            fits = " or ".join(SYNC_OF_BACKEND[backend])
+            raise ValueError(f"weight_sync.kind={kind} does not reach rollout.backend={backend}: use {fits}")
+        return self
 
     @property
     def exp_dir(self) -> Path:
@@ -240,18 +274,26 @@ class ConfigError(ValueError):
 
 
 def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    keys = []
+    keys: list[str] = []
     for name, info in model.model_fields.items():
         ann = info.annotation
+        variants = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += valid_keys(ann, f"{prefix}{name}.")
+        elif variants:  # a discriminated union: the section itself (the shorthand) and every variant's keys
+            keys.append(f"{prefix}{name}")
+            keys += [k for v in variants for k in valid_keys(v, f"{prefix}{name}.")]
         else:
             keys.append(f"{prefix}{name}")
-    return keys
+    return list(dict.fromkeys(keys))
 
 
 def unknown_key(key: str) -> str:
     """One line for a key that is not in the config: a near miss, then the valid keys of its section only."""
+    if key.startswith("train.weight_sync"):
+        return (
+            f"{key}: the train.weight_sync* keys became the weight_sync section (weight_sync=disk, weight_sync.port=…)"
+        )
     keys = valid_keys()
     leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
     guess = difflib.get_close_matches(key, keys, n=1, cutoff=0.6) or [
@@ -276,6 +318,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
+        if isinstance(node.get(part), str):  # a section given by its kind (weight_sync=nccl), then one of its keys
+            node[part] = {"kind": node[part]}
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: {part} is not a section")
@@ -297,16 +341,29 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), str):  # a preset's `weight_sync: disk`, then its keys
+            out[k] = {"kind": out[k]}
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
 def _explain(err: ValidationError) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
+    where = ".".join(str(p) for p in first["loc"] if p not in _KINDS)
+    kind = next((p for p in first["loc"] if p in _KINDS), None)
+    if first["type"] == "extra_forbidden" and kind:
+        keys = [k.removeprefix("weight_sync.") for k in valid_keys(_VARIANTS[kind], "weight_sync.")]
+        return f"{where} is not a setting of weight_sync.kind={kind} (its keys: {', '.join(keys)})"
     if first["type"] == "extra_forbidden":
         return unknown_key(where)
+    if not where:  # a cross-field check: its message names the fields
+        return first["msg"].removeprefix("Value error, ")
     return f"{where}: {first['msg']} (got {first.get('input')!r})"
+
+
+# pydantic names a union variant by its tag in error locations
+_VARIANTS = {"inprocess": InProcessSyncConfig, "disk": DiskSyncConfig, "nccl": NcclSyncConfig}
+_KINDS = tuple(_VARIANTS)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -30,7 +30,8 @@ from trainer.data import DataCursor, load_eval_items, load_train_items, num_step
 from trainer.dist import Dist
 from trainer.learner import Learner
 from trainer.metrics import MetricsLogger, bar_postfix, progress_bar, read_metrics, summary_table
-from trainer.rollout_factory import WeightPusher, compute_dtype, make_engine
+from trainer.rollout_factory import compute_dtype, make_engine
+from trainer.weight_sync import WeightSync, make_weight_sync
 from trainer.workflow import SingleTurnWorkflow
 
 
@@ -52,7 +53,7 @@ class Run:
     eval_workflow: Workflow | None = None
     logger: MetricsLogger | None = None
     source: BatchSource | None = None
-    pusher: WeightPusher | None = None
+    sync: WeightSync | None = None
     step: int = 0
     version: int = 0  # weight version the engine serves (the trainer's count: a remote engine may not report it)
     group_items: dict[int, int] = field(default_factory=dict)  # group id → data item index, until trained
@@ -166,7 +167,7 @@ def build(cfg: Config, d: Dist) -> Run:
     learner = Learner.for_config(cfg, model, optimizer, scheduler, d, dtype, tokenizer.pad_token_id, ref_model)
     run = Run(cfg, d, model, tokenizer, engine, learner, cursor, eval_items, total, dtype)
     run.workflow, run.eval_workflow = workflow, eval_workflow
-    run.pusher = WeightPusher(cfg, engine, d)
+    run.sync = make_weight_sync(cfg, engine, d)
     return run
 
 
@@ -283,7 +284,7 @@ def restore(run: Run) -> bool:
         raise ConfigError(str(err)) from None
     run.step = run.last_save = run.start_step = state["step"]
     run.sft_done, run.elapsed_before = state.get("sft_done", False), state.get("elapsed_s", 0.0)
-    run.version = run.pusher.push(run.model, state["weight_version"])  # the engine samples the restored policy
+    run.version = run.sync.push(run.model, state["weight_version"])  # the engine samples the restored policy
     return True
 
 
@@ -292,7 +293,7 @@ def warm_start(run: Run) -> None:
     checkpoint records that it ran, so a resumed run starts at GRPO instead of repeating it."""
     result = sft.warm_start(run)
     run.sft_done = True
-    run.version = run.pusher.push(run.model, run.version + 1)
+    run.version = run.sync.push(run.model, run.version + 1)
     save(run)
     if run.d.is_main:
         print(
@@ -368,7 +369,7 @@ def train_step(run: Run, on_phase: Callable[[str], None] = lambda phase: None) -
     run.step += 1
     t2 = time.perf_counter()
     on_phase("weight sync")
-    run.version = stats["weight_version"] = run.pusher.push(run.model, run.version + 1)
+    run.version = stats["weight_version"] = run.sync.push(run.model, run.version + 1)
     t3 = time.perf_counter()
     stats.update({"time/rollout": t1 - t0, "time/update": t2 - t1, "time/sync": t3 - t2, "time/step": t3 - t0})
     stats.update(rank_profile(run, t1 - t0))
@@ -548,6 +549,6 @@ def shutdown(run: Run | None) -> None:
         run.source.close()
     if run.logger is not None:
         run.logger.close()
-    if run.pusher is not None:
-        run.pusher.close()
+    if run.sync is not None:
+        run.sync.close()
     run.engine.close()

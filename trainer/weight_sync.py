@@ -1,9 +1,11 @@
-"""Weight sync trainer → rollout engine (`train.weight_sync`): inprocess | disk | nccl.
+"""Weight sync trainer → rollout engine (the config's `weight_sync:` section): inprocess | disk | nccl.
 
-    sync = make_weight_sync(cfg, engine)   # engine: what rollout_factory.make_engine returned
-    sync.push(model, version)              # after each optimizer step; every later sample carries `version`
+    sync = make_weight_sync(cfg, engine, d)   # engine: what rollout_factory.make_engine returned
+    sync.push(model, version)                 # every rank, after each optimizer step; later samples carry `version`
 
-`push` takes an nn.Module or a full (unsharded) HF-named state dict; under FSDP gather it and call push on rank 0.
+One ABC, one factory. `push` is called on every rank: under FSDP the full state dict is gathered collectively. The
+in-process sync feeds each rank's own engine; the remote ones (disk, nccl) feed the shared rollout services from
+rank 0 alone (`send`, which also takes a full HF-named state dict, for tools and tests).
 - inprocess: `engine.update_weights(model, version)` (an aliasing embedded engine only bumps its version).
 - disk: HF safetensors written to `saves/<exp>/weights/v<N>.tmp`, renamed to `v<N>`, loaded by the engine (every
   rollout service for the HTTP client, which re-posts the newest folder to a restarted service); the newest
@@ -25,7 +27,6 @@ import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -33,27 +34,52 @@ from torch import nn
 from rollout import payloads as P
 from rollout.api import RolloutEngine
 from rollout.client import HTTPRolloutClient, ServiceError
+from rollout.engine import EmbeddedEngine
 from rollout.loading import umask_modes
 from rollout.weight_transfer import SyncGroup, listen, send_weights, tensor_spec, unique_tensors
+from trainer.config import Config
+from trainer.dist import Dist, full_state_dict
 
 Weights = nn.Module | dict[str, torch.Tensor]
 
 
 class WeightSync(abc.ABC):
+    def __init__(self, d: Dist | None = None):
+        self.d = d or Dist()
+
     @abc.abstractmethod
-    def push(self, weights: Weights, version: int) -> int:
-        """Hand `weights` to the engine as `version`; returns the version the engine now reports."""
+    def push(self, model: nn.Module, version: int) -> int:
+        """Every rank: hand the model's weights to the engine as `version`; returns the version it now serves."""
 
     def close(self) -> None:
         """Release groups and threads."""
 
 
 class InProcessSync(WeightSync):
-    def __init__(self, engine: RolloutEngine):
+    """Each rank's embedded engine: shared memory (an aliasing engine only bumps its version)."""
+
+    def __init__(self, engine: EmbeddedEngine, d: Dist | None = None):
+        super().__init__(d)
         self.engine = engine
 
-    def push(self, weights: Weights, version: int) -> int:
-        return self.engine.update_weights(weights, version)
+    def push(self, model: nn.Module, version: int) -> int:
+        source = model if self.engine.aliased else full_state_dict(model, self.d)
+        return self.engine.update_weights(source, version=version)
+
+
+class RemoteSync(WeightSync):
+    """Rollout services shared by every rank: all ranks gather, rank 0 sends."""
+
+    def push(self, model: nn.Module, version: int) -> int:
+        # a collective under FSDP: every rank gathers; one process sends the module itself (its config goes along)
+        weights = full_state_dict(model, self.d) if self.d.distributed else model
+        if self.d.is_main:
+            self.send(weights, version)
+        return version
+
+    @abc.abstractmethod
+    def send(self, weights: Weights, version: int) -> int:
+        """Hand `weights` to the services as `version`; returns the version they now report."""
 
 
 def _named(weights: Weights) -> list[tuple[str, torch.Tensor]]:
@@ -80,13 +106,14 @@ def write_weights(weights: Weights, folder: Path) -> Path:
     return folder
 
 
-class DiskSync(WeightSync):
-    def __init__(self, engine: RolloutEngine, weights_dir: str | Path, keep: int = 2):
+class DiskSync(RemoteSync):
+    def __init__(self, engine: RolloutEngine, weights_dir: str | Path, keep: int = 2, d: Dist | None = None):
+        super().__init__(d)
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.engine, self.dir, self.keep = engine, Path(weights_dir), keep
 
-    def push(self, weights: Weights, version: int) -> int:
+    def send(self, weights: Weights, version: int) -> int:
         folder = write_weights(weights, self.dir / f"v{version}")
         version = self.engine.update_weights(str(folder.resolve()), version)
         self.prune()
@@ -101,7 +128,7 @@ class DiskSync(WeightSync):
             shutil.rmtree(self.dir / f"v{v}", ignore_errors=True)
 
 
-class NcclSync(WeightSync):
+class NcclSync(RemoteSync):
     """Broadcast weights to every service of an HTTPRolloutClient (see the module docstring)."""
 
     def __init__(
@@ -112,7 +139,9 @@ class NcclSync(WeightSync):
         backend: str = "auto",
         bucket_bytes: int = 256 << 20,
         timeout_s: float = 600.0,
+        d: Dist | None = None,
     ):
+        super().__init__(d)
         self.client, self.host, self.port = client, host, port
         self.backend = ("nccl" if torch.cuda.is_available() else "gloo") if backend == "auto" else backend
         self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
@@ -156,7 +185,7 @@ class NcclSync(WeightSync):
         # no retries: a re-sent group call would wait for a rendezvous or broadcast that never comes
         return self.client.request("POST", url, route, body, timeout=self.timeout_s + 30, retry=False)
 
-    def push(self, weights: Weights, version: int) -> int:
+    def send(self, weights: Weights, version: int) -> int:
         with self._lock:
             if self.group is not None and self._members_changed():
                 self.close_group()
@@ -181,7 +210,7 @@ class NcclSync(WeightSync):
             if self._last is None:
                 return
             self.close_group()
-            self.push(*self._last)
+            self.send(*self._last)
 
     def close_group(self) -> None:
         with self._lock:
@@ -199,25 +228,21 @@ class NcclSync(WeightSync):
         self._pool.shutdown(wait=False)
 
 
-def make_weight_sync(cfg: Any, engine: RolloutEngine) -> WeightSync:
-    """The sync that `cfg.train.weight_sync` names, for the engine that rollout_factory made."""
-    from trainer.config import ConfigError
-
-    t = cfg.train
-    remote = isinstance(engine, HTTPRolloutClient)
-    if t.weight_sync == "inprocess":
-        if remote:
-            raise ConfigError("train.weight_sync=inprocess cannot reach rollout services: use disk or nccl")
-        return InProcessSync(engine)
-    if t.weight_sync == "disk":
-        return DiskSync(engine, cfg.exp_dir / "weights", keep=t.weight_sync_keep)
-    if not remote:
-        raise ConfigError("train.weight_sync=nccl needs rollout.backend=http (rollout services to broadcast to)")
-    return NcclSync(
-        engine,
-        host=t.weight_sync_host,
-        port=t.weight_sync_port,
-        backend=t.weight_sync_backend,
-        bucket_bytes=t.weight_sync_bucket_mb << 20,
-        timeout_s=t.weight_sync_timeout_s,
+def make_weight_sync(cfg: Config, engine: RolloutEngine, d: Dist | None = None) -> WeightSync:
+    """The sync `cfg.weight_sync` names, for the engine rollout_factory made (the config checked the pairing)."""
+    ws = cfg.weight_sync
+    if ws.kind == "inprocess":
+        return InProcessSync(engine, d)
+    if ws.kind == "disk":
+        return DiskSync(engine, cfg.exp_dir / "weights", keep=ws.keep, d=d)
+    kwargs = dict(
+        host=ws.host, port=ws.port, backend=ws.backend, bucket_bytes=ws.bucket_mb << 20, timeout_s=ws.timeout_s
     )
+    return NcclSync(engine, d=d, **kwargs) if (d or Dist()).is_main else _Gatherer(d)
+
+
+class _Gatherer(RemoteSync):
+    """The nccl sync on ranks other than 0: they only take part in the gather (rank 0 owns the group)."""
+
+    def send(self, weights: Weights, version: int) -> int:
+        return version

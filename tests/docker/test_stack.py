@@ -174,7 +174,7 @@ def test_training_in_the_train_container_against_the_rollout_service(stack):
     before = httpx.get(f"{url}/health", timeout=30).json()["weight_version"]
     args = (
         f"experiment_name=split {TINY} train.total_steps=1 checkpoint.every=0 "
-        "rollout.backend=http rollout.urls=[http://rollout:8000] train.weight_sync=disk"
+        "rollout.backend=http rollout.urls=[http://rollout:8000] weight_sync=disk"
     )
     stack.must("docker-train", f"ARGS={args}", timeout=1200)
     after = httpx.get(f"{url}/health", timeout=30).json()["weight_version"]
