@@ -107,3 +107,30 @@ class RolloutEngine(abc.ABC):
 
     def close(self) -> None:
         """Release resources (GPU memory, sockets)."""
+
+
+class ServedEngine(RolloutEngine):
+    """What the rollout service needs of an engine beyond generation: joining the trainer's weight-sync group,
+    receiving a broadcast into it, and a checksum of the weights it serves (rollout/server.py). The embedded engine
+    and the vLLM backend implement it; the HTTP client does not (it is the other end)."""
+
+    sync_ranks: int = 1
+    """Ranks this engine occupies in the weight-sync group (vLLM: one per worker)."""
+
+    @abc.abstractmethod
+    def init_weight_sync(
+        self, host: str, port: int, rank_offset: int, world_size: int, backend: str, timeout_s: float
+    ) -> None:
+        """Join the trainer's group (its TCP store at host:port) as ranks rank_offset .. rank_offset+sync_ranks-1."""
+
+    @abc.abstractmethod
+    def receive_weights(self, manifest: list[dict], bucket_bytes: int, version: int | None) -> int:
+        """Receive one broadcast of the tensors `manifest` names; returns the new weight version."""
+
+    @abc.abstractmethod
+    def close_weight_sync(self) -> None:
+        """Leave the group (a no-op when not in one)."""
+
+    @abc.abstractmethod
+    def weights_checksum(self) -> str:
+        """sha256 over the weights served (bit-identity checks of a sync)."""

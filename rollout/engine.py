@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rollout.api import FINISH_LENGTH, FINISH_STOP, Completion, RolloutEngine, SamplingParams
+from rollout.api import FINISH_LENGTH, FINISH_STOP, Completion, SamplingParams, ServedEngine
 from rollout.defaults import default_dtype, eos_ids_of_folder, eos_ids_of_module
 from rollout.model import CausalLM, ModelConfig, alias_parameters, load_folder, load_state
 from rollout.sampling import sample, truncate
@@ -182,7 +182,7 @@ class _Runner:
         ]
 
 
-class EmbeddedEngine(RolloutEngine):
+class EmbeddedEngine(ServedEngine):
     """In-process generation backend (see the module docstring).
 
     device: "cpu" or "cuda[:i]"; dtype: default bfloat16 on CUDA, float32 on CPU; max_batch_size: most sequences
@@ -252,6 +252,7 @@ class EmbeddedEngine(RolloutEngine):
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model, self.cfg = model, model.cfg
         self.device, self.dtype = model.device, model.dtype
+        self._group = None  # the trainer's weight-sync group, once joined
         self.eos_token_ids = [int(e) for e in eos]
         self.max_batch_size = max_batch_size
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
@@ -391,6 +392,34 @@ class EmbeddedEngine(RolloutEngine):
         if self.cfg.tie_word_embeddings:
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
         self._source = None
+
+    # ---- weight sync from the trainer's group (the rollout service calls these; see rollout/weight_transfer.py)
+
+    def init_weight_sync(
+        self, host: str, port: int, rank_offset: int, world_size: int, backend: str, timeout_s: float
+    ) -> None:
+        from rollout.weight_transfer import SyncGroup
+
+        self.close_weight_sync()
+        self._group = SyncGroup.join(host, port, rank_offset, world_size, backend, timeout_s)
+
+    def receive_weights(self, manifest: list[dict], bucket_bytes: int, version: int | None) -> int:
+        from rollout.payloads import WeightSyncError
+        from rollout.weight_transfer import receive_weights
+
+        if self._group is None:
+            raise WeightSyncError("no weight-sync group: POST /init_weight_sync first")
+        return self.update_weights(dict(receive_weights(self._group, manifest, bucket_bytes)), version)
+
+    def close_weight_sync(self) -> None:
+        if self._group is not None:
+            self._group.close()
+            self._group = None
+
+    def weights_checksum(self) -> str:
+        from rollout.weight_transfer import checksum
+
+        return checksum(self.model.named_parameters())
 
     def close(self) -> None:
         with self._lock:

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import json
 import os
 import sys
 import time
@@ -39,7 +37,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +45,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from rollout import auth
 from rollout import payloads as P
-from rollout.api import Completion, RolloutEngine, SamplingParams
+from rollout.api import Completion, SamplingParams, ServedEngine
+from rollout.batching import Batcher
+from rollout.factory import build_engine, model_limits
+from rollout.openai_api import openai_body, render_chat, tokenize
 
 SHUTTING_DOWN = "the rollout service is shutting down: send the request again once it is back"
 
@@ -64,28 +64,6 @@ class Limits:
 
 
 @dataclass
-class _Job:
-    prompts: list[list[int]]
-    params: SamplingParams
-    future: asyncio.Future
-    done: list[Completion] = field(default_factory=list)
-    next: int = 0  # first prompt not generated yet
-
-    @property
-    def size(self) -> int:
-        """Sequences still to generate."""
-        return (len(self.prompts) - self.next) * self.params.n
-
-    def chunk(self, max_sequences: int) -> tuple[list[list[int]], SamplingParams]:
-        """The next engine call's prompts; a seeded request's later chunks get their own seed (seed + offset)."""
-        count = max(1, max_sequences // self.params.n)
-        params = self.params
-        if params.seed is not None and self.next:
-            params = dataclasses.replace(params, seed=params.seed + self.next)
-        return self.prompts[self.next : self.next + count], params
-
-
-@dataclass
 class Metrics:
     started: float = field(default_factory=time.monotonic)
     requests: int = 0
@@ -93,7 +71,6 @@ class Metrics:
     prompt_tokens: int = 0
     tokens_generated: int = 0
     engine_calls: int = 0
-    merged_requests: int = 0
     generate_seconds: float = 0.0
     last_call_tok_s: float = 0.0
     weight_updates: int = 0
@@ -101,125 +78,11 @@ class Metrics:
     cancelled: int = 0
 
 
-class Batcher:
-    """Feeds generation jobs to the engine thread one engine call at a time: a job larger than `max_sequences` goes
-    in chunks, round-robin with the others (after a chunk the job goes to the back of the queue), and queued whole
-    jobs with identical unseeded sampling parameters are merged into one call (a seeded job runs alone, so its
-    samples do not depend on its neighbours). Jobs whose future is done (caller gone, shutdown) are dropped."""
-
-    def __init__(self, service: Service, max_sequences: int):
-        self.service, self.max_sequences = service, max_sequences
-        self.queue: list[_Job] = []
-        self.current: list[_Job] = []
-        self.wake = asyncio.Event()
-        self.running = asyncio.Event()  # cleared by /pause
-        self.running.set()
-        self.idle = asyncio.Event()  # set while no engine call is in flight
-        self.idle.set()
-        self.in_flight = 0
-
-    def submit(self, prompts: list[list[int]], params: SamplingParams) -> _Job:
-        job = _Job(prompts, params, asyncio.get_running_loop().create_future())
-        self.queue.append(job)
-        self.wake.set()
-        return job
-
-    def _take(self) -> list[tuple[_Job, list[list[int]], SamplingParams]]:
-        first = self.queue.pop(0)
-        prompts, params = first.chunk(self.max_sequences)
-        calls, total = [(first, prompts, params)], len(prompts) * params.n
-        if params.seed is None and first.next == 0 and len(prompts) == len(first.prompts):
-            for job in list(self.queue):
-                if job.next == 0 and job.params == params and total + job.size <= self.max_sequences:
-                    calls.append((job, job.prompts, params))
-                    self.queue.remove(job)
-                    total += job.size
-        return calls
-
-    def fail_all(self, status: int, detail: str) -> None:
-        for job in self.queue + self.current:
-            if not job.future.done():
-                job.future.set_exception(HTTPException(status, detail))
-        self.queue.clear()
-
-    async def run_forever(self) -> None:
-        while True:
-            await self.running.wait()
-            self.queue = [j for j in self.queue if not j.future.done()]  # callers that went away
-            if not self.queue:
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            calls = self._take()
-            self.idle.clear()  # no await since _take: /pause cannot slip in between
-            self.current = [job for job, _, _ in calls]
-            self.in_flight = sum(len(prompts) * params.n for _, prompts, params in calls)
-            try:
-                await self._run(calls)
-            finally:
-                self.in_flight, self.current = 0, []
-                self.idle.set()
-
-    async def _run(self, calls: list[tuple[_Job, list[list[int]], SamplingParams]]) -> None:
-        prompts = [p for _, chunk, _ in calls for p in chunk]
-        params = calls[0][2]
-        try:
-            results = await self.service.call(self.service.timed_generate, prompts, params)
-        except Exception as err:  # every merged caller learns of it; the loop lives on
-            for job, _, _ in calls:
-                if not job.future.done():
-                    job.future.set_exception(err)
-            return
-        self.service.metrics.merged_requests += len(calls) if len(calls) > 1 else 0
-        start = 0
-        for job, chunk, _ in calls:
-            part = results[start * params.n : (start + len(chunk)) * params.n]
-            for c in part:
-                c.prompt_index += job.next - start
-            job.done += part
-            job.next += len(chunk)
-            start += len(chunk)
-            if job.future.done():
-                continue
-            if job.next == len(job.prompts):
-                job.future.set_result(job.done)
-            else:
-                self.queue.append(job)  # round-robin: the rest waits behind what queued meanwhile
-
-
-class _LocalReceiver:
-    """NCCL/gloo weight receipt for engines that load a state dict in this process (the embedded engine)."""
-
-    sync_ranks = 1
-
-    def __init__(self, engine: RolloutEngine):
-        self.engine, self.group = engine, None
-
-    def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int, backend: str, timeout_s: float):
-        from rollout.weight_transfer import SyncGroup
-
-        self.close_weight_sync()
-        self.group = SyncGroup.join(host, port, rank_offset, world_size, backend, timeout_s)
-
-    def receive_weights(self, manifest: list[dict], bucket_bytes: int, version: int | None) -> int:
-        from rollout.weight_transfer import receive_weights
-
-        if self.group is None:
-            raise P.WeightSyncError("no weight-sync group: POST /init_weight_sync first")
-        state = dict(receive_weights(self.group, manifest, bucket_bytes))
-        return self.engine.update_weights(state, version)
-
-    def close_weight_sync(self) -> None:
-        if self.group is not None:
-            self.group.close()
-            self.group = None
-
-
 class Service:
     """The engine, its single engine thread, the batcher and the counters behind the routes."""
 
     def __init__(
-        self, engine: RolloutEngine, tokenizer: Any, name: str, backend: str, limits: tuple[int, int], caps: Limits
+        self, engine: ServedEngine, tokenizer: Any, name: str, backend: str, limits: tuple[int, int], caps: Limits
     ):
         self.engine, self.tokenizer, self.name, self.backend, self.caps = engine, tokenizer, name, backend, caps
         self.vocab_size, self.max_len = limits
@@ -229,7 +92,6 @@ class Service:
         self.boot_id = uuid.uuid4().hex
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
-        self.receiver = engine if hasattr(engine, "receive_weights") else _LocalReceiver(engine)
         self.batcher: Batcher | None = None  # made inside the event loop
 
     async def call(self, fn, *args):
@@ -317,7 +179,7 @@ class Service:
         """SIGTERM: refuse new requests and answer every queued and in-flight one 503 now."""
         self.closing = True
         if self.batcher is not None:
-            self.batcher.fail_all(503, SHUTTING_DOWN)
+            self.batcher.fail_all(HTTPException(503, SHUTTING_DOWN))
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "created": 0, "owned_by": "rldock", "max_model_len": self.max_len}
@@ -330,13 +192,14 @@ class Service:
             "paused": not self.batcher.running.is_set(),
             "model": self.name,
             "backend": self.backend,
-            "sync_ranks": self.receiver.sync_ranks,
+            "sync_ranks": self.engine.sync_ranks,
         }
 
     def metrics_body(self) -> dict[str, Any]:
         m = self.metrics
         body = {k: v for k, v in vars(m).items() if k != "started"}
         body.update(
+            merged_requests=self.batcher.merged_requests,
             uptime_s=time.monotonic() - m.started,
             tokens_per_s=m.tokens_generated / m.generate_seconds if m.generate_seconds else 0.0,
             queue_requests=len(self.batcher.queue),
@@ -349,104 +212,12 @@ class Service:
         return body
 
     def checksum(self) -> dict[str, Any]:
-        own = getattr(self.engine, "weights_checksum", None)
-        if own is not None:
-            digest = own()
-        else:
-            from rollout.weight_transfer import checksum
-
-            digest = checksum(self.engine.model.named_parameters())
-        return {"checksum": digest, "weight_version": self.engine.weight_version}
+        return {"checksum": self.engine.weights_checksum(), "weight_version": self.engine.weight_version}
 
 
 async def _client_gone(request: Request) -> None:
     while not await request.is_disconnected():
         await asyncio.sleep(0.2)
-
-
-# ---- OpenAI completions ----------------------------------------------------------------------------------------------
-
-
-def _tokenize(service: Service, req: P.CompletionsRequest) -> list[list[int]]:
-    prompts = []
-    for p in req.prompt_list():
-        ids = service.tokenizer(p)["input_ids"] if isinstance(p, str) else p
-        if not ids:
-            raise HTTPException(400, "a prompt tokenized to zero tokens")
-        prompts.append(ids)
-    return prompts
-
-
-def _render_chat(service: Service, req: P.ChatCompletionsRequest) -> list[int]:
-    messages = [m.as_template_input() for m in req.messages]
-    try:
-        text = service.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as err:  # jinja raises for roles or orders the template refuses: the caller's input
-        raise HTTPException(400, f"the chat template refused these messages: {err}") from None
-    return service.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _cut_at_stop(tokenizer, ids: list[int], stops: list[str]) -> int:
-    """Fewest leading tokens whose text contains a stop string (the text grows with the prefix, so bisect)."""
-    lo, hi = 1, len(ids)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if P.first_stop(tokenizer.decode(ids[:mid], skip_special_tokens=True), stops) is None:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-def _finish(tokenizer, c: Completion, stops: list[str]) -> tuple[str, str, list[int], list[float], int]:
-    """(text, finish reason, token ids, logprobs, tokens generated) of a completion, cut before the first stop
-    string. The ending special token (EOS, end of turn) is generated but not part of the text: its id and logprob
-    are left out too, so the logprob list matches the returned text."""
-    ids, logprobs, finish = c.token_ids, list(c.logprobs), c.finish_reason
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    cut = P.first_stop(text, stops) if stops else None
-    if cut is not None:
-        keep = _cut_at_stop(tokenizer, ids, stops)
-        ids, logprobs, text, finish = ids[:keep], logprobs[:keep], text[:cut], "stop"
-    generated = len(ids)
-    special = set(tokenizer.all_special_ids)
-    while ids and ids[-1] in special:
-        ids, logprobs = ids[:-1], logprobs[:-1]
-    return text, finish, ids, logprobs, generated
-
-
-def _text_parts(tokenizer, ids: list[int], text: str) -> list[str]:
-    """`text` split at token boundaries, one part per id, the parts concatenating to `text` (for streaming): each
-    boundary is the length of the decoded prefix, clipped to the text (a stop string may have cut it)."""
-    ends = [min(len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True)), len(text)) for k in range(len(ids))]
-    starts = [0, *ends[:-1]]
-    parts = [text[a:b] if b > a else "" for a, b in zip(starts, ends, strict=True)]
-    if parts:
-        parts[-1] += text[ends[-1] :]
-    return parts
-
-
-def _openai_body(service: Service, req: P.OpenAISampling, prompts: list[list[int]], completions):
-    """The answer of /v1/completions or (for a ChatCompletionsRequest) /v1/chat/completions, and per choice the
-    token-sized parts of its text when the request streams."""
-    chat = isinstance(req, P.ChatCompletionsRequest)
-    want = req.logprobs if chat else req.logprobs is not None
-    tok, choices, parts, used = service.tokenizer, [], [], 0
-    for i, c in enumerate(completions):
-        text, finish, ids, logprobs, generated = _finish(tok, c, req.stop_strings())
-        pieces = [tok.decode([t]) for t in ids] if want else None
-        used += generated
-        if req.stream:
-            parts.append(_text_parts(tok, ids, text))
-        if chat:
-            choices.append(P.chat_choice(i, text, finish, pieces, logprobs, req.top_logprobs or 0))
-        else:
-            offsets = list(accumulate((len(p) for p in pieces[:-1]), initial=0)) if pieces else []
-            choices.append(P.completion_choice(i, text, finish, pieces, logprobs, offsets))
-    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    prompt_tokens = sum(len(p) for p in prompts)
-    body = P.completions_response(request_id, int(time.time()), service.name, choices, prompt_tokens, used)
-    return body, parts
 
 
 # ---- the app -------------------------------------------------------------------------------------------------------
@@ -475,11 +246,11 @@ def _generation_routes(app: FastAPI, svc: Service, users: Depends) -> None:
 
     @app.post("/v1/completions", dependencies=[users])
     async def completions(req: P.CompletionsRequest, request: Request):
-        return await _openai(svc, req, _tokenize(svc, req), 16, request)
+        return await _openai(svc, req, tokenize(svc.tokenizer, req), 16, request)
 
     @app.post("/v1/chat/completions", dependencies=[users])
     async def chat_completions(req: P.ChatCompletionsRequest, request: Request):
-        return await _openai(svc, req, [_render_chat(svc, req)], 512, request)
+        return await _openai(svc, req, [render_chat(svc.tokenizer, req)], 512, request)
 
 
 async def _openai(
@@ -491,7 +262,7 @@ async def _openai(
     if refused:
         raise HTTPException(400, refused)
     out = await svc.generate(prompts, req.sampling_params(default_max_tokens), request)
-    body, parts = await asyncio.to_thread(_openai_body, svc, req, prompts, out)
+    body, parts = await asyncio.to_thread(openai_body, svc.tokenizer, svc.name, req, prompts, out)
     if not req.stream:
         return body
     # The engine answers a request whole; the stream hands it over token by token once it is done.
@@ -506,19 +277,19 @@ def _admin_routes(app: FastAPI, svc: Service, admins: Depends, weights_root: Pat
             version = await _load_from_disk(svc, req, weights_root)
         else:
             manifest = [s.model_dump() for s in req.manifest]
-            fn = svc.receiver.receive_weights
+            fn = svc.engine.receive_weights
             version = await svc.call(svc.timed_update, fn, manifest, req.bucket_bytes, req.version)
         return {"weight_version": version, "boot_id": svc.boot_id}
 
     @app.post("/init_weight_sync", dependencies=[admins])
     async def init_weight_sync(req: P.InitWeightSyncRequest):
         args = (req.host, req.port, req.rank_offset, req.world_size, req.backend, req.timeout_s)
-        await svc.call(svc.receiver.init_weight_sync, *args)
-        return {"ok": True, "sync_ranks": svc.receiver.sync_ranks}
+        await svc.call(svc.engine.init_weight_sync, *args)
+        return {"ok": True, "sync_ranks": svc.engine.sync_ranks}
 
     @app.post("/close_weight_sync", dependencies=[admins])
     async def close_weight_sync():
-        await svc.call(svc.receiver.close_weight_sync)
+        await svc.call(svc.engine.close_weight_sync)
         return {"ok": True}
 
     @app.post("/pause", dependencies=[admins])
@@ -567,7 +338,7 @@ async def _load_from_disk(svc: Service, req: P.UpdateWeightsRequest, weights_roo
 
 
 def create_app(
-    engine: RolloutEngine,
+    engine: ServedEngine,
     tokenizer: Any,
     *,
     name: str,
@@ -589,7 +360,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         svc.loop = asyncio.get_running_loop()
-        svc.batcher = Batcher(svc, max_batch_size)
+        svc.batcher = Batcher(lambda prompts, params: svc.call(svc.timed_generate, prompts, params), max_batch_size)
         task = asyncio.create_task(svc.batcher.run_forever())
         yield
         svc.begin_shutdown()
@@ -647,40 +418,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _limits(path: str) -> tuple[int, int]:
-    cfg_file = Path(path) / "config.json"
-    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    cfg = cfg.get("text_config", cfg)
-    return int(cfg.get("vocab_size", 2**31 - 1)), int(cfg.get("max_position_embeddings", 2**31 - 1))
-
-
-def build_engine(args: argparse.Namespace, path: str) -> RolloutEngine:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.backend == "vllm":
-        from rollout.vllm_backend import VLLMEngine
-
-        return VLLMEngine(
-            path,
-            dtype=args.dtype,
-            seed=args.seed,
-            max_batch_size=args.max_batch_size,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            tensor_parallel_size=args.tensor_parallel_size,
-        )
-    from rollout.defaults import resolve_device, resolve_dtype
-    from rollout.engine import EmbeddedEngine
-
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-        torch.cuda.set_device(device)  # NCCL weight sync uses the current device
-    dtype = resolve_dtype(args.dtype, device)
-    return EmbeddedEngine(path, device=device, dtype=dtype, max_batch_size=args.max_batch_size, seed=args.seed)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -692,7 +429,12 @@ def main(argv: list[str] | None = None) -> None:
 
         path = resolve_model_path(args.model, args.models_dir)
         tokenizer = load_tokenizer(path)
-        engine = build_engine(args, path)
+        vllm = {
+            "gpu_memory_utilization": args.gpu_memory_utilization,
+            "tensor_parallel_size": args.tensor_parallel_size,
+        }
+        engine = build_engine(path, args.backend, args.device, args.dtype, args.max_batch_size, args.seed, args.threads,
+                              **(vllm if args.backend == "vllm" else {}))  # fmt: skip
     except (ValueError, OSError, ImportError, RuntimeError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         sys.exit(f"rollout.server: error: {msg}")
@@ -701,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
     name = args.served_model_name or args.model
     caps = Limits(args.max_n, args.max_tokens, args.max_sequences, args.max_request_tokens)
     app = create_app(
-        engine, tokenizer, name=name, backend=args.backend, max_batch_size=args.max_batch_size, limits=_limits(path),
+        engine, tokenizer, name=name, backend=args.backend, max_batch_size=args.max_batch_size, limits=model_limits(path),
         caps=caps, weights_root=args.weights_root,
     )  # fmt: skip
     print(f"rollout.server: {name} ({args.backend}) on http://{args.host}:{args.port}", flush=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rollout.api import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, RolloutEngine, SamplingParams
+from rollout.api import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, SamplingParams, ServedEngine
 from rollout.payloads import WeightSyncError
 
 SUPPORTED_VLLM = ((0, 10), (0, 12))  # [low, high) of (major, minor)
@@ -68,7 +68,7 @@ def _check_version(version: str) -> None:
         raise ImportError(f"vllm {version} is installed; the vllm backend was written for vLLM 0.10.x-0.11.x")
 
 
-class VLLMEngine(RolloutEngine):
+class VLLMEngine(ServedEngine):
     """A vLLM `LLM` on this machine's GPU(s). Not thread-safe: the rollout server calls it from one thread."""
 
     def __init__(

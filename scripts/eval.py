@@ -294,51 +294,41 @@ class RolloutTarget(OpenAITarget):
 
 
 class LocalTarget:
-    """The embedded engine in this process. Concurrent calls from the worker threads are merged into one engine
-    call of at most --concurrency x k sequences (the engine runs one call at a time)."""
+    """The embedded engine in this process behind the rollout service's batcher (rollout/batching.py), on a private
+    event loop: the worker threads' concurrent calls share engine calls of at most --concurrency x k sequences."""
 
     def __init__(self, model: str, device: str, max_rows: int):
-        from rollout.defaults import resolve_device
-        from rollout.engine import EmbeddedEngine
+        import asyncio
+
+        from rollout.batching import Batcher
+        from rollout.factory import build_engine
         from rollout.loading import load_tokenizer, resolve_model_path
 
         path = resolve_model_path(model)
-        device = str(resolve_device(device))
         self.tokenizer = load_tokenizer(path)
-        self.engine = EmbeddedEngine(path, device=device, max_batch_size=max(8, max_rows))
-        self.name, self.model = f"local:{device}", model
-        self.lock = threading.Lock()
-        self.pending: list[tuple[list[int], SamplingParams, Future]] = []
+        self.engine = build_engine(path, device=device, max_batch_size=max(8, max_rows))
+        self.name, self.model = f"local:{self.engine.device}", model
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="eval-batcher", daemon=True).start()
+        engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")  # one engine call at a time
+
+        async def generate(prompts, params):
+            return await self.loop.run_in_executor(engine_thread, self.engine.generate, prompts, params)
+
+        self.batcher = Batcher(generate, max(8, max_rows))
+        asyncio.run_coroutine_threadsafe(self.batcher.run_forever(), self.loop)
 
     def complete(self, messages: list[dict], s: SamplingParams) -> list[dict[str, Any]]:
+        import asyncio
+
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        future: Future = Future()
-        with self.lock:
-            self.pending.append((ids, s, future))
-        time.sleep(0.02)  # let the other workers' requests of this round join the batch
-        self._drain()
-        return future.result()
 
-    def _drain(self) -> None:
-        with self.lock:
-            jobs, self.pending = self.pending, []
-        if not jobs:
-            return
-        s = jobs[0][1]  # one run uses one sampling setting; only n differs (k samples vs one env turn)
-        prompts = [ids for ids, job_s, _ in jobs for _ in range(job_s.n)]
-        params = replace(s, n=1)
-        try:
-            out = self.engine.generate(prompts, params)
-        except Exception as e:
-            for _, _, f in jobs:
-                f.set_exception(e)
-            return
-        i = 0
-        for _, job_s, f in jobs:
-            done = out[i : i + job_s.n]
-            i += job_s.n
-            f.set_result([{"text": self._decode(c.token_ids), "finish_reason": c.finish_reason} for c in done])
+        async def submit():
+            return await self.batcher.submit([ids], s).future
+
+        done = asyncio.run_coroutine_threadsafe(submit(), self.loop).result()
+        return [{"text": self._decode(c.token_ids), "finish_reason": c.finish_reason} for c in done]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
