@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +62,15 @@ def test_items_from_a_server_that_learns_its_size_from_its_first_env(tokenizer, 
     assert health["live"] == 0  # the probing slot was closed
 
 
+def _train(preset: str, overrides: list[str], exp: Path, tmp_path: Path) -> tuple[Path, list[dict]]:
+    """Run `python -m trainer preset overrides` to the end; (its experiment folder, its metrics rows)."""
+    cmd = [sys.executable, "-m", "trainer", preset, *overrides]
+    env = {**os.environ, "WANDB_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return exp, [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
 def test_trainer_trains_on_searchqa_questions(tmp_path, tokenizer):
     """One real GRPO step on the in-process searchqa env (env.max_rounds=2 from the preset): the items trained are the
@@ -82,12 +92,7 @@ def test_trainer_trains_on_searchqa_questions(tmp_path, tokenizer):
         f"checkpoint.save_dir={saves}",
         "logging.wandb=false",
     ]
-    cmd = [sys.executable, "-m", "trainer", "configs/searchqa_tiny.yaml", *overrides]
-    env = {**os.environ, "WANDB_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    exp = saves / "sq"
-    rows = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
+    exp, rows = _train("configs/searchqa_tiny.yaml", overrides, saves / "sq", tmp_path)
     trained = [r["item_ids"] for r in rows if "item_ids" in r]
     cursor = DataCursor([{"index": i} for i in range(28)], seed=0)
     assert trained == [[item["index"] for item in cursor.next_batch(2)]]
@@ -104,12 +109,7 @@ def test_trainer_trains_on_textcraft_goals(tmp_path):
     saves = tmp_path / "saves"
     overrides = ["experiment_name=tc", "train.total_steps=2", "rollout.n=2", "eval.num_samples=2", "eval.every=2",
                  "eval.at_start=false", "checkpoint.every=2", f"checkpoint.save_dir={saves}", "logging.wandb=false"]  # fmt: skip
-    cmd = [sys.executable, "-m", "trainer", "configs/textcraft_tiny.yaml", *overrides]
-    env = {**os.environ, "WANDB_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    exp = saves / "tc"
-    rows = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
+    exp, rows = _train("configs/textcraft_tiny.yaml", overrides, saves / "tc", tmp_path)
     trained = [r["item_ids"] for r in rows if "item_ids" in r]
     assert len(trained) == 2 and all(0 <= i < 17 for ids in trained for i in ids)
     assert any("eval/reward" in r for r in rows)
