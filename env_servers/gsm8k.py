@@ -172,6 +172,16 @@ class GSM8KEnv(Env):
 
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "gsm8k" / "test.jsonl"
+_ANNOTATION = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator calls, e.g. <<48/2=24>>: never seen at test time
+
+
+def solution_text(answer: str) -> str:
+    """A GSM8K answer field → the completion a model should learn: reasoning lines, then the boxed final answer."""
+    reasoning = _ANNOTATION.sub("", answer.rsplit("####", 1)[0]).strip()
+    final = f"The final answer is \\boxed{{{gold_answer(answer)}}}."
+    return f"{reasoning}\n{final}" if reasoning else final
+
+
 # The user turn a GSM8K question is asked in, by default (the trainer's data.prompt_template and the eval runner's):
 # one definition, so training-time and standalone eval numbers are comparable.
 PROMPT_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."

@@ -1,6 +1,6 @@
 """Request batching in front of one engine: jobs are cut into engine calls of at most `max_sequences` sequences,
 served round-robin, and whole unseeded jobs with identical sampling parameters share a call. Used by the rollout
-service (rollout/server.py) and the eval runner's local engine (scripts/eval.py). No torch.
+service (rollout/server.py) and the eval runner's local engine (scripts/eval/targets.py). No torch.
 """
 
 from __future__ import annotations

