@@ -1,5 +1,5 @@
 # rldock/eval: slim Python, no CUDA, no torch. Runs the env servers and the eval runner (HTTP mode); the modules it
-# serves import no torch (tests/test_docker_images.py checks that against eval-requirements.txt).
+# serves import no torch (tests/docker_files/test_docker_images.py checks that against eval-requirements.txt).
 # BASE_IMAGE: any Debian/Ubuntu image with python3 and its venv module (python:*-slim, or docker/debian-base.sh's).
 ARG BASE_IMAGE=python:3.12-slim
 FROM ${BASE_IMAGE}

@@ -30,11 +30,10 @@ from scripts.local_stack import (
     make_plans,
     select_services,
 )
+from tests.conftest import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SERVICES = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import free_port  # noqa: E402
 
 # ---------------------------------------------------------------- compose semantics, on the real file
 

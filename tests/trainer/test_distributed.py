@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, free_port
-from tests.test_train_integration import expected_item_ids, load_checkpoint_weights, make_workdir, train_rows
+from tests.trainer.test_train_integration import expected_item_ids, load_checkpoint_weights, make_workdir, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,7 @@ def synthetic_groups(num_groups: int, n: int, vocab: int) -> list:
 def one_update(d, trajectories) -> tuple:
     """Learner.update on a tiny tied-embedding Llama (FSDP2 when `d` is distributed), SGD lr 1 so params move by
     exactly the clipped gradient; returns (full state dict after the step, step metrics)."""
-    from tests.test_checkpoint import tiny_llama
+    from tests.trainer.test_checkpoint import tiny_llama
     from trainer import dist
     from trainer.config import Config
     from trainer.learner import Learner
@@ -126,7 +126,7 @@ def update_worker(out: str) -> None:
 
 
 def tiny_reference() -> dict:
-    from tests.test_checkpoint import tiny_llama
+    from tests.trainer.test_checkpoint import tiny_llama
 
     return tiny_llama(seed=0).state_dict()
 
@@ -149,7 +149,7 @@ def test_compile_layers_on_a_sharded_model(monkeypatch):
     Here on a 1-rank gloo group with inductor on CPU; the compiled forward and backward must equal eager."""
     import torch.distributed as td
 
-    from tests.test_checkpoint import tiny_llama
+    from tests.trainer.test_checkpoint import tiny_llama
     from trainer import dist
     from trainer.loop import compile_layers
 

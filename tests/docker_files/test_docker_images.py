@@ -21,7 +21,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("rldock_docker_requirements", ROOT / "docker/requirements.py")
 image_reqs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(image_reqs)

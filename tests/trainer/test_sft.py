@@ -36,7 +36,7 @@ def easy_items(tokenizer, rows: list[dict] | None = None) -> list[dict]:
 def test_solution_text_strips_annotations_boxes_the_gold_and_scores_correct():
     from env_servers.gsm8k import load_gsm8k, score, solution_text
 
-    rows = load_gsm8k(Path(__file__).resolve().parent.parent / "data" / "gsm8k" / "train.jsonl")[:200]
+    rows = load_gsm8k(Path(__file__).resolve().parents[2] / "data" / "gsm8k" / "train.jsonl")[:200]
     for row in rows:
         text = solution_text(row["answer"])
         assert "<<" not in text and ">>" not in text and "####" not in text

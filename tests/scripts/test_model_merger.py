@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = 1234
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -304,7 +304,7 @@ if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/test_model_merge
 
 
 def test_make_merge_runs_locally_with_the_docker_targets_variables(tiny_step, tmp_path):
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     save = tmp_path / "merged"
     run = subprocess.run(
         ["make", "-s", "-C", str(root), "merge", f"LOCAL_DIR={tiny_step.parent}", f"SAVE_DIR={save}",

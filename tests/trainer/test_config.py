@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from trainer.config import Config, ConfigError, load_config, save_config, valid_keys
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
@@ -124,7 +124,7 @@ def test_every_field_has_a_docstring_and_is_a_valid_key():
 
 def test_trainer_outside_the_venv_says_how_to_get_one():
     """An interpreter without the dependencies (here: no site-packages at all) gets one line, not a traceback."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
         [sys.executable, "-S", "-m", "trainer", "configs/gsm8k_tiny.yaml"],
         cwd=root,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
 SERVICES = yaml.safe_load(COMPOSE_TEXT)["services"]
 PROFILES = {"build", "train", "rollout", "env", "scripts", "model-merger", "formatter", "eval"}

@@ -20,7 +20,7 @@ from trainer.agent_workflow import AgentWorkflow
 from trainer.async_rollout import AsyncSource, SyncSource, capacity, make_source
 from trainer.rounds import RoundsSchedule
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 B, N = 2, 2  # prompts per step, samples per prompt
 
 

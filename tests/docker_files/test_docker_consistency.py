@@ -16,7 +16,7 @@ import yaml
 
 from scripts.local_stack import make_plans
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
 SERVICES = yaml.safe_load(COMPOSE_TEXT)["services"]
 PROFILES = {p for s in SERVICES.values() for p in s.get("profiles", [])}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))

@@ -1,5 +1,5 @@
 """Each environment's reset/step/reward in-process: gsm8k_tools, babyai, sciworld (skips without Java), searchqa,
-textcraft. The AgentGym conformance over HTTP is in test_agentgym_conformance.py."""
+textcraft. The AgentGym conformance over HTTP is in tests/env_servers/test_agentgym_conformance.py."""
 
 from __future__ import annotations
 
