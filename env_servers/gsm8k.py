@@ -103,10 +103,9 @@ def score(completion_text: str, gold: str, format_reward: float = 0.0) -> dict[s
     Returns reward (1.0 if correct, plus `format_reward` when a `\\boxed{}` answer is present), correct (lenient),
     format_ok (a non-empty `\\boxed{}` is present), strict (boxed and correct) and the extracted answer.
     """
-    boxed = _last_boxed(completion_text)
-    pred = boxed if boxed else _last_number(completion_text)
+    pred = extract_answer(completion_text)
     correct = pred is not None and answers_match(pred, gold_answer(gold))
-    format_ok = bool(boxed)
+    format_ok = bool(_last_boxed(completion_text))
     reward = (1.0 if correct else 0.0) + (format_reward if format_ok else 0.0)
     return {"reward": reward, "correct": correct, "format_ok": format_ok, "strict": correct and format_ok, "pred": pred}
 
