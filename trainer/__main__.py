@@ -24,23 +24,16 @@ def config_keys_help() -> str:
     """Every config key with its default and docstring, read from the typed config (no torch)."""
     import textwrap
 
-    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
 
-    from trainer.config import Config
+    from trainer.config import config_fields
 
     lines: list[str] = []
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{prefix}{name}.")
-                continue
-            default = field.default_factory() if field.default_factory else field.default
-            text = f"{prefix}{name} [{default!r}]: {field.description or ''}"
-            lines.append(textwrap.fill(text, 118, initial_indent="  ", subsequent_indent="      "))
-
-    walk(Config, "")
+    for key, field, kind in config_fields():
+        default = field.default_factory() if field.default_factory else field.default
+        shown = "" if default is PydanticUndefined else f" [{default!r}]"
+        text = f"{key}{f' ({kind})' if kind else ''}{shown}: {field.description or ''}"
+        lines.append(textwrap.fill(text, 118, initial_indent="  ", subsequent_indent="      "))
     return "\n".join(lines)
 
 

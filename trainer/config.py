@@ -6,11 +6,13 @@ Importing this module does not import torch, so `python -m trainer --help` and c
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from env_servers.gsm8k import PROMPT_TEMPLATE
 from rollout.api import Count, Temperature, TopK, TopP
@@ -273,19 +275,26 @@ class ConfigError(ValueError):
     """A config problem, worded for one line on the command line."""
 
 
-def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    keys: list[str] = []
+def config_fields(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[tuple[str, FieldInfo, str | None]]:
+    """Every key of the config tree with its field; keys of a union variant (weight_sync's kinds) come once per
+    variant, with the variant's kind. The one walk of the tree: valid keys, `--help` and the tests read it."""
     for name, info in model.model_fields.items():
         ann = info.annotation
         variants = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += valid_keys(ann, f"{prefix}{name}.")
-        elif variants:  # a discriminated union: the section itself (the shorthand) and every variant's keys
-            keys.append(f"{prefix}{name}")
-            keys += [k for v in variants for k in valid_keys(v, f"{prefix}{name}.")]
+            yield from config_fields(ann, f"{prefix}{name}.")
+        elif variants:  # a discriminated union: the section itself (the shorthand), then every variant's keys
+            yield f"{prefix}{name}", info, None
+            for variant in variants:
+                kind = get_args(variant.model_fields["kind"].annotation)[0]
+                for key, sub, _ in config_fields(variant, f"{prefix}{name}."):
+                    yield key, sub, kind
         else:
-            keys.append(f"{prefix}{name}")
-    return list(dict.fromkeys(keys))
+            yield f"{prefix}{name}", info, None
+
+
+def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    return list(dict.fromkeys(key for key, _, _ in config_fields(model, prefix)))
 
 
 def unknown_key(key: str) -> str:
