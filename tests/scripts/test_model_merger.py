@@ -296,7 +296,7 @@ def test_help_is_fast_and_imports_no_torch():
     assert "--hf_upload_path" in run_merger("--help").stdout
 
 
-if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/test_model_merger.py MODEL_PATH EXP_DIR
+if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/scripts/test_model_merger.py MODEL_PATH EXP_DIR
     import torch
 
     torch.set_num_threads(1)

@@ -1,7 +1,7 @@
 """Checkpoint layout, exact restore, atomic publishing, pruning — one process, no process group.
 
 A tiny randomly initialised Llama (tied embeddings, like SmolLM2) keeps these fast; the real model goes through the
-same code in tests/test_train_integration.py.
+same code in tests/trainer/test_train_integration.py.
 """
 
 from __future__ import annotations

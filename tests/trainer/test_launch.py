@@ -1,5 +1,5 @@
 """trainer/launch.py, the train container's command: which launcher the layout variables choose, and the one-line
-errors for a malformed layout. The launched runs themselves are tested in tests/test_distributed.py (torchrun on
+errors for a malformed layout. The launched runs themselves are tested in tests/trainer/test_distributed.py (torchrun on
 one node) and in the docker tier (two containers as two nodes)."""
 
 from __future__ import annotations
