@@ -33,7 +33,8 @@ class Retriever(abc.ABC):
         """The contents of the top `k` passages for `query`, best first."""
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, one per non-empty line; ValueError naming the line otherwise."""
     if not path.is_file():
         raise FileNotFoundError(f"searchqa data not found: {path}")
     rows = []
@@ -53,7 +54,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def load_corpus(path: Path) -> list[str]:
     """Passage contents ("title\\ntext") from `{"contents"}` or `{"title", "text"}` rows."""
     out = []
-    for row in _read_jsonl(path):
+    for row in read_jsonl(path):
         if "contents" in row:
             out.append(str(row["contents"]))
         else:

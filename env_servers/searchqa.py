@@ -28,7 +28,7 @@ from typing import Any
 from env_servers.api import Env, EnvError, Observation, StepResult
 from env_servers.gsm8k import check_index
 from env_servers.protocol import Wire
-from env_servers.retrieval import Retriever, _read_jsonl, make_retriever
+from env_servers.retrieval import Retriever, make_retriever, read_jsonl
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "searchqa"
 TOP_K = 3  # AgentGym's server always asks its retriever for 3
@@ -95,7 +95,7 @@ def load_questions(path: Path) -> list[dict[str, Any]]:
             raise EnvError("parquet question files need the pyarrow package") from None
         rows = pq.read_table(path).to_pylist()
     else:
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
     out = []
     for i, row in enumerate(rows, 1):
         target = ((row.get("reward_model") or {}).get("ground_truth") or {}).get("target")
