@@ -5,7 +5,9 @@ init), bf16 compute, 8 prompts x group 8 = 64 completions x 256 new tokens, prom
 
 Measured in one process, each figure the median of --steps timed repetitions after --warmup untimed ones:
 - rollout alone: rldock engine (fused kernels + CUDA graphs; also without graphs, and unfused torch ops + graphs),
-  HF `generate` with a static cache; completion tokens / s and the ratio to HF;
+  HF `generate` with a static cache, and (--vllm) vLLM's `LLM` through rollout/vllm_backend.py; completion tokens / s,
+  the ratio to HF, the first call's time and the GPU memory taken (free memory before the engine - after its first
+  call; vLLM's is the KV budget its gpu_memory_utilization asks for, plus its own weights and graphs);
 - weight sync: fp32 master state dict -> the engine's packed bf16 copy;
 - GRPO step: rldock (trainer.workflow rollout + GSM8K reward, trainer.learner.Learner.update, trainer weight sync) vs
   TRL GRPOTrainer (HF generate, no vLLM), same model folder, prompts, reward and batch; learner TFLOP/s = 6 N T / time
@@ -14,7 +16,7 @@ Measured in one process, each figure the median of --steps timed repetitions aft
 TRL is not a project dependency. On the lent GPU it was brought in as wheels (pip download trl==1.16.0 datasets
 dill multiprocess --no-deps, installed with --target; see bench/RESULTS.md). Without TRL the TRL rows are skipped.
 
-    python bench/grpo_step.py [--steps 3] [--warmup 1] [--skip-hf] [--skip-trl] [--json out.json]
+    python bench/grpo_step.py [--steps 3] [--warmup 1] [--skip-hf] [--skip-trl] [--vllm] [--json out.json]
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=64, help="rldock learner micro-batch (sequences)")
     p.add_argument("--skip-hf", action="store_true", help="skip HF static-cache generate")
     p.add_argument("--skip-trl", action="store_true", help="skip TRL GRPOTrainer")
+    p.add_argument("--vllm", action="store_true", help="also W's rollout through vLLM (rollout/vllm_backend.py)")
     p.add_argument("--json", help="write every figure here")
     return p.parse_args()
 
@@ -70,10 +73,12 @@ def timed(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
 def make_model_folder(args) -> tuple[str, object, int]:
     """Random-init W model saved as an HF folder with the tokenizer; returns (path, tokenizer, param count)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rollout.loading import load_tokenizer
 
     path = Path(args.workdir) / "model"
-    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)  # the trainer's: a pad token even where the folder has none
     torch.manual_seed(0)
     cfg = AutoConfig.for_model("qwen2", **QWEN05_SHAPE, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -101,6 +106,7 @@ def bench_engine(model, items, eos: int, steps: int, warmup: int, **engine_kw) -
     from rollout.api import SamplingParams
     from rollout.engine import EmbeddedEngine
 
+    free = torch.cuda.mem_get_info()[0]
     engine = EmbeddedEngine.from_module(model, eos_token_ids=[eos], dtype=torch.bfloat16, **engine_kw)
     prompts = [it["prompt_ids"] for it in items]
     counter = iter(range(10**6))
@@ -113,11 +119,38 @@ def bench_engine(model, items, eos: int, steps: int, warmup: int, **engine_kw) -
     t0 = time.perf_counter()
     once()  # first call: runner allocation, kernel compilation, graph capture
     first = time.perf_counter() - t0
+    mem = (free - torch.cuda.mem_get_info()[0]) / 2**30
     med, times = timed(once, steps, max(0, warmup - 1))
     sync, _ = timed(lambda: engine.update_weights(model.state_dict()), steps, 1)
     engine.close()
     return {"time_s": med, "times": times, "tok_s": out["tokens"] / med, "tokens": out["tokens"], "first_call_s": first,
-            "sync_s": sync}  # fmt: skip
+            "sync_s": sync, "mem_gib": mem}  # fmt: skip
+
+
+def bench_vllm(path: str, items, steps: int, warmup: int) -> dict:
+    """W through vLLM (rollout/vllm_backend.py, its defaults: torch.compile + CUDA graphs), same sampling settings."""
+    import torch
+
+    from rollout.api import SamplingParams
+    from rollout.vllm_backend import VLLMEngine
+
+    free, t0 = torch.cuda.mem_get_info()[0], time.perf_counter()
+    engine = VLLMEngine(path, dtype="bfloat16", max_batch_size=W["prompts"] * W["group"], gpu_memory_utilization=0.3)
+    start = time.perf_counter() - t0
+    prompts, counter, out = [it["prompt_ids"] for it in items], iter(range(10**6)), {}
+
+    def once():
+        params = SamplingParams(n=W["group"], temperature=1.0, max_new_tokens=W["new_tokens"], seed=next(counter))
+        out["tokens"] = sum(len(c.token_ids) for c in engine.generate(prompts, params))
+
+    t0 = time.perf_counter()
+    once()
+    first = time.perf_counter() - t0
+    mem = (free - torch.cuda.mem_get_info()[0]) / 2**30
+    med, times = timed(once, steps, max(0, warmup - 1))
+    engine.close()
+    return {"time_s": med, "times": times, "tok_s": out["tokens"] / med, "tokens": out["tokens"], "first_call_s": first,
+            "start_s": start, "mem_gib": mem}  # fmt: skip
 
 
 def bench_hf_static(model, items, tok, steps: int, warmup: int) -> dict:
@@ -257,11 +290,14 @@ def table(res: dict) -> str:
     for key, label in (("engine", "rldock engine (fused kernels + CUDA graphs)"),
                        ("engine_nograph", "rldock engine, fused kernels, no graphs"),
                        ("engine_unfused", "rldock engine, torch ops + CUDA graphs"),
-                       ("hf_static", "HF generate, static cache")):  # fmt: skip
+                       ("hf_static", "HF generate, static cache"),
+                       ("vllm", "vLLM (torch.compile + CUDA graphs)")):  # fmt: skip
         r = res.get(key)
         if r:
             note = f"x{r['tok_s'] / hf['tok_s']:.2f} vs HF static" if hf and key != "hf_static" else ""
             note += f"  first call {r['first_call_s']:.1f} s"
+            note += f", start {r['start_s']:.1f} s" if "start_s" in r else ""
+            note += f"; GPU memory {r['mem_gib']:.1f} GiB" if "mem_gib" in r else ""
             rows.append(f"rollout: {label:49s} {r['time_s']:8.3f} {r['tok_s']:9.0f}  {note}")
     if "engine" in res:
         rows.append(f"weight sync fp32 master -> engine bf16 copy{'':15s} {res['engine']['sync_s']:8.4f}")
@@ -298,6 +334,9 @@ def main() -> None:
         res["hf_static"] = bench_hf_static(model, items, tok, args.steps, args.warmup + 1)
     del model
     torch.cuda.empty_cache()
+    if args.vllm:
+        res["vllm"] = bench_vllm(path, items, args.steps, args.warmup)
+        print("vllm", json.dumps(res["vllm"]), flush=True)
     res["rldock_step"] = bench_rldock_step(path, tok, items, args.steps, args.warmup + 1, args.micro_batch)
     print("rldock_step", json.dumps(res["rldock_step"]), flush=True)
     if not args.skip_trl:

@@ -87,11 +87,12 @@ def child_env(gpus: str | None) -> dict[str, str]:
 def make_model_folder(shape: str, tokenizer: str, path: Path, device: str) -> None:
     """A random-init Qwen2 folder of the given shape (bf16 on disk; the trainer loads fp32 master weights)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from bench.grpo_step import QWEN05_SHAPE
+    from rollout.loading import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer)
+    tok = load_tokenizer(tokenizer)  # the trainer's: a pad token even where the folder has none
     dims = {"w": QWEN05_SHAPE, "qwen7b": QWEN7B_SHAPE, "tiny": TINY_SHAPE}[shape]
     cfg = AutoConfig.for_model("qwen2", **dims, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)

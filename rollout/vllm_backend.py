@@ -1,18 +1,23 @@
-"""VLLMEngine: the RolloutEngine contract over vLLM's offline `LLM` class. Written for vLLM 0.10.x and 0.11.x (the V1
-engine; pyproject's `vllm` extra pins `>=0.10,<0.12`).
+"""VLLMEngine: the RolloutEngine contract over vLLM's offline `LLM` class. Written for and run with vLLM 0.26.x, the
+last release line that pins torch 2.11 (pyproject's `vllm` extra pins `>=0.26,<0.27`; bench/RESULTS.md has the run).
 
-Imported only when selected (`--backend vllm`, `rollout.backend=vllm`): importing this module does not import vllm.
+Imported only when selected (`python -m rollout.server --backend vllm`): importing this module does not import vllm.
 
-vLLM API used, all documented for 0.10/0.11:
+vLLM API used (0.26; unchanged since 0.10 except where noted):
 - `LLM(model, dtype, seed, max_num_seqs, gpu_memory_utilization, tensor_parallel_size, enable_prefix_caching,
-  worker_extension_cls)`; `LLM.generate([TokensPrompt(prompt_token_ids=...)], SamplingParams, use_tqdm=False)`.
-- `SamplingParams(n, temperature, top_p, top_k, max_tokens, stop_token_ids, seed, logprobs=0)`: logprobs=0 returns
-  the sampled token's logprob only; V1 computes it from the raw logits (logprobs_mode "raw_logprobs", the default),
-  i.e. before temperature/top-p/top-k, which is the behaviour policy our Completion contract asks for.
+  enforce_eager, logprobs_mode, worker_extension_cls)`; `LLM.generate([TokensPrompt(prompt_token_ids=...)],
+  SamplingParams, use_tqdm=False)`.
+- `SamplingParams(n, temperature, top_p, top_k, max_tokens, stop_token_ids, seed, logprobs=0, detokenize=False)`:
+  logprobs=0 returns the sampled token's logprob only, computed from the raw logits (`logprobs_mode="raw_logprobs"`,
+  set explicitly), i.e. before temperature/top-p/top-k: the behaviour policy our Completion contract asks for. Token
+  ids are all we return, so nothing is detokenized. 0.26 may hand logprobs back as `FlatLogprobs`, a sequence of the
+  same per-position dicts.
 - Weights: `LLM.collective_rpc(name, args=...)` runs a method of `WorkerExtension` (mixed into every worker by
   `worker_extension_cls`) next to the model, which calls the model's own `load_weights(iterable of (name, tensor))`
   (HF names; vLLM fuses q/k/v and gate/up itself). Then `LLM.reset_prefix_cache()`, so no KV computed by the old
   weights is reused. The NCCL path joins the trainer's group from inside each worker (rollout/weight_transfer.py).
+  vLLM 0.26's own weight-transfer engine (`LLM.init_weight_transfer_engine`/`update_weights`) is not used: the
+  service speaks one sync protocol to both backends.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 from rollout.api import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, SamplingParams, ServedEngine
 from rollout.payloads import WeightSyncError
 
-SUPPORTED_VLLM = ((0, 10), (0, 12))  # [low, high) of (major, minor)
+SUPPORTED_VLLM = ((0, 26), (0, 27))  # [low, high) of (major, minor): the release line it was run with
 
 
 def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
@@ -37,6 +42,7 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
         "stop_token_ids": list(params.stop_token_ids),
         "seed": params.seed,
         "logprobs": 0,
+        "detokenize": False,
     }
 
 
@@ -58,14 +64,14 @@ def require_vllm() -> None:
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
-        raise ImportError("the vllm backend needs vLLM 0.10-0.11 on a CUDA machine: pip install 'rldock[vllm]'")
+        raise ImportError("the vllm backend needs vLLM 0.26 on a CUDA machine: pip install 'rldock[vllm]'")
 
 
 def _check_version(version: str) -> None:
     parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     low, high = SUPPORTED_VLLM
     if len(parts) == 2 and not low <= parts < high:
-        raise ImportError(f"vllm {version} is installed; the vllm backend was written for vLLM 0.10.x-0.11.x")
+        raise ImportError(f"vllm {version} is installed; the vllm backend was written for vLLM 0.26.x")
 
 
 class VLLMEngine(ServedEngine):
@@ -81,6 +87,7 @@ class VLLMEngine(ServedEngine):
         gpu_memory_utilization: float = 0.9,
         tensor_parallel_size: int = 1,
         enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
     ):
         require_vllm()
         import vllm
@@ -94,6 +101,8 @@ class VLLMEngine(ServedEngine):
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
             enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager,
+            logprobs_mode="raw_logprobs",
             worker_extension_cls=f"{__name__}.WorkerExtension",
         )
         self.sync_ranks = tensor_parallel_size  # one weight-sync rank per worker
@@ -129,7 +138,9 @@ class VLLMEngine(ServedEngine):
         if isinstance(source, str | Path):
             self._rpc("rldock_load_folder", str(source))
         else:
-            state = source.state_dict() if hasattr(source, "state_dict") else source
+            import torch
+
+            state = source.state_dict() if isinstance(source, torch.nn.Module) else source
             self._rpc("rldock_load_tensors", [(n, t.detach().cpu()) for n, t in state.items()])
         return self._loaded(version)
 
@@ -151,8 +162,8 @@ class VLLMEngine(ServedEngine):
             self._joined = False
 
     def weights_checksum(self) -> str:
-        """Checksum of worker 0's parameters (vLLM's fused names, so it differs from the trainer's checksum; equal
-        checksums still mean equal weights between two loads)."""
+        """Checksum of worker 0's parameters under their HF names (fused q/k/v and gate/up split back), so it equals
+        the trainer's checksum of the same weights."""
         return self._rpc("rldock_checksum")[0]
 
     def close(self) -> None:
@@ -196,4 +207,25 @@ class WorkerExtension:
     def rldock_checksum(self) -> str:
         from rollout.weight_transfer import checksum
 
-        return checksum(self.model_runner.model.named_parameters())
+        return checksum(unfused_parameters(self.model_runner.model))
+
+
+def unfused_parameters(model: Any) -> list[tuple[str, Any]]:
+    """A vLLM model's parameters under the HF checkpoint's names: each fused projection (the model class's
+    `packed_modules_mapping`, e.g. qkv_proj → q/k/v_proj) split along its output rows by the layer's
+    `output_sizes`, and vocabulary rows vLLM padded (`org_vocab_size`) cut off. Single-worker layout
+    (tensor_parallel_size 1): shards of a larger group are not reassembled."""
+    packed = getattr(type(model), "packed_modules_mapping", {})
+    modules = dict(model.named_modules())
+    out = []
+    for name, param in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        prefix, _, fused = owner.rpartition(".")
+        parts = packed.get(fused)
+        if not parts:
+            rows = getattr(modules[owner], "org_vocab_size", None)
+            out.append((name, param.data if rows is None else param.data[:rows]))
+            continue
+        pieces = param.data.split(list(modules[owner].output_sizes), dim=0)
+        out.extend((f"{prefix}.{part}.{leaf}", piece) for part, piece in zip(parts, pieces, strict=True))
+    return out
