@@ -34,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--backend", default="embedded", choices=["embedded", "vllm"])
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vllm: share of the service's GPU")
+    p.add_argument("--skip-restart", action="store_true", help="two GPUs: leave out the restart and re-sync")
+    p.add_argument("--server-log", default=None, help="the service's output goes here (default: discarded)")
     p.add_argument("--out", default=None)
     return p.parse_args()
 
@@ -44,11 +46,17 @@ def start_server(args, path: str, gpu: int) -> subprocess.Popen:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "rollout.server", "--model", path, "--device", "cuda", "--dtype", args.dtype]
     cmd += ["--port", str(args.port), "--max-batch-size", str(args.prompts), "--backend", args.backend]
+    cmd += ["--log-level", "info" if args.server_log else "warning"]
     if args.backend == "vllm":
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    log = open(args.server_log, "ab") if args.server_log else subprocess.DEVNULL  # noqa: SIM115 (the child keeps it)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     wait_http(f"http://127.0.0.1:{args.port}/health", 900, proc)
     return proc
+
+
+def stage(what: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
 
 
 def timed(fn, *a):
@@ -90,18 +98,23 @@ def check_pushes(r: dict, sync, client, url: str, model, kind: str) -> None:
 
     prompts = [[1, 504, 3458, 282], [1, 2683, 314]]
     original = {k: v.clone() for k, v in model.state_dict().items()}
+    stage(f"{kind}: greedy output at the first weights")
     base = greedy(client, prompts)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1e-2 * torch.randn_like(p))
+    stage(f"{kind}: push perturbed weights")
     _, r[f"{kind}_first_push_s"] = timed(sync.push, model, 1)  # nccl: includes forming the group
+    stage(f"{kind}: pushed; checksum and greedy output")
     r[f"{kind}_bit_identical"] = client.weights_checksum(url) == digest()
     r[f"{kind}_perturbed_output_changed"] = greedy(client, prompts) != base
     with torch.no_grad():
         model.model.norm.weight.zero_()
+    stage(f"{kind}: push zero-norm weights")
     sync.push(model, 2)
     r[f"{kind}_zero_norm_gives_token_0"] = {t for ids in greedy(client, prompts) for t in ids} == {0}
     model.load_state_dict(original)
+    stage(f"{kind}: push the first weights back")
     _, r[f"{kind}_push_s"] = timed(sync.push, model, 3)
     r[f"{kind}_restored_checksum"] = client.weights_checksum(url) == digest()
     r[f"{kind}_restored_output_equal"] = greedy(client, prompts) == base
@@ -121,13 +134,24 @@ def main() -> None:
     services = [service]  # a restart appends the new process: every one is stopped, whatever fails
     try:
         run_checks(args, r, services, path, dtype, two)
+        print(json.dumps(r, indent=1), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(r, indent=1))
     finally:
+        stage("stopping the service")
         for proc in services:
-            proc.terminate()
-            proc.wait()
-    print(json.dumps(r, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(r, indent=1))
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after a minute: a service must not keep the benchmark from ending."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        stage(f"the service (pid {proc.pid}) ignored SIGTERM for 60 s: killed")
+        proc.kill()
+        proc.wait()
 
 
 def run_checks(args, r: dict, services: list, path: str, dtype, two: bool) -> None:
@@ -142,6 +166,7 @@ def run_checks(args, r: dict, services: list, path: str, dtype, two: bool) -> No
     client = HTTPRolloutClient([url], timeout=600, recovery_s=30)
     model = load_model(path, dtype=dtype, device="cuda:0")
     r["param_bytes"] = sum(t.numel() * t.element_size() for _, t in unique_tensors(model.state_dict()))
+    stage("OpenAI client")
     r["openai"] = openai_answers(url)
     r["generate_ok"] = all(len(ids) > 0 for ids in greedy(client, [[1, 2, 3]]))
     if two:
@@ -149,6 +174,7 @@ def run_checks(args, r: dict, services: list, path: str, dtype, two: bool) -> No
         check_pushes(r, nccl, client, url, model, "nccl")
     check_pushes(r, DiskSync(client, ROOT / "saves" / "bench_service" / "weights"), client, url, model, "disk")
 
+    stage("generation speed")
     prompts = [[1] + [100 + i] * 31 for i in range(args.prompts)]
     params = SamplingParams(max_new_tokens=args.new_tokens)
     client.generate(prompts[:4], SamplingParams(max_new_tokens=8))  # warm-up: kernels, graphs
@@ -159,15 +185,17 @@ def run_checks(args, r: dict, services: list, path: str, dtype, two: bool) -> No
         r["inprocess_tok_s"] = max(tok_s(engine.generate, prompts, params) for _ in range(2))
         engine.close()
 
-    if two:
+    print(json.dumps(r), flush=True)  # what is known so far, should the restart hang
+    if two and not args.skip_restart:
+        stage("restart and re-sync")
         nccl.push(model, 4)
         expected = checksum(unique_tensors(model.state_dict()))
-        services[0].terminate()
-        services[0].wait()
+        stop(services[0])
         restarted, r["restart_s"] = timed(start_server, args, path, 1)
         services.append(restarted)
         out, r["resync_generate_s"] = timed(client.generate, prompts[:2], SamplingParams(max_new_tokens=4))
         r["resync_ok"] = {c.weight_version for c in out} == {4} and client.weights_checksum(url) == expected
+        stage("closing the weight-sync group")
         nccl.close()
 
 

@@ -2,8 +2,9 @@
 # FROM it. GPU flavour (the defaults): NVIDIA's CUDA devel image, PyPI's CUDA torch, flash-attn. CPU flavour: any
 # Debian/Ubuntu image with python3 (docker/debian-base.sh makes one from Debian's packages), a CPU torch wheel from
 # TORCH_INDEX_URL or docker/wheels/, FLASH_ATTN_VERSION empty. DOCS.md, "Images", lists every build arg.
-# Each ARG is declared just before the layer that reads it, so changing one rebuilds from there on only.
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
+# Each ARG is declared just before the layer that reads it, so changing one rebuilds from there on only. The version
+# ARGs have no values here: docker-compose.yml states the GPU version set once (build through it: make docker-build).
+ARG BASE_IMAGE
 FROM ${BASE_IMAGE}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -31,11 +32,12 @@ COPY docker/pip-install.sh docker/add-user.sh docker/entrypoint.sh /usr/local/bi
 # PIP_CONSTRAINT keeps torch at this version when train/scripts install packages that would move it (vLLM too).
 # TORCH_INDEX_URL picks the build (e.g. https://download.pytorch.org/whl/cu128 or .../cpu); empty = the default
 # index (PyPI: CUDA on Linux x86_64). A matching wheel in docker/wheels/ wins over both.
-ARG TORCH_VERSION=2.8.0
+ARG TORCH_VERSION
 ARG TORCH_INDEX_URL=
 RUN --mount=type=secret,id=pip_ca --mount=type=secret,id=pip_index_url \
     --mount=type=bind,source=docker/wheels,target=/wheels \
-    mkdir -p /etc/rldock && echo "torch==${TORCH_VERSION}" > /etc/rldock/constraints.txt \
+    { [ -n "${TORCH_VERSION}" ] || { echo "TORCH_VERSION is not set: build through docker compose (make docker-build)" >&2; exit 1; }; } \
+    && mkdir -p /etc/rldock && echo "torch==${TORCH_VERSION}" > /etc/rldock/constraints.txt \
     && pip-install.sh --upgrade "pip>=24" "setuptools>=70" "wheel>=0.43" "packaging>=24" "psutil>=5.9" \
     && pip-install.sh ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
 ENV PIP_CONSTRAINT=/etc/rldock/constraints.txt
@@ -43,7 +45,7 @@ ENV PIP_CONSTRAINT=/etc/rldock/constraints.txt
 # ---------------------------------------------------------------- flash-attn (optional: empty = left out)
 # Its installer fetches a prebuilt wheel matching torch/CUDA/Python when one exists, else compiles with the CUDA
 # toolkit of the devel image; MAX_JOBS bounds the compile's parallelism (each job can take ~4 GB of RAM).
-ARG FLASH_ATTN_VERSION=2.8.3
+ARG FLASH_ATTN_VERSION
 ARG MAX_JOBS=4
 RUN --mount=type=secret,id=pip_ca --mount=type=secret,id=pip_index_url \
     --mount=type=bind,source=docker/wheels,target=/wheels \

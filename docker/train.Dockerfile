@@ -17,7 +17,7 @@ RUN --mount=type=secret,id=pip_ca --mount=type=secret,id=pip_index_url \
 # ---------------------------------------------------------------- vLLM (optional: empty = left out)
 # A layer of its own: vLLM pins an exact torch, and the base's PIP_CONSTRAINT makes a mismatch fail here, by name,
 # instead of silently replacing the base's torch. Pick the vLLM release built against TORCH_VERSION.
-ARG VLLM_VERSION=0.11.0
+ARG VLLM_VERSION
 RUN --mount=type=secret,id=pip_ca --mount=type=secret,id=pip_index_url \
     --mount=type=bind,source=docker/wheels,target=/wheels \
     if [ -n "${VLLM_VERSION}" ]; then pip-install.sh "vllm==${VLLM_VERSION}"; fi

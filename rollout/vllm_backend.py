@@ -74,6 +74,20 @@ def _check_version(version: str) -> None:
         raise ImportError(f"vllm {version} is installed; the vllm backend was written for vLLM 0.26.x")
 
 
+def _set_vllm_environment() -> None:
+    """Environment vLLM reads when an LLM starts (a value the user set wins):
+    - workers are spawned, not forked: a process that touched CUDA first (a test, a bench, the trainer's side of a
+      benchmark) cannot fork a CUDA worker;
+    - without flashinfer installed, its sampler is off: 0.26's V2 model runner imports flashinfer's attention backend
+      to ask whether its sampler is supported, and fails at start where the package is missing."""
+    import importlib.util
+    import os
+
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    if importlib.util.find_spec("flashinfer") is None:
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+
 class VLLMEngine(ServedEngine):
     """A vLLM `LLM` on this machine's GPU(s). Not thread-safe: the rollout server calls it from one thread."""
 
@@ -93,6 +107,7 @@ class VLLMEngine(ServedEngine):
         import vllm
 
         _check_version(vllm.__version__)
+        _set_vllm_environment()
         self.llm = vllm.LLM(
             model=model_path,
             dtype=dtype,
@@ -167,6 +182,8 @@ class VLLMEngine(ServedEngine):
         return self._rpc("rldock_checksum")[0]
 
     def close(self) -> None:
+        # the engine core is a process of its own: stop it now, not when this object happens to be collected
+        self.llm.llm_engine.engine_core.shutdown()
         del self.llm
 
 

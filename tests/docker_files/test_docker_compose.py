@@ -18,9 +18,22 @@ WORKSPACE_VOLUMES = {"./models:/workspace/models", "./saves:/workspace/saves", "
 VAR = re.compile(r"(?<!\$)\$\{(\w+)(:?[-?])?([^}]*)\}")
 
 
-def dockerfile_args(name: str) -> dict[str, str]:
+VERSION_SET = {"BASE_IMAGE": "base", "TORCH_VERSION": "base", "FLASH_ATTN_VERSION": "base", "VLLM_VERSION": "train"}
+
+
+def dockerfile_args(name: str) -> dict[str, str | None]:
+    """ARG name → its default in docker/<name>.Dockerfile (None: declared without one)."""
     text = (ROOT / "docker" / f"{name}.Dockerfile").read_text()
-    return dict(re.findall(r"^ARG (\w+)=(\S*)$", text, flags=re.M))
+    return {m[0]: (m[2] if m[1] else None) for m in re.findall(r"^ARG (\w+)(=?)(\S*)$", text, flags=re.M)}
+
+
+def version_set() -> dict[str, str]:
+    """The GPU version set: what docker-compose.yml builds with when nothing is set."""
+    out = {}
+    for arg, image in VERSION_SET.items():
+        service = "base" if image == "base" else image
+        out[arg] = VAR.sub(lambda m: m.group(3), str(SERVICES[service]["build"]["args"][arg]))
+    return out
 
 
 def test_profiles_are_the_documented_ones():
@@ -56,9 +69,24 @@ def test_build_arg_defaults_equal_the_dockerfile_arg_defaults():
         declared = dockerfile_args(stem)
         for arg, value in svc["build"].get("args", {}).items():
             assert arg in declared, f"{name}: build arg {arg} is not an ARG of {stem}.Dockerfile"
+            if arg in VERSION_SET and VERSION_SET[arg] == stem:
+                continue  # the version set: compose's value only (test_the_version_set_is_stated_once)
             # The value with every ${VAR:-default} replaced by its default: what an empty .env builds.
             default = VAR.sub(lambda m: m.group(3), str(value))
             assert default == declared[arg], f"{name}: {arg} defaults to {default} here, {declared[arg]} in {stem}"
+
+
+def test_the_version_set_is_stated_once():
+    """docker-compose.yml holds the GPU version set; the Dockerfiles declare those ARGs without a value, .env.example
+    only names them, and DOCS.md's version table shows the same values."""
+    for arg, image in VERSION_SET.items():
+        assert arg in dockerfile_args(image) and dockerfile_args(image)[arg] is None, f"{image}.Dockerfile: {arg}"
+        assert not re.search(rf"^{arg}=", (ROOT / ".env.example").read_text(), flags=re.M), f".env.example: {arg}"
+    docs = (ROOT / "DOCS.md").read_text()
+    table = docs[docs.index("### The GPU version set") :].split("\n#", 1)[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| `?([^`|]*?)`? \|", table, flags=re.M))
+    for arg, value in version_set().items():
+        assert rows.get(arg) == (value or "empty"), f"DOCS.md's version table: {arg} = {rows.get(arg)}, compose {value}"
 
 
 def test_dockerfiles_pull_nothing_but_a_base_image_given_as_a_build_arg():

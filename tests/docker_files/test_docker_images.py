@@ -144,11 +144,12 @@ def test_dockerfiles_install_from_docker_requirements():
 
 
 def test_pinned_versions_satisfy_pyproject():
-    """The image ARG pins (torch in base, vLLM in train) lie inside the ranges pyproject.toml declares."""
+    """The version set's pins (torch in base, vLLM in train) lie inside the ranges pyproject.toml declares."""
+    from tests.docker_files.test_docker_compose import version_set
+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["vllm"]]
     ranges = {canonicalize_name(r.name): r.specifier for r in wanted}
-    for image, arg, package in (("base", "TORCH_VERSION", "torch"), ("train", "VLLM_VERSION", "vllm")):
-        text = (ROOT / "docker" / f"{image}.Dockerfile").read_text()
-        version = re.search(rf"^ARG {arg}=(\S+)$", text, flags=re.M).group(1)
-        assert ranges[package].contains(version), f"{image}: {arg}={version} is outside {package}{ranges[package]}"
+    for arg, package in (("TORCH_VERSION", "torch"), ("VLLM_VERSION", "vllm")):
+        version = version_set()[arg]
+        assert ranges[package].contains(version), f"{arg}={version} is outside {package}{ranges[package]}"
