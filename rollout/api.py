@@ -86,12 +86,29 @@ class Completion:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
+def prompt_caps(prompts: list[list[int]], params: SamplingParams, caps: list[int] | None) -> list[int]:
+    """Each prompt's new-token cap: `caps` (one per prompt, each in 1..params.max_new_tokens), or
+    params.max_new_tokens for all. ValueError naming `max_new_tokens` otherwise."""
+    if caps is None:
+        return [params.max_new_tokens] * len(prompts)
+    if len(caps) != len(prompts):
+        raise ValueError(f"max_new_tokens has {len(caps)} caps for {len(prompts)} prompts")
+    bad = [c for c in caps if not 1 <= operator.index(c) <= params.max_new_tokens]
+    if bad:
+        raise ValueError(f"max_new_tokens caps must be in 1..{params.max_new_tokens}, got {bad[0]}")
+    return [operator.index(c) for c in caps]
+
+
 class RolloutEngine(abc.ABC):
     """A generation backend. `generate` returns `len(prompts) * params.n` completions, grouped by prompt
-    (all n samples of prompt 0 first), each tagged with the weight version that produced every one of its tokens."""
+    (all n samples of prompt 0 first), each tagged with the weight version that produced every one of its tokens.
+    `max_new_tokens`, when given, caps each prompt's samples on its own (`prompt_caps`): a batch of mixed lengths
+    pays for the tokens each row may have, not for the longest row's."""
 
     @abc.abstractmethod
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]: ...
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, max_new_tokens: list[int] | None = None
+    ) -> list[Completion]: ...
 
     @abc.abstractmethod
     def update_weights(self, source: Any, version: int | None = None) -> int:

@@ -1,5 +1,6 @@
 """Request batching in front of one engine: jobs are cut into engine calls of at most `max_sequences` sequences,
-served round-robin, and whole unseeded jobs with identical sampling parameters share a call. Used by the rollout
+served round-robin, and whole unseeded jobs with the same sampling parameters but for max_new_tokens share a call (each
+prompt keeps its own cap: RolloutEngine.generate's per-prompt caps). Used by the rollout
 service (rollout/server.py) and the eval runner's local engine (scripts/eval/targets.py). No torch.
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 from rollout.api import Completion, SamplingParams
 
-Generate = Callable[[list[list[int]], SamplingParams], Awaitable[list[Completion]]]
+Generate = Callable[[list[list[int]], SamplingParams, list[int] | None], Awaitable[list[Completion]]]
 
 
 @dataclass
@@ -67,8 +68,9 @@ class Batcher:
         calls, total = [(first, prompts, params)], len(prompts) * params.n
         if params.seed is None and first.next == 0 and len(prompts) == len(first.prompts):
             for job in list(self.queue):
-                if job.next == 0 and job.params == params and total + job.size <= self.max_sequences:
-                    calls.append((job, job.prompts, params))
+                same = dataclasses.replace(job.params, max_new_tokens=params.max_new_tokens) == params
+                if job.next == 0 and same and total + job.size <= self.max_sequences:
+                    calls.append((job, job.prompts, job.params))
                     self.queue.remove(job)
                     total += job.size
         return calls
@@ -99,9 +101,10 @@ class Batcher:
 
     async def _run(self, calls: list[tuple[_Job, list[list[int]], SamplingParams]]) -> None:
         prompts = [p for _, chunk, _ in calls for p in chunk]
-        params = calls[0][2]
+        caps = [job_params.max_new_tokens for _, chunk, job_params in calls for _ in chunk]
+        params = dataclasses.replace(calls[0][2], max_new_tokens=max(caps))
         try:
-            results = await self.generate(prompts, params)
+            results = await self.generate(prompts, params, None if len(set(caps)) == 1 else caps)
         except Exception as err:  # every merged caller learns of it; the loop lives on
             for job, _, _ in calls:
                 if not job.future.done():

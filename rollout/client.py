@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from typing import Any
 import httpx
 
 from rollout import payloads as P
-from rollout.api import Completion, RolloutEngine, SamplingParams
+from rollout.api import Completion, RolloutEngine, SamplingParams, prompt_caps
 from rollout.recovery import DEFAULT_BUDGET_S, Recovery, http_attempt
 
 
@@ -99,9 +100,13 @@ class HTTPRolloutClient(RolloutEngine):
 
     # ---- generation -----------------------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, max_new_tokens: list[int] | None = None
+    ) -> list[Completion]:
         if not prompts:
             raise ValueError("generate needs at least one prompt")
+        if max_new_tokens is not None:
+            return self._generate_capped(prompts, params, prompt_caps(prompts, params, max_new_tokens))
         with self._lock:
             first = self._next
             self._next = (self._next + 1) % len(self.urls)
@@ -119,6 +124,26 @@ class HTTPRolloutClient(RolloutEngine):
                 c.prompt_index += bounds[i]
                 out.append(c)
         return out
+
+    def _generate_capped(self, prompts: list[list[int]], params: SamplingParams, caps: list[int]) -> list[Completion]:
+        """Per-prompt caps over HTTP: one request per distinct cap (each is a /generate with that max_new_tokens),
+        sent together; the answers are put back in prompt order."""
+        groups: dict[int, list[int]] = {}
+        for i, cap in enumerate(caps):
+            groups.setdefault(cap, []).append(i)
+        by_prompt: list[list[Completion]] = [[] for _ in prompts]
+        with ThreadPoolExecutor(len(groups)) as pool:  # its own threads: generate itself fills _gen_pool
+            futures = {
+                cap: pool.submit(
+                    self.generate, [prompts[i] for i in idx], dataclasses.replace(params, max_new_tokens=cap)
+                )
+                for cap, idx in groups.items()
+            }
+            for cap, idx in groups.items():
+                for c in futures[cap].result():
+                    c.prompt_index = idx[c.prompt_index]
+                    by_prompt[c.prompt_index].append(c)
+        return [c for group in by_prompt for c in group]
 
     def _generate_on(self, url: str, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         body = P.generate_body(prompts, params)

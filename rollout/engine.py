@@ -1,8 +1,8 @@
 """The embedded rollout engine: batched generation on PyTorch with a static KV cache, in the trainer's process.
 
 One `generate` call expands every prompt n times, left-pads the batch (each row has its own position ids), runs the
-prompt in one forward pass, then decodes one token per step for every row until all rows hit a stop token or
-`max_new_tokens`. On CUDA each decode step (forward + sampling + logprob + stop bookkeeping) is a CUDA graph,
+prompt in one forward pass, then decodes one token per step for every row until all rows hit a stop token or their
+cap (`max_new_tokens`, one for all or one per prompt). On CUDA each decode step (forward + sampling + logprob + stop bookkeeping) is a CUDA graph,
 replayed step after step (fused Triton kernels: `rollout/kernels.py`); on CPU the same step runs eagerly.
 
 Weights: `EmbeddedEngine(path)` loads an HF safetensors folder; `EmbeddedEngine.from_module(hf_model)` shares the
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rollout.api import FINISH_LENGTH, FINISH_STOP, Completion, SamplingParams, ServedEngine
+from rollout.api import FINISH_LENGTH, FINISH_STOP, Completion, SamplingParams, ServedEngine, prompt_caps
 from rollout.defaults import default_dtype, eos_ids_of_folder, eos_ids_of_module
 from rollout.model import CausalLM, ModelConfig, alias_parameters, load_folder, load_state
 from rollout.sampling import sample, truncate
@@ -65,6 +65,7 @@ class _Runner:
         self.logprobs = torch.zeros((b_cap, t_cap), dtype=torch.float32, device=dev)
         self.done = torch.zeros(b_cap, dtype=torch.int8 if self.cuda else torch.bool, device=dev)
         self.last = torch.zeros(b_cap, dtype=torch.long, device=dev)
+        self.limit = torch.ones(b_cap, dtype=torch.long, device=dev)  # each row's new-token cap
         self.ctr = torch.zeros(2, dtype=torch.long, device=dev)
         self.stop = torch.full((nstop,), -1, dtype=torch.long, device=dev)
         self.temperature = torch.ones((), device=dev)
@@ -76,8 +77,11 @@ class _Runner:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.pad, self.p, self.rows = 0, 1, 0
 
-    def load(self, prompts: list[list[int]], params: SamplingParams, stop: list[int], seed: int) -> None:
-        """Left-pad `prompts` into the batch (rows beyond them are idle: done from the start) and reset the state."""
+    def load(
+        self, prompts: list[list[int]], caps: list[int], params: SamplingParams, stop: list[int], seed: int
+    ) -> None:
+        """Left-pad `prompts` into the batch, each row capped at its `caps` entry (rows beyond them are idle: done
+        from the start), and reset the state."""
         self.rows, self.p, self.pad = len(prompts), max(map(len, prompts)), stop[0]
         ids = torch.full((self.b_cap, self.p), self.pad, dtype=torch.long)
         pad_len = torch.full((self.b_cap,), self.p - 1, dtype=torch.long)
@@ -88,6 +92,8 @@ class _Runner:
         self.ids = ids.to(dev, non_blocking=True)
         self.pad_len.copy_(pad_len)
         self.done.copy_(torch.arange(self.b_cap) >= self.rows)
+        self.limit.fill_(1)
+        self.limit[: self.rows] = torch.tensor(caps)
         self.stop.fill_(-1)
         self.stop[: len(stop)] = torch.tensor(stop)
         self.tokens.fill_(self.pad)
@@ -147,6 +153,8 @@ class _Runner:
             self.logprobs.index_copy_(1, col, lp.masked_fill(self.done, 0.0)[:, None])
             self.done |= torch.isin(tok, self.stop)
             self.last.copy_(tok)
+        # a row that drew its last allowed token is done (inside the captured graph on CUDA: one elementwise op)
+        self.done |= (self.limit <= self.ctr[1] + 1).to(self.done.dtype)
 
     def capture(self) -> None:
         """Record `step` (forward + sampling + bookkeeping + counter bump) as a CUDA graph, after two warm-up runs
@@ -170,11 +178,13 @@ class _Runner:
             self.step()
 
     def results(self, n: int) -> list[tuple[list[int], list[float], str]]:
-        """Per loaded row: tokens up to and including the first stop token, their logprobs, the finish reason."""
+        """Per loaded row: tokens up to and including the first stop token within the row's cap, their logprobs,
+        the finish reason."""
         tokens, logprobs = self.tokens[: self.rows, :n], self.logprobs[: self.rows, :n]
-        is_stop = torch.isin(tokens, self.stop)
+        limit = self.limit[: self.rows, None]
+        is_stop = torch.isin(tokens, self.stop) & (torch.arange(n, device=tokens.device) < limit)
         has_stop = is_stop.any(1)
-        lengths = torch.where(has_stop, is_stop.int().argmax(1) + 1, n).tolist()
+        lengths = torch.where(has_stop, is_stop.int().argmax(1) + 1, limit[:, 0].clamp(max=n)).tolist()
         tokens, logprobs, has_stop = tokens.tolist(), logprobs.tolist(), has_stop.tolist()
         return [
             (tokens[i][:k], logprobs[i][:k], FINISH_STOP if has_stop[i] else FINISH_LENGTH)
@@ -277,13 +287,18 @@ class EmbeddedEngine(ServedEngine):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, max_new_tokens: list[int] | None = None
+    ) -> list[Completion]:
         """`len(prompts) * params.n` completions, all n of prompt 0 first. Each Completion's `logprobs` are those of
         its tokens under the unmodified policy (temperature 1, no top-p/top-k), as GRPO's ratio needs; a stop token
-        (model EOS or `params.stop_token_ids`) ends a row and is included (finish_reason "stop"), else "length"."""
+        (model EOS or `params.stop_token_ids`) ends a row and is included (finish_reason "stop"), else "length".
+        `max_new_tokens` caps each prompt's rows on its own (rollout.api.prompt_caps); a batch decodes until its
+        longest cap at most."""
         prompts = self._check_prompts(prompts)
+        caps = prompt_caps(prompts, params, max_new_tokens)
         stop = self._stop_ids(params)
-        longest = max(map(len, prompts)) + params.max_new_tokens
+        longest = max(len(p) + c for p, c in zip(prompts, caps, strict=True))
         if longest > self.cfg.max_position_embeddings:
             raise ValueError(
                 f"longest prompt + max_new_tokens = {longest} exceeds the model's max_position_embeddings "
@@ -295,14 +310,15 @@ class EmbeddedEngine(ServedEngine):
             seeds = torch.Generator().manual_seed(self._call_seed(params))
             for start in range(0, len(rows), self.max_batch_size):
                 idx = rows[start : start + self.max_batch_size]
-                chunk = [prompts[i] for i in idx]
-                runner = self._runner(len(chunk), max(map(len, chunk)) + params.max_new_tokens, params, len(stop))
-                runner.load(chunk, params, stop, int(torch.randint(2**62, (1,), generator=seeds)))
+                chunk, chunk_caps = [prompts[i] for i in idx], [caps[i] for i in idx]
+                new = max(chunk_caps)
+                runner = self._runner(len(chunk), max(map(len, chunk)) + new, params, len(stop))
+                runner.load(chunk, chunk_caps, params, stop, int(torch.randint(2**62, (1,), generator=seeds)))
                 runner.prefill()
-                runner.decode(params.max_new_tokens, check_every=16 if runner.cuda else 1)
+                runner.decode(new, check_every=16 if runner.cuda else 1)
                 out += [
                     Completion(prompts[i], tok, lp, fin, self._version, i)
-                    for i, (tok, lp, fin) in zip(idx, runner.results(params.max_new_tokens), strict=True)
+                    for i, (tok, lp, fin) in zip(idx, runner.results(new), strict=True)
                 ]
         return out
 

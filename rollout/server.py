@@ -98,11 +98,13 @@ class Service:
         """Run fn on the engine thread (all engine calls go through here, in order)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def timed_generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def timed_generate(
+        self, prompts: list[list[int]], params: SamplingParams, caps: list[int] | None = None
+    ) -> list[Completion]:
         t0 = time.perf_counter()
         self.busy = True
         try:
-            out = self.engine.generate(prompts, params)
+            out = self.engine.generate(prompts, params, caps)
         finally:
             self.busy = False
         dt = time.perf_counter() - t0
@@ -360,7 +362,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         svc.loop = asyncio.get_running_loop()
-        svc.batcher = Batcher(lambda prompts, params: svc.call(svc.timed_generate, prompts, params), max_batch_size)
+        svc.batcher = Batcher(
+            lambda prompts, params, caps: svc.call(svc.timed_generate, prompts, params, caps), max_batch_size
+        )
         task = asyncio.create_task(svc.batcher.run_forever())
         yield
         svc.begin_shutdown()

@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rollout.api import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, SamplingParams, ServedEngine
+from rollout.api import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, SamplingParams, ServedEngine, prompt_caps
 from rollout.payloads import WeightSyncError
 
 SUPPORTED_VLLM = ((0, 26), (0, 27))  # [low, high) of (major, minor): the release line it was run with
@@ -128,13 +128,18 @@ class VLLMEngine(ServedEngine):
     def weight_version(self) -> int:
         return self._version
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, max_new_tokens: list[int] | None = None
+    ) -> list[Completion]:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
         if not prompts:
             raise ValueError("generate needs at least one prompt")
-        sampling = VLLMSamplingParams(**vllm_sampling_kwargs(params))
+        kwargs = vllm_sampling_kwargs(params)
+        sampling = [
+            VLLMSamplingParams(**{**kwargs, "max_tokens": cap}) for cap in prompt_caps(prompts, params, max_new_tokens)
+        ]
         inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         outputs = self.llm.generate(inputs, sampling, use_tqdm=False)
         return completions_from_outputs(outputs, prompts, self._version)

@@ -121,8 +121,8 @@ class LocalTarget:
         threading.Thread(target=self.loop.run_forever, name="eval-batcher", daemon=True).start()
         engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")  # one engine call at a time
 
-        async def generate(prompts, params):
-            return await self.loop.run_in_executor(engine_thread, self.engine.generate, prompts, params)
+        async def generate(prompts, params, caps):
+            return await self.loop.run_in_executor(engine_thread, self.engine.generate, prompts, params, caps)
 
         self.batcher = Batcher(generate, max(8, max_rows))
         asyncio.run_coroutine_threadsafe(self.batcher.run_forever(), self.loop)

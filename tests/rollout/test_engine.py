@@ -146,6 +146,26 @@ def test_max_batch_size_splits_without_changing_results(tiny):
     assert [c.prompt_index for c in split] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
+def test_per_prompt_caps_cut_each_row_at_its_own_length(tiny):
+    """Caps per prompt: greedy rows equal the uncapped run's rows cut at each cap (finish "length" there), and
+    sampled rows never pass their cap; a cap above params.max_new_tokens or of the wrong count is refused."""
+    engine = EmbeddedEngine.from_module(tiny, seed=0)
+    caps = [3, 9, 1]
+    full = engine.generate(TINY_PROMPTS, SamplingParams(n=2, temperature=0, max_new_tokens=12))
+    capped = engine.generate(TINY_PROMPTS, SamplingParams(n=2, temperature=0, max_new_tokens=12), caps)
+    for f, c in zip(full, capped, strict=True):
+        cap = caps[c.prompt_index]
+        assert c.token_ids == f.token_ids[:cap] and c.logprobs == pytest.approx(f.logprobs[:cap], abs=1e-5)
+        assert c.finish_reason == ("length" if len(f.token_ids) > cap or f.finish_reason == "length" else "stop")
+    sampled = engine.generate(TINY_PROMPTS, SamplingParams(n=4, temperature=1.5, max_new_tokens=12, seed=3), caps)
+    assert all(len(c.token_ids) <= caps[c.prompt_index] for c in sampled)
+    assert [c.prompt_index for c in sampled] == [0] * 4 + [1] * 4 + [2] * 4
+    with pytest.raises(ValueError, match="max_new_tokens caps must be in 1..12"):
+        engine.generate(TINY_PROMPTS, SamplingParams(max_new_tokens=12), [3, 13, 1])
+    with pytest.raises(ValueError, match="3 prompts"):
+        engine.generate(TINY_PROMPTS, SamplingParams(max_new_tokens=12), [3, 4])
+
+
 def test_eos_from_config_stops_rows():
     model = tiny_hf("llama")
     params = SamplingParams(n=16, temperature=3.0, max_new_tokens=40, seed=0)

@@ -249,6 +249,20 @@ def test_round_robin_over_two_services(services):
     client.close()
 
 
+def test_per_prompt_caps_over_http_keep_prompt_order(services):
+    """The HTTP client's per-prompt caps: each prompt's samples stop at its cap (greedy: equal to the uncapped
+    answer cut there), and the answers come back in prompt order with their prompt indices."""
+    client = HTTPRolloutClient([s.url for s in services], timeout=120, recovery_s=5)
+    prompts, caps = [[1, 10], [1, 11], [1, 12]], [5, 2, 5]
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=6)
+    full = client.generate(prompts, params)
+    capped = client.generate(prompts, params, caps)
+    assert [c.prompt_index for c in capped] == [0, 0, 1, 1, 2, 2]
+    assert [c.prompt_ids for c in capped] == [p for p in prompts for _ in range(2)]
+    assert [c.token_ids for c in capped] == [f.token_ids[: caps[f.prompt_index]] for f in full]
+    client.close()
+
+
 def test_restarted_service_is_detected_and_resynced(services, new_weights):
     folder, expected = new_weights
     a, b = services

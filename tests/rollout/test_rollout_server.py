@@ -269,6 +269,33 @@ def test_concurrent_requests_share_one_engine_call(server):
     assert after["merged_requests"] - before["merged_requests"] == 3
 
 
+def test_requests_differing_only_in_max_new_tokens_share_one_call(server):
+    """Greedy requests with caps 5, 2 and 4 merge into one engine call; each answer equals the same request alone."""
+    body = {"prompts": [[1, 504, 3458]], "n": 1, "temperature": 0}
+    alone = {cap: post(server, "/generate", {**body, "max_new_tokens": cap}).json()["completions"] for cap in (5, 2, 4)}
+    before = get(server, "/metrics")
+    post(server, "/pause", None)
+    results = {}
+    threads = [
+        threading.Thread(
+            target=lambda c=cap: results.update({c: post(server, "/generate", {**body, "max_new_tokens": c})})
+        )
+        for cap in (5, 2, 4)
+    ]
+    for t in threads:
+        t.start()
+    wait_until(lambda: get(server, "/metrics")["queue_requests"] == 3, timeout=30)
+    post(server, "/resume", None)
+    for t in threads:
+        t.join(60)
+    after = get(server, "/metrics")
+    assert after["engine_calls"] - before["engine_calls"] == 1
+    for cap, r in results.items():
+        got = r.json()["completions"]
+        assert [c["token_ids"] for c in got] == [c["token_ids"] for c in alone[cap]]
+        assert len(got[0]["token_ids"]) <= cap
+
+
 def test_metrics_count_requests_and_tokens(server):
     before = get(server, "/metrics")
     comps = post(server, "/generate", {"prompts": [[1, 2, 3]], "n": 2, "max_new_tokens": 4}).json()["completions"]
