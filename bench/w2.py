@@ -8,7 +8,8 @@ with the engine contract's per-prompt caps (`generate(prompts, params, max_new_t
 completion): the engine does exactly the work real EOS tokens would leave it.
 
 Per model, in one run: the rldock engine (batches of --max-batch-size rows, each decoding until its longest row
-ends), optionally vLLM (continuous batching), and HF static-cache `generate` (it cannot end rows at different
+ends), the same with `compact=True` (live rows move into a half-size batch whenever at most half are left), optionally
+vLLM (continuous batching), and HF static-cache `generate` (it cannot end rows at different
 lengths without EOS: every row runs to the longest, so its useful tok/s counts only the drawn lengths). Reported:
 useful tok/s (sum of lengths / time), decode steps the engine took, peak memory, and the ideal: the sum of lengths at
 W's tok/s rate (bench/grpo_step.py's workload, measured in the same run), with the ratio time / ideal (goal <= 1.5).
@@ -145,12 +146,16 @@ def bench_model(args, name: str, tok, lengths, w_rate: float) -> dict:
     prompts = realistic_prompts(tok, len(lengths))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     res: dict = {"useful_tokens": sum(lengths), "ideal_s": sum(lengths) / w_rate}
-    engine = EmbeddedEngine(path, device=args.device, dtype=dtype, max_batch_size=args.max_batch_size)
-    res["rldock"] = run_engine(engine, prompts, lengths, args.steps, args.device)
-    res["rldock"]["decode_steps"] = decode_steps(lengths, args.max_batch_size)
-    engine.close()
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
+    for key, compact in (("rldock", False), ("rldock_compact", True)):
+        engine = EmbeddedEngine(
+            path, device=args.device, dtype=dtype, max_batch_size=args.max_batch_size, compact=compact
+        )
+        res[key] = run_engine(engine, prompts, lengths, args.steps, args.device)
+        res[key]["decode_steps"] = decode_steps(lengths, args.max_batch_size)
+        res[key]["compactions"] = engine.compactions
+        engine.close()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     if args.vllm:
         from rollout.vllm_backend import VLLMEngine
 
@@ -186,9 +191,9 @@ def main() -> None:
     for name in args.models.split(","):
         res[name] = bench_model(args, name, tok, lengths, res["w_rate"])
         r = res[name]
-        for key in ("rldock", "vllm", "hf_static"):
+        for key in ("rldock", "rldock_compact", "vllm", "hf_static"):
             if key in r:
-                print(f"{name:5s} {key:9s} {r[key]['time_s']:8.3f} s {r[key]['tok_s']:9.0f} useful tok/s  "
+                print(f"{name:5s} {key:14s} {r[key]['time_s']:8.3f} s {r[key]['tok_s']:9.0f} useful tok/s  "
                       f"x{r[key]['time_s'] / r['ideal_s']:.2f} of ideal ({r['ideal_s']:.3f} s)  "
                       f"steps {r[key].get('decode_steps', '-')}  peak {r[key]['peak_gib']:.1f} GiB", flush=True)  # fmt: skip
     if args.json:

@@ -170,12 +170,36 @@ class _Runner:
             self.step()
         self.graph = graph
 
-    def decode(self, n: int, check_every: int) -> None:
-        """Decode until every row stopped or `n` tokens; a host sync only every `check_every` steps."""
-        for s in range(1, n):
-            if s % check_every == 0 and bool(self.done.all()):
-                break
+    def decode(self, n: int, check_every: int, start: int = 1, shrink_at: int = 0) -> int:
+        """Decode from step `start` until every row stopped or `n` tokens (returns n), or until at most `shrink_at`
+        loaded rows still decode (returns the step reached: the caller compacts); a host sync only every
+        `check_every` steps."""
+        for s in range(start, n):
+            if s % check_every == 0:
+                live = int((self.done[: self.rows] == 0).sum())
+                if live == 0:
+                    return n
+                if live <= shrink_at:
+                    return s
             self.step()
+        return n
+
+    def adopt(self, src: _Runner, rows: list[int]) -> None:
+        """Take over `src`'s loaded rows `rows` (a compaction): their KV cache, outputs, caps, stop state and the
+        counters land in rows 0..len(rows)-1, the rest idle. Slots and columns keep their numbers (t_cap >= src's)."""
+        m, t, idx = len(rows), src.t_cap, torch.tensor(rows, device=src.done.device)
+        self.rows, self.p, self.pad, self.params = m, src.p, src.pad, src.params
+        self.k_cache[:, :m, :, :t].copy_(src.k_cache[:, idx])
+        self.v_cache[:, :m, :, :t].copy_(src.v_cache[:, idx])
+        for name, idle in (("done", 1), ("limit", 1), ("pad_len", 0), ("last", src.pad), ("tokens", src.pad)):
+            mine, theirs = getattr(self, name), getattr(src, name)
+            mine.fill_(idle)
+            mine[:m, ...][..., : theirs.shape[-1]].copy_(theirs[idx])
+        self.logprobs.zero_()
+        self.logprobs[:m, :t].copy_(src.logprobs[idx])
+        for name in ("stop", "ctr", "temperature", "top_p", "seed"):
+            getattr(self, name).copy_(getattr(src, name))
+        self.generator.set_state(src.generator.get_state())
 
     def results(self, n: int) -> list[tuple[list[int], list[float], str]]:
         """Per loaded row: tokens up to and including the first stop token within the row's cap, their logprobs,
@@ -198,7 +222,10 @@ class EmbeddedEngine(ServedEngine):
     device: "cpu" or "cuda[:i]"; dtype: default bfloat16 on CUDA, float32 on CPU; max_batch_size: most sequences
     decoded at once (bigger requests run in several batches); eos_token_ids: default from the model's
     generation_config / config; cuda_graphs: replay each decode step as a CUDA graph on GPU; seed: seeds the engine's
-    generator, used when `SamplingParams.seed` is None.
+    generator, used when `SamplingParams.seed` is None; compact: once at most half of a batch's rows still decode,
+    move them into a batch half as large (rows rounded up to 8), so finished rows stop costing work (off by default
+    until bench/w2.py has measured it on a GPU; sampled tokens then come from other random streams, greedy ones are
+    the same).
     """
 
     def __init__(
@@ -212,13 +239,14 @@ class EmbeddedEngine(ServedEngine):
         cuda_graphs: bool = True,
         seed: int = 0,
         fused: bool = True,
+        compact: bool = False,
     ):
         dtype = dtype or default_dtype(device)
         cfg = ModelConfig.from_folder(model_path)
         model = CausalLM.empty(cfg, device, dtype)
         load_folder(model, model_path)
         eos = eos_ids_of_folder(model_path) if eos_token_ids is None else eos_token_ids
-        self._setup(model, eos, max_batch_size, cuda_graphs, seed, fused)
+        self._setup(model, eos, max_batch_size, cuda_graphs, seed, fused, compact)
 
     @classmethod
     def from_module(
@@ -232,6 +260,7 @@ class EmbeddedEngine(ServedEngine):
         cuda_graphs: bool = True,
         seed: int = 0,
         fused: bool = True,
+        compact: bool = False,
     ) -> EmbeddedEngine:
         """An engine over an HF causal LM's weights: aliased (no copy) when `dtype`/`device` match the module's
         parameters and the fused CUDA path is off, else a copy (refresh it with `update_weights(hf_model)` after
@@ -249,12 +278,19 @@ class EmbeddedEngine(ServedEngine):
         model.init_rope(device)
         self = cls.__new__(cls)
         eos = eos_ids_of_module(hf_model) if eos_token_ids is None else eos_token_ids
-        self._setup(model.eval(), eos, max_batch_size, cuda_graphs, seed, fused)
+        self._setup(model.eval(), eos, max_batch_size, cuda_graphs, seed, fused, compact)
         self._source = hf_model if aliased else None
         return self
 
     def _setup(
-        self, model: CausalLM, eos: list[int], max_batch_size: int, cuda_graphs: bool, seed: int, fused: bool
+        self,
+        model: CausalLM,
+        eos: list[int],
+        max_batch_size: int,
+        cuda_graphs: bool,
+        seed: int,
+        fused: bool,
+        compact: bool,
     ) -> None:
         if not eos:
             raise ValueError("no EOS token id: pass eos_token_ids (the model config names none)")
@@ -269,7 +305,8 @@ class EmbeddedEngine(ServedEngine):
         self.fast = _fused_ok(self.device, self.cfg, fused)
         if self.fast:
             model.pack_()
-        self.seed = seed
+        self.seed, self.compact = seed, compact
+        self.compactions = 0  # batches moved into a smaller one (compact=True)
         self._generator = torch.Generator().manual_seed(seed)  # draws each call's seed when params.seed is None
         self._runners: OrderedDict[tuple, _Runner] = OrderedDict()
         self._lock = threading.RLock()
@@ -315,12 +352,32 @@ class EmbeddedEngine(ServedEngine):
                 runner = self._runner(len(chunk), max(map(len, chunk)) + new, params, len(stop))
                 runner.load(chunk, chunk_caps, params, stop, int(torch.randint(2**62, (1,), generator=seeds)))
                 runner.prefill()
-                runner.decode(new, check_every=16 if runner.cuda else 1)
                 out += [
                     Completion(prompts[i], tok, lp, fin, self._version, i)
-                    for i, (tok, lp, fin) in zip(idx, runner.results(new), strict=True)
+                    for i, (tok, lp, fin) in zip(idx, self._decode(runner, new, len(stop)), strict=True)
                 ]
         return out
+
+    def _decode(self, runner: _Runner, n: int, nstop: int) -> list[tuple[list[int], list[float], str]]:
+        """Decode a prefilled batch to its end; per loaded row (tokens, logprobs, finish reason). With `compact`, the
+        rows still decoding move into a smaller runner each time at most half the batch's rows are left."""
+        check, owners, step = 16 if runner.cuda else 1, list(range(runner.rows)), 1
+        results: list = [None] * runner.rows
+        while True:
+            shrink = runner.b_cap // 2 if self.compact and runner.b_cap > 8 else 0
+            step = runner.decode(n, check, start=step, shrink_at=shrink)
+            rows = runner.results(n)
+            live = [] if step >= n else (runner.done[: runner.rows] == 0).nonzero()[:, 0].tolist()
+            decoding = set(live)
+            for i, row in enumerate(rows):
+                if i not in decoding:
+                    results[owners[i]] = row
+            if not live:
+                return results
+            small = self._runner(len(live), runner.t_cap, runner.params, nstop)
+            small.adopt(runner, live)
+            owners, runner = [owners[i] for i in live], small
+            self.compactions += 1
 
     def _call_seed(self, params: SamplingParams) -> int:
         if params.seed is not None:

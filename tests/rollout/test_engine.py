@@ -166,6 +166,27 @@ def test_per_prompt_caps_cut_each_row_at_its_own_length(tiny):
         engine.generate(TINY_PROMPTS, SamplingParams(max_new_tokens=12), [3, 4])
 
 
+def test_compaction_moves_live_rows_without_changing_greedy_answers(tiny):
+    """compact=True: with caps that end most rows early, the batch shrinks (24 rows -> 8, 40 -> 16 -> 8) and every
+    greedy row equals the uncompacted engine's, logprobs included; sampled rows keep their caps and order."""
+    prompts = TINY_PROMPTS + [[30, 31, 32], [40, 41]]
+    plain = EmbeddedEngine.from_module(tiny, seed=0)
+    packed = EmbeddedEngine.from_module(tiny, seed=0, compact=True)
+    params = SamplingParams(n=8, temperature=0, max_new_tokens=14)
+    for batch, caps, shrinks in ((prompts[:3], [2, 5, 14], 1), (prompts, [2, 3, 4, 9, 14], 2)):
+        before = packed.compactions
+        want, got = plain.generate(batch, params, caps), packed.generate(batch, params, caps)
+        assert packed.compactions - before == shrinks
+        assert [c.token_ids for c in got] == [c.token_ids for c in want]
+        assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
+        assert all(g.logprobs == pytest.approx(w.logprobs, abs=1e-5) for g, w in zip(got, want, strict=True))
+    sampled = packed.generate(
+        prompts, SamplingParams(n=8, temperature=1.2, max_new_tokens=14, seed=5), [2, 3, 4, 9, 14]
+    )
+    assert [c.prompt_index for c in sampled] == [i for i in range(5) for _ in range(8)]
+    assert all(len(c.token_ids) <= [2, 3, 4, 9, 14][c.prompt_index] for c in sampled)
+
+
 def test_eos_from_config_stops_rows():
     model = tiny_hf("llama")
     params = SamplingParams(n=16, temperature=3.0, max_new_tokens=40, seed=0)

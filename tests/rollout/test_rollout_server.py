@@ -250,18 +250,27 @@ def test_pause_holds_requests_until_resume(server):
     assert results[0].status_code == 200 and len(results[0].json()["completions"]) == 1
 
 
-def test_concurrent_requests_share_one_engine_call(server):
-    before = get(server, "/metrics")
+def queued_together(server, bodies: list[dict]) -> list:
+    """POST /generate once per body while the service is paused, then resume: they all wait in one queue."""
     post(server, "/pause", None)
-    results = []
-    body = {"prompts": [[1, 504]], "n": 2, "max_new_tokens": 3}
-    threads = [threading.Thread(target=lambda: results.append(post(server, "/generate", body))) for _ in range(3)]
+    results: list = [None] * len(bodies)
+
+    def send(i: int) -> None:
+        results[i] = post(server, "/generate", bodies[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
     for t in threads:
         t.start()
-    wait_until(lambda: get(server, "/metrics")["queue_requests"] == 3, timeout=30)
+    wait_until(lambda: get(server, "/metrics")["queue_requests"] == len(bodies), timeout=30)
     post(server, "/resume", None)
     for t in threads:
         t.join(60)
+    return results
+
+
+def test_concurrent_requests_share_one_engine_call(server):
+    before = get(server, "/metrics")
+    results = queued_together(server, [{"prompts": [[1, 504]], "n": 2, "max_new_tokens": 3}] * 3)
     after = get(server, "/metrics")
     assert [len(r.json()["completions"]) for r in results] == [2, 2, 2]
     assert all(c["prompt_index"] == 0 for r in results for c in r.json()["completions"])
@@ -271,29 +280,16 @@ def test_concurrent_requests_share_one_engine_call(server):
 
 def test_requests_differing_only_in_max_new_tokens_share_one_call(server):
     """Greedy requests with caps 5, 2 and 4 merge into one engine call; each answer equals the same request alone."""
-    body = {"prompts": [[1, 504, 3458]], "n": 1, "temperature": 0}
-    alone = {cap: post(server, "/generate", {**body, "max_new_tokens": cap}).json()["completions"] for cap in (5, 2, 4)}
+    bodies = [{"prompts": [[1, 504, 3458]], "n": 1, "temperature": 0, "max_new_tokens": cap} for cap in (5, 2, 4)]
+    alone = [post(server, "/generate", body).json()["completions"] for body in bodies]
     before = get(server, "/metrics")
-    post(server, "/pause", None)
-    results = {}
-    threads = [
-        threading.Thread(
-            target=lambda c=cap: results.update({c: post(server, "/generate", {**body, "max_new_tokens": c})})
-        )
-        for cap in (5, 2, 4)
-    ]
-    for t in threads:
-        t.start()
-    wait_until(lambda: get(server, "/metrics")["queue_requests"] == 3, timeout=30)
-    post(server, "/resume", None)
-    for t in threads:
-        t.join(60)
+    results = queued_together(server, bodies)
     after = get(server, "/metrics")
     assert after["engine_calls"] - before["engine_calls"] == 1
-    for cap, r in results.items():
+    for body, want, r in zip(bodies, alone, results, strict=True):
         got = r.json()["completions"]
-        assert [c["token_ids"] for c in got] == [c["token_ids"] for c in alone[cap]]
-        assert len(got[0]["token_ids"]) <= cap
+        assert [c["token_ids"] for c in got] == [c["token_ids"] for c in want]
+        assert len(got[0]["token_ids"]) <= body["max_new_tokens"]
 
 
 def test_metrics_count_requests_and_tokens(server):
