@@ -144,14 +144,9 @@ def main() -> None:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL after a minute: a service must not keep the benchmark from ending."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        stage(f"the service (pid {proc.pid}) ignored SIGTERM for 60 s: killed")
-        proc.kill()
-        proc.wait()
+    from tests.conftest import stop_server
+
+    stop_server(proc, timeout=60)  # vLLM's engine process can take its time
 
 
 def run_checks(args, r: dict, services: list, path: str, dtype, two: bool) -> None:
