@@ -1,194 +1,73 @@
-"""Decode-step projections at few rows: cuBLAS (`F.linear`, what the engine runs) vs torch split-K vs a Triton split-K
-GEMM. The question: does splitting K give the small-N projections more CTAs and so more weight bandwidth? (Measured
-on an H100: no, see bench/RESULTS.md; the candidates live here, not in the engine.)
+"""Decode-step projections at few rows: cuBLAS (`F.linear`) vs the engine's Triton `rollout.kernels.linear`, and a
+sweep of `linear`'s tilings (the source of `kernels.linear_config`).
 
-For each decode projection (packed qkv, o, packed gate_up, down, lm_head) of
-- W (Qwen2 at Qwen2.5-0.5B width/depth, vocab 49,152) at 64 rows, and
-- the learning-run model (SmolLM2-135M: hidden 576, intermediate 1536, 9/3 heads, vocab 49,152) at 512 rows,
-time in bf16: `F.linear`; `splitk_matmul` (one bmm over s K slices viewed in place, then a sum; s = 2..16); and
-`skinny_linear` (Triton: N tile x K slice x M tile grid, fp32 partials reduced in a fixed order; split x N tile x
-K block sweep). Each timing replays a CUDA graph (as the engine does) of calls on enough distinct weight copies
-(>= 256 MB) that no weight is read from L2; median of --reps replays. GB/s = weight bytes / time. Every candidate
-is first checked against fp32 `F.linear` (max |error| printed; above BAD_ERR it is reported and not timed).
+For each decode projection (packed qkv, o, packed gate_up with SwiGLU in the epilogue, down, lm_head) of W (Qwen2 at
+Qwen2.5-0.5B width/depth, vocab 49,152) and of a Qwen2.5-1.5B-shape model, at 64 rows, bf16: time cuBLAS and every
+tiling (column tile x K block x pipeline stages x K slices; slices only for o and down, whose consumer adds fp32
+partials). Each timing replays one CUDA graph of calls over enough distinct weight copies (>= 256 MB) that no
+weight is read from L2, launched as the engine launches them (programmatic dependent launch on Hopper: each call
+prefetches its weights while the previous one runs); median of --reps replays, per call. GB/s = weight bytes /
+time. Every candidate is first checked against fp32 `F.linear` (max |error|; above BAD_ERR it is reported, not
+timed). cuBLAS's GLU row includes the separate `silu_mul` launch the engine would need.
 
-    python bench/decode_gemm.py [--reps 20] [--json out.json]
+    python bench/decode_gemm.py [--reps 20] [--models w,1.5b] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import itertools
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SMOL135 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, vocab_size=49152)  # fmt: skip
 L2_FLUSH_BYTES = 256 * 2**20
-SPLITS = (1, 2, 4, 8, 16)
-BLOCK_N = (16, 32, 64)
-BLOCK_K = (64, 128)
+ROWS = 64
 BAD_ERR = 0.1  # bf16 rounding of outputs ~N(0, 1) stays below ~0.03; a wrong kernel is off by O(1)
+SWEEP = {"bn": (16, 32, 64), "bk": (128, 256), "stages": (3, 4), "splits": (1, 2, 4, 8)}
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=20, help="graph replays per timing (median reported)")
+    p.add_argument("--models", default="w,1.5b", help="comma-separated, of w, 1.5b")
     p.add_argument("--json", help="write every figure here")
     return p.parse_args()
 
 
-class Choice(NamedTuple):
-    """cuBLAS, torch split-K over `split` K slices, or the Triton kernel (`split` slices, block_m x block_n tiles,
-    block_k columns per iteration)."""
-
-    kind: str = "cublas"
-    split: int = 1
-    block_m: int = 64
-    block_n: int = 32
-    block_k: int = 128
-
-    def __str__(self) -> str:
-        if self.kind == "triton":
-            return f"s={self.split} {self.block_m}x{self.block_n}x{self.block_k}"
-        return self.kind if self.kind == "cublas" else f"s={self.split}"
-
-
-def cases() -> list[tuple[str, int, str, int, int, bool, int]]:
-    """(model, rows, projection, N, K, has bias, times per decode step) for every timed shape: out = x [rows, K] @
-    W [N, K]^T, q/k/v and gate/up packed as the engine packs them; Qwen2 has q/k/v biases."""
-    from bench.grpo_step import QWEN05_SHAPE
+def cases(models: list[str]) -> list[dict]:
+    """Every timed projection: out = x [ROWS, K] @ W [N, K]^T, q/k/v and gate/up packed as the engine packs them."""
+    from bench.w2 import SHAPES
 
     out = []
-    for label, rows, c, qkv_bias in (("W", 64, QWEN05_SHAPE, True), ("135M", 512, SMOL135, False)):
+    for label in models:
+        c = SHAPES[label]
         h, i, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
         d = h // c["num_attention_heads"]
         q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
-        out += [
-            (label, rows, "qkv", q + 2 * kv, h, qkv_bias, layers),
-            (label, rows, "o", h, q, False, layers),
-            (label, rows, "gate_up", 2 * i, h, False, layers),
-            (label, rows, "down", h, i, False, layers),
-            (label, rows, "lm_head", c["vocab_size"], h, False, 1),
-        ]
+        for proj, n, k, bias, glu, partial, per_step in (
+            ("qkv", q + 2 * kv, h, True, False, False, layers),
+            ("o", h, q, False, False, True, layers),
+            ("gate_up", 2 * i, h, False, True, False, layers),
+            ("down", h, i, False, False, True, layers),
+            ("lm_head", c["vocab_size"], h, False, False, False, 1),
+        ):
+            out.append(dict(model=label, proj=proj, n=n, k=k, bias=bias, glu=glu, partial=partial, per_step=per_step))
     return out
 
 
-def splitk_matmul(x, weight, split: int, bias=None):
-    """F.linear(x, weight, bias) as one batched GEMM over `split` K slices, summed: `split`x more CTAs for a skinny x.
-    x [M, K], weight [N, K], K % split == 0; the slices are strided views of the weight, not copies."""
-    import torch
+def tilings(k: int, partial: bool):
+    """K slices only where the consumer sums partials, and no slice shorter than 512."""
+    from rollout.kernels import LinearConfig
 
-    m, k = x.shape
-    n = weight.shape[0]
-    ks = k // split
-    part = torch.bmm(x.view(m, split, ks).transpose(0, 1), weight.view(n, split, ks).permute(1, 2, 0))
-    out = part.sum(0)
-    return out if bias is None else out + bias
-
-
-@functools.cache
-def _triton_kernels():
-    """The split-K GEMM and its reduce, compiled on first use (Triton is imported only on a GPU run)."""
-    global tl  # the kernel bodies below read `tl` as a module global, as Triton requires
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gemm(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_per, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-        # One (N tile, K slice, M tile): fp32 partial sums to out[slice] ([S, M, N]); DIRECT (one slice): bias
-        # added and the model dtype stored in place.
-        pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k in range(0, k_per, BLOCK_K):  # k_per is a multiple of BLOCK_K: slices never overlap
-            kk = pid_s * k_per + k + rk
-            a = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-            b = tl.load(w_ptr + rn[None, :] * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
-            acc = tl.dot(a, b, acc)
-        msk = (rm[:, None] < M) & (rn[None, :] < N)
-        if DIRECT:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=msk)
-        else:
-            tl.store(out_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=msk)
-
-    @triton.jit
-    def splitk_reduce(part_ptr, b_ptr, out_ptr, MN, N, S, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < MN
-        acc = tl.zeros([BLOCK], tl.float32)
-        for s in range(S):  # slices summed in a fixed order: deterministic, no atomics
-            acc += tl.load(part_ptr + s * MN + offs, mask=m, other=0.0)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs % N, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
-
-    return gemm, splitk_reduce
-
-
-def skinny_linear(x, weight, bias, split: int, block_m: int, block_n: int, block_k: int):
-    """F.linear(x, weight, bias) (x [M, K], weight [N, K], contiguous, bf16) as the Triton split-K GEMM; split=1:
-    one launch, else a second launch reduces the fp32 partial sums."""
-    import torch
-    import triton
-
-    gemm, splitk_reduce = _triton_kernels()
-    m, k = x.shape
-    n = weight.shape[0]
-    k_per = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # whole K blocks per slice
-    s = triton.cdiv(k, k_per)
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(n, block_n), s, triton.cdiv(m, block_m))
-    b = weight if bias is None else bias
-    if s == 1:
-        gemm[grid](x, weight, b, out, m, n, k, k_per, bias is not None, True, block_m, block_n, block_k)
-        return out
-    part = torch.empty((s, m, n), device=x.device, dtype=torch.float32)
-    gemm[grid](x, weight, b, part, m, n, k, k_per, False, False, block_m, block_n, block_k)
-    splitk_reduce[(triton.cdiv(m * n, 1024),)](part, b, out, m * n, n, s, bias is not None, 1024)
-    return out
-
-
-def linear(x, weight, bias, c: Choice):
-    import torch
-
-    if c.kind == "splitk":
-        return splitk_matmul(x, weight, c.split, bias)
-    if c.kind == "triton":
-        return skinny_linear(x, weight, bias, *c[1:])
-    return torch.nn.functional.linear(x, weight, bias)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def candidates(rows: int, k: int):
-    """Every Choice tried for one shape (Triton configs that launch the same slices counted once)."""
-    yield Choice()
-    for s in SPLITS[1:]:
-        if k % s == 0 and k // s >= 32:
-            yield Choice("splitk", s)
-    block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
-    seen = set()
-    for bn in BLOCK_N:
-        for bk in BLOCK_K:
-            for s in SPLITS:
-                eff = _cdiv(k, _cdiv(_cdiv(k, s), bk) * bk)  # slices actually launched
-                if k // s >= bk and (bn, bk, eff) not in seen:
-                    seen.add((bn, bk, eff))
-                    yield Choice("triton", s, block_m, bn, bk)
+    for bn, bk, stages, splits in itertools.product(*SWEEP.values()):
+        if splits == 1 or (partial and k // splits >= 512):
+            yield LinearConfig(bn, bk, splits, stages, 4)
 
 
 def graph_time(calls, reps: int) -> float:
@@ -218,71 +97,81 @@ def graph_time(calls, reps: int) -> float:
     return statistics.median(times) / len(calls)
 
 
-def time_shape(rows: int, n: int, k: int, bias: bool, reps: int) -> list[dict]:
+def time_case(case: dict, reps: int) -> list[dict]:
     import torch
+    import torch.nn.functional as F
 
-    copies = max(4, _cdiv(L2_FLUSH_BYTES, n * k * 2))
+    from rollout import kernels
+
+    n, k, glu = case["n"], case["k"], case["glu"]
+    copies = max(4, -(-L2_FLUSH_BYTES // (n * k * 2)))
     gen = torch.Generator(device="cuda").manual_seed(n + k)
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * k**-0.5 for _ in range(copies)]
-    b = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen) if bias else None
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-    want = torch.nn.functional.linear(x.float(), ws[0].float(), None if b is None else b.float())
-    out = []
-    for c in candidates(rows, k):
-        try:  # compiles the Triton variant; a config that does not build is reported, not fatal
-            err = (linear(x, ws[0], b, c).float() - want).abs().max().item()
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen) if case["bias"] else None
+    x = torch.randn(ROWS, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    want = F.linear(x.float(), ws[0].float(), None if b is None else b.float())
+    if glu:
+        gate, up = want.chunk(2, -1)
+        want = F.silu(gate) * up
+
+    def cublas(w):
+        out = F.linear(x, w, b)
+        return kernels.silu_mul(out) if glu else out
+
+    def ours(w):
+        out = kernels.linear(x, w, b, glu=glu, partial=case["partial"])
+        return out.sum(0) if out.dim() == 3 else out
+
+    results = []
+    default = kernels.linear_config
+    for cfg in [None, *tilings(k, case["partial"])]:
+        if cfg is not None:
+            kernels.linear_config = lambda *a, cfg=cfg: cfg
+        fn = cublas if cfg is None else lambda w: kernels.linear(x, w, b, glu=glu, partial=case["partial"])
+        try:  # compiles the variant; a tiling that does not build (shared memory) is reported, not fatal
+            err = ((cublas if cfg is None else ours)(ws[0]).float() - want).abs().max().item()
+            if err > BAD_ERR:
+                print(f"WRONG {cfg} for {case}: max |err| {err:.3f}", flush=True)
+                continue
+            t = graph_time([lambda w=w, fn=fn: fn(w) for w in ws], reps)
         except Exception as exc:  # noqa: BLE001
-            print(f"skipped {c.kind} {c} at {rows}x{n}x{k}: {str(exc).splitlines()[0][:120]}", flush=True)
+            print(f"skipped {cfg} for {case['model']} {case['proj']}: {str(exc).splitlines()[0][:100]}", flush=True)
             continue
-        if err > BAD_ERR:
-            print(f"WRONG {c.kind} {c} at {rows}x{n}x{k}: max |err| {err:.3f} vs fp32 F.linear", flush=True)
-            continue
-        t = graph_time([lambda w=w, c=c: linear(x, w, b, c) for w in ws], reps)
-        out.append({"choice": c, "us": t * 1e6, "gbs": n * k * 2 / t / 1e9, "max_err": err})
+        finally:
+            kernels.linear_config = default
+        results.append({"config": None if cfg is None else list(cfg), "us": t * 1e6, "gbs": n * k * 2 / t / 1e9,
+                        "max_err": err})  # fmt: skip
+    chosen = default(ROWS, n // 2 if glu else n, k, glu, case["partial"])
+    results.append(
+        {
+            "config": "chosen",
+            "chosen": list(chosen),
+            **next(({k: v for k, v in r.items() if k != "config"} for r in results if r["config"] == list(chosen)), {}),
+        }
+    )
     del ws
     torch.cuda.empty_cache()
-    return out
+    return results
 
 
-def micro(reps: int) -> list[dict]:
-    from tqdm import tqdm
-
-    rows = []
-    for label, m, proj, n, k, bias, per_step in tqdm(cases(), desc="shapes"):
-        res = time_shape(m, n, k, bias, reps)
-        best = {kind: min((r for r in res if r["choice"].kind == kind), key=lambda r: r["us"], default=None)
-                for kind in ("cublas", "splitk", "triton")}  # fmt: skip
-        err = {kind: max((r["max_err"] for r in res if r["choice"].kind == kind), default=None) for kind in best}
-        winner = min((r for r in best.values() if r), key=lambda r: r["us"])
-        rows.append(dict(model=label, rows=m, proj=proj, n=n, k=k, per_step=per_step, best=best, err=err,
-                         winner=winner, all=res))  # fmt: skip
-    return rows
-
-
-def _cell(r: dict | None, extra: str) -> str:
-    return f"{r['us']:9.1f} {r['gbs']:5.0f} {extra}" if r else f"{'-':>9s} {'':5s} {extra}"
-
-
-def micro_table(rows: list[dict]) -> str:
-    head = f"{'model':5s} {'rows':>4s} {'proj':8s} {'N':>6s} {'K':>5s} | {'cuBLAS us':>9s} {'GB/s':>5s} | "
-    head += f"{'splitk us':>9s} {'GB/s':>5s} {'s':>3s} | {'triton us':>9s} {'GB/s':>5s} {'config':18s} | x    | "
-    head += "max |err| cublas/splitk/triton"
-    lines, per_step = [head], {}
+def table(rows: list[dict]) -> str:
+    lines = [f"{'model':5s} {'proj':8s} {'N':>6s} {'K':>5s} | {'cuBLAS us':>9s} {'GB/s':>5s} | {'chosen us':>9s} "
+             f"{'GB/s':>5s} | {'best us':>7s} {'GB/s':>5s} {'best tiling (bn, bk, splits, stages, warps)':44s}"]  # fmt: skip
+    per_step: dict = {}
     for r in rows:
-        b, e = r["best"], r["err"]
-        sk, tr = b["splitk"], b["triton"]
-        errs = "/".join("-" if v is None else f"{v:.3f}" for v in e.values())
-        sk_split = f"{sk['choice'].split:3d}" if sk else "   "
-        tr_config = f"{str(tr['choice']) if tr else '':18s}"
-        lines.append(
-            f"{r['model']:5s} {r['rows']:4d} {r['proj']:8s} {r['n']:6d} {r['k']:5d} | {_cell(b['cublas'], '')}| "
-            f"{_cell(sk, sk_split)} | {_cell(tr, tr_config)} | {b['cublas']['us'] / r['winner']['us']:.2f} | {errs}"
-        )
-        times = per_step.setdefault((r["model"], r["rows"]), [0.0, 0.0])
-        times[0] += r["per_step"] * b["cublas"]["us"]
-        times[1] += r["per_step"] * r["winner"]["us"]
-    for (model, m), (old, new) in per_step.items():
-        lines.append(f"{model} at {m} rows: decode GEMMs per step {old / 1e3:.3f} ms cuBLAS -> {new / 1e3:.3f} ms best")
+        res = r["results"]
+        cub = res[0]
+        best = min(res[1:-1], key=lambda x: x["us"])
+        ch = res[-1]
+        lines.append(f"{r['model']:5s} {r['proj']:8s} {r['n']:6d} {r['k']:5d} | {cub['us']:9.1f} {cub['gbs']:5.0f} | "
+                     f"{ch.get('us', float('nan')):9.1f} {ch.get('gbs', float('nan')):5.0f} | {best['us']:7.1f} "
+                     f"{best['gbs']:5.0f} {str(best['config']):44s}")  # fmt: skip
+        t = per_step.setdefault(r["model"], [0.0, 0.0, 0.0])
+        for j, v in enumerate((cub["us"], ch.get("us", float("nan")), best["us"])):
+            t[j] += r["per_step"] * v
+    for model, (c, ch, b) in per_step.items():
+        lines.append(f"{model}: projections per decode step {c / 1e3:.3f} ms cuBLAS, {ch / 1e3:.3f} chosen, "
+                     f"{b / 1e3:.3f} best")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -290,23 +179,21 @@ def main() -> None:
     args = parse_args()
     import torch
     import triton
+    from tqdm import tqdm
 
     t0 = time.perf_counter()
     res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    rows = micro(args.reps)
-    res["micro"] = [
-        {**{k: v for k, v in r.items() if k not in ("best", "all", "winner")}, "winner": f"{r['winner']['choice']!r}",
-         "all": [{**x, "choice": list(x["choice"])} for x in r["all"]]}
-        for r in rows
-    ]  # fmt: skip
-    print(f"GPU: {res['gpu']}  torch {res['torch']}  triton {res['triton']}  (bf16, CUDA-graph replays)")
-    print(micro_table(rows))
+    rows = []
+    for case in tqdm(cases(args.models.split(",")), desc="projections"):
+        rows.append({**case, "results": time_case(case, args.reps)})
+        print(table(rows[-1:]).splitlines()[1], flush=True)
+    res["rows"] = rows
+    print(f"GPU: {res['gpu']}  torch {res['torch']}  triton {res['triton']}  (bf16, {ROWS} rows, CUDA-graph replays)")
+    print(table(rows))
     res["wall_s"] = time.perf_counter() - t0
     print(f"wall {res['wall_s']:.0f} s")
     if args.json:
-        tmp = Path(args.json + ".tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        tmp.replace(args.json)
+        Path(args.json).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ W (issue 3, ../shared/REFERENCE.md): Qwen2 at Qwen2.5-0.5B width/depth with voca
 init), bf16 compute, 8 prompts x group 8 = 64 completions x 256 new tokens, prompts of 32 tokens.
 
 Measured in one process, each figure the median of --steps timed repetitions after --warmup untimed ones:
-- rollout alone: rldock engine (fused kernels + CUDA graphs; also without graphs, and unfused torch ops + graphs),
+- rollout alone: rldock engine (fused kernels + CUDA graphs; also with cuBLAS projections and no programmatic
+  dependent launch, as before issue 14, without graphs, and unfused torch ops + graphs),
   HF `generate` with a static cache, and (--vllm) vLLM's `LLM` through rollout/vllm_backend.py; completion tokens / s,
   the ratio to HF, the first call's time and the GPU memory taken (free memory before the engine - after its first
   call; vLLM's is the KV budget its gpu_memory_utilization asks for, plus its own weights and graphs);
@@ -22,6 +23,7 @@ dill multiprocess --no-deps, installed with --target; see bench/RESULTS.md). Wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -125,6 +127,27 @@ def bench_engine(model, items, eos: int, steps: int, warmup: int, **engine_kw) -
     engine.close()
     return {"time_s": med, "times": times, "tok_s": out["tokens"] / med, "tokens": out["tokens"], "first_call_s": first,
             "sync_s": sync, "mem_gib": mem}  # fmt: skip
+
+
+# bench key -> (Triton projections, programmatic dependent launch); "engine" is (True, True)
+VARIANTS = {"engine_cublas": (False, False), "engine_triton": (True, False), "engine_cublas_pdl": (False, True)}
+
+
+@contextlib.contextmanager
+def engine_variant(triton_linear: bool, pdl: bool):
+    """The engine with its projections through cuBLAS instead of `kernels.linear`, and/or its kernels launched
+    without programmatic dependent launch (both off: the engine as it decoded before issue 14's kernel work)."""
+    from rollout import kernels
+
+    saved = kernels.LINEAR_MAX_ROWS, kernels._pdl
+    if not triton_linear:
+        kernels.LINEAR_MAX_ROWS = 0
+    if not pdl:
+        kernels._pdl = lambda index: False
+    try:
+        yield
+    finally:
+        kernels.LINEAR_MAX_ROWS, kernels._pdl = saved
 
 
 def bench_vllm(path: str, items, steps: int, warmup: int) -> dict:
@@ -288,6 +311,9 @@ def table(res: dict) -> str:
     rows.append(f"{'what':58s} {'time s':>8s} {'tok/s':>9s}  note")
     hf = res.get("hf_static")
     for key, label in (("engine", "rldock engine (fused kernels + CUDA graphs)"),
+                       ("engine_cublas", "rldock engine, cuBLAS projections, no PDL"),
+                       ("engine_triton", "rldock engine, Triton projections, no PDL"),
+                       ("engine_cublas_pdl", "rldock engine, cuBLAS projections, PDL"),
                        ("engine_nograph", "rldock engine, fused kernels, no graphs"),
                        ("engine_unfused", "rldock engine, torch ops + CUDA graphs"),
                        ("hf_static", "HF generate, static cache"),
@@ -328,6 +354,9 @@ def main() -> None:
     eos = tok.eos_token_id
     res["engine"] = bench_engine(model, items, eos, args.steps, args.warmup)
     print("engine", json.dumps(res["engine"]), flush=True)
+    for key, variant in VARIANTS.items():
+        with engine_variant(*variant):
+            res[key] = bench_engine(model, items, eos, args.steps, args.warmup)
     res["engine_nograph"] = bench_engine(model, items, eos, args.steps, 0, cuda_graphs=False)
     res["engine_unfused"] = bench_engine(model, items, eos, args.steps, args.warmup, fused=False)
     if not args.skip_hf:

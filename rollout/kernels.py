@@ -3,51 +3,105 @@
 A decode step is memory-bound (it reads every weight once for a few dozen tokens), so the time that is not weight
 reads is launch count: these kernels fuse what eager PyTorch runs as many small ops.
 - `add_rmsnorm`: residual add + RMSNorm (HF numerics: fp32 statistics, bf16 rounding where HF rounds).
-- `rope_cache`: RoPE on q and k from the packed qkv GEMM output, k/v written into the KV cache at the current slot.
-- `decode_attention`: one query token against the cache, the G query heads of a KV head together (online softmax).
+- `rope_attention`: RoPE on q and k from the packed qkv GEMM output, k/v written into the KV cache at the current
+  slot, then one query token against the cache, the G query heads of a KV head together (online softmax).
 - `silu_mul`: SwiGLU's silu(gate) * up from the packed gate_up GEMM output.
 - `sample_rows`: logsumexp + greedy or Gumbel-max draw + logprob of the drawn token + stop bookkeeping in one pass
   over the logits (row chunks in parallel, then one combine); the random numbers are Philox keyed by
   (seed + step, row, column).
+- `linear`: x @ W.T (+ bias) for decode-sized row counts, optionally with SwiGLU in the epilogue (gate_up -> act),
+  or as fp32 partial sums over K slices that `add_rmsnorm` adds up (o and down: more programs for long K);
+  larger batches go to cuBLAS.
 The slot / step counters live in device memory (`ctr = [slot, col]`) so the same launches serve every step.
+
+Programmatic dependent launch (Hopper and later): every kernel here waits for the previous kernel's writes before it
+touches activations, then lets the next one start (`_chain`). What a kernel does before the
+wait may read only weights: `linear` pulls its weight slab into L2 there, so the weight reads of a projection overlap
+the kernel before it. A decode step at a few dozen rows is latency-bound, not bandwidth-bound: this is where its time
+goes.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+# `linear` takes batches up to this many rows and weights up to this size; above either the GEMM is bound by
+# bandwidth, not latency, and cuBLAS reads faster (an lm_head: 27.6 us vs 33.5 on the H200, bench/RESULTS.md)
+LINEAR_MAX_ROWS = 64
+LINEAR_MAX_BYTES = 32 * 2**20
+
+
+@functools.cache
+def _pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Whether kernels on `t`'s device launch as programmatic dependents (compute capability 9.0 and later)."""
+    return _pdl(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+@triton.jit
+def _chain(PDL: tl.constexpr):
+    """Wait until the previous kernel's writes are visible, then let the next kernel launch. Not the other way
+    round: a kernel that released its successor before waiting would let a chain of kernels launch ahead and pile
+    their waiting programs onto whichever SMs had room."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
 
 # ---------------------------------------------------------------------------------------------- norm
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, n, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rmsnorm_kernel(
+    x_ptr, d_ptr, w_ptr, out_ptr, n, d_split_stride, eps,
+    HAS_DELTA: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    _chain(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < n
+    dt = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * n + offs, mask=m, other=0.0)
     if HAS_DELTA:
-        d = tl.load(d_ptr + row * n + offs, mask=m, other=0.0)
-        x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        if SPLITS > 0:  # fp32 partial sums of a projection over K slices: summed in order, rounded as its output
+            d = tl.zeros([BLOCK], tl.float32)
+            for s in tl.static_range(SPLITS):
+                d += tl.load(d_ptr + s * d_split_stride + row * n + offs, mask=m, other=0.0)
+            d = d.to(dt)
+        else:
+            d = tl.load(d_ptr + row * n + offs, mask=m, other=0.0)
+        x = (x.to(tl.float32) + d.to(tl.float32)).to(dt)
         tl.store(x_ptr + row * n + offs, x, mask=m)
     xf = x.to(tl.float32)
-    y = (xf * (1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps))).to(x_ptr.dtype.element_ty)
+    y = (xf * (1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps))).to(dt)
     w = tl.load(w_ptr + offs, mask=m, other=0.0)
     tl.store(out_ptr + row * n + offs, (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x += delta (in place, rounded to x's dtype), return RMSNorm(x) * weight. x: [B, n] contiguous."""
+    """x += delta (in place, rounded to x's dtype), return RMSNorm(x) * weight. x: [B, n] contiguous; delta: [B, n]
+    or `linear`'s fp32 partial sums [S, B, n]."""
     out = torch.empty_like(x)
-    n = x.shape[-1]
-    _add_rmsnorm_kernel[(x.shape[0],)](
-        x, x if delta is None else delta, weight, out, n, eps, delta is not None, triton.next_power_of_2(n)
-    )
+    b, n = x.shape
+    splits = delta.shape[0] if delta is not None and delta.dim() == 3 else 0
+    on = pdl(x)
+    _add_rmsnorm_kernel[(b,)](
+        x, x if delta is None else delta, weight, out, n, b * n, eps,
+        delta is not None, splits, triton.next_power_of_2(n), on, launch_pdl=on,
+    )  # fmt: skip
     return out
 
 
-# ---------------------------------------------------------------------------------------------- rope + cache
+# ---------------------------------------------------------------------------------------------- attention
 
 
 @triton.jit
@@ -56,39 +110,74 @@ def _round(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _rope_cache_kernel(
-    qkv_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, ctr_ptr, pad_ptr,
+def _rope(x1, x2, c, s, dt: tl.constexpr):
+    """HF's x * cos + rotate_half(x) * sin on the two halves of a head, each product and the sum rounded to dt."""
+    return (_round(x1 * c, dt) + _round(-x2 * s, dt)).to(dt), (_round(x2 * c, dt) + _round(x1 * s, dt)).to(dt)
+
+
+@triton.jit
+def _rope_attention_kernel(
+    qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, out_ptr, ctr_ptr, pad_ptr, scale,
     kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
-    H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
+    H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    """Program (row b, KV head j): rotate the G query heads of j and its key, write k and v at the current slot,
+    then attend over the row's slots pad .. slot (online softmax; q . k as the sum over the two rotated halves)."""
+    _chain(PDL)
     b = tl.program_id(0)
-    h = tl.program_id(1)  # 0..H-1: query heads, H..H+KV-1: key/value heads
-    dt = q_ptr.dtype.element_ty
+    j = tl.program_id(1)
+    dt = out_ptr.dtype.element_ty
     half = tl.arange(0, D // 2)
+    g = tl.arange(0, GP)
+    gmask = (g < G)[:, None]
     slot = tl.load(ctr_ptr)
-    pos = tl.maximum(slot - tl.load(pad_ptr + b), 0)
-    c = tl.load(cos_ptr + pos * (D // 2) + half).to(tl.float32)
-    s = tl.load(sin_ptr + pos * (D // 2) + half).to(tl.float32)
+    pad = tl.load(pad_ptr + b)
+    pos = tl.maximum(slot - pad, 0)
+    c = tl.load(cos_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
     row = qkv_ptr + b * (H + 2 * KV) * D
-    x1 = tl.load(row + h * D + half).to(tl.float32)
-    x2 = tl.load(row + h * D + D // 2 + half).to(tl.float32)
-    # HF: x * cos + rotate_half(x) * sin, each product and the sum rounded to the model dtype
-    o1 = (_round(x1 * c, dt) + _round(-x2 * s, dt)).to(dt)
-    o2 = (_round(x2 * c, dt) + _round(x1 * s, dt)).to(dt)
-    if h < H:
-        tl.store(q_ptr + b * H * D + h * D + half, o1)
-        tl.store(q_ptr + b * H * D + h * D + D // 2 + half, o2)
-    else:
-        j = h - H
-        k_dst = kc_ptr + b * kc_sb + j * kc_sh + slot * kc_st
-        tl.store(k_dst + half, o1)
-        tl.store(k_dst + D // 2 + half, o2)
-        d = tl.arange(0, D)
-        v = tl.load(row + (H + KV + j) * D + d)
-        tl.store(vc_ptr + b * vc_sb + j * vc_sh + slot * vc_st + d, v)
+    qh = row + (j * G + g)[:, None] * D + half[None, :]
+    q1, q2 = _rope(tl.load(qh, mask=gmask, other=0.0).to(tl.float32),
+                   tl.load(qh + D // 2, mask=gmask, other=0.0).to(tl.float32), c, s, dt)  # fmt: skip
+    kh = row + (H + j) * D + half[None, :]
+    k1, k2 = _rope(tl.load(kh).to(tl.float32), tl.load(kh + D // 2).to(tl.float32), c, s, dt)
+    k_base = kc_ptr + b * kc_sb + j * kc_sh
+    v_base = vc_ptr + b * vc_sb + j * vc_sh
+    tl.store(k_base + slot * kc_st + half[None, :], k1)
+    tl.store(k_base + slot * kc_st + D // 2 + half[None, :], k2)
+    d = tl.arange(0, D)
+    tl.store(v_base + slot * vc_st + d, tl.load(row + (H + KV + j) * D + d))
+    tl.debug_barrier()  # the loop below reads the slot just written, by other threads of this program
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for start in range((pad // BLOCK_N) * BLOCK_N, slot + 1, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        valid = (n >= pad) & (n <= slot)
+        kp = k_base + n[:, None] * kc_st + half[None, :]
+        ka = tl.load(kp, mask=valid[:, None], other=0.0)
+        kb = tl.load(kp + D // 2, mask=valid[:, None], other=0.0)
+        if IEEE:
+            sc = tl.dot(q1, tl.trans(ka), input_precision="ieee") + tl.dot(q2, tl.trans(kb), input_precision="ieee")
+        else:
+            sc = tl.dot(q1, tl.trans(ka)) + tl.dot(q2, tl.trans(kb))
+        sc = tl.where(valid[None, :], sc * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + n[:, None] * vc_st + d[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = (acc / l_i[:, None]).to(dt)
+    tl.store(out_ptr + b * H * D + (j * G + g)[:, None] * D + d[None, :], out, mask=gmask)
 
 
-def rope_cache(
+def rope_attention(
     qkv: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -97,81 +186,19 @@ def rope_cache(
     ctr: torch.Tensor,
     pad_len: torch.Tensor,
     heads: int,
-    kv_heads: int,
 ) -> torch.Tensor:
-    """Rotate q and k of `qkv` [B, (H+2KV)*d] at each row's position (slot - pad_len), write k, v into the layer's
-    cache [B, KV, T, d] at `slot = ctr[0]`; return q [B, H*d]. cos/sin: [T, d/2] tables in the model dtype."""
-    b = qkv.shape[0]
-    d = k_cache.shape[-1]
-    q = torch.empty((b, heads * d), device=qkv.device, dtype=qkv.dtype)
-    _rope_cache_kernel[(b, heads + kv_heads)](
-        qkv, q, k_cache, v_cache, cos, sin, ctr, pad_len,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        heads, kv_heads, d,
-    )  # fmt: skip
-    return q
-
-
-# ---------------------------------------------------------------------------------------------- attention
-
-
-@triton.jit
-def _decode_attention_kernel(
-    q_ptr, kc_ptr, vc_ptr, out_ptr, ctr_ptr, pad_ptr, scale,
-    kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
-):  # fmt: skip
-    b = tl.program_id(0)
-    j = tl.program_id(1)  # KV head; it serves query heads j*G .. j*G+G-1
-    g = tl.arange(0, GP)
-    d = tl.arange(0, D)
-    qmask = (g < G)[:, None]
-    q = tl.load(q_ptr + b * H * D + (j * G + g)[:, None] * D + d[None, :], mask=qmask, other=0.0)
-    slot = tl.load(ctr_ptr)
-    pad = tl.load(pad_ptr + b)
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
-    k_base = kc_ptr + b * kc_sb + j * kc_sh
-    v_base = vc_ptr + b * vc_sb + j * vc_sh
-    for start in range((pad // BLOCK_N) * BLOCK_N, slot + 1, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        valid = (n >= pad) & (n <= slot)
-        k = tl.load(k_base + n[:, None] * kc_st + d[None, :], mask=valid[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + n[:, None] * vc_st + d[None, :], mask=valid[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    out = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + b * H * D + (j * G + g)[:, None] * D + d[None, :], out, mask=qmask)
-
-
-def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctr: torch.Tensor, pad_len: torch.Tensor
-) -> torch.Tensor:
-    """Attention of one new token per row (q [B, H*d]) over cache slots pad_len[b] .. ctr[0]; returns [B, H*d]."""
+    """Attention of one new token per row: rotate q and k of `qkv` [B, (H+2KV)*d] at each row's position
+    (slot - pad_len), write k, v into the layer's cache [B, KV, T, d] at `slot = ctr[0]`, attend over slots
+    pad_len[b] .. slot; returns [B, H*d]. cos/sin: [T, d/2] tables in the model dtype."""
     b, kv, _, d = k_cache.shape
-    heads = q.shape[1] // d
     g = heads // kv
-    out = torch.empty_like(q)
-    _decode_attention_kernel[(b, kv)](
-        q, k_cache, v_cache, out, ctr, pad_len, d**-0.5,
+    out = torch.empty((b, heads * d), device=qkv.device, dtype=qkv.dtype)
+    on = pdl(qkv)
+    _rope_attention_kernel[(b, kv)](
+        qkv, k_cache, v_cache, cos, sin, out, ctr, pad_len, d**-0.5,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        heads, g, max(16, triton.next_power_of_2(g)), d, 64, q.dtype == torch.float32,
+        heads, kv, g, max(16, triton.next_power_of_2(g)), d, 64, qkv.dtype == torch.float32, on, launch_pdl=on,
     )  # fmt: skip
     return out
 
@@ -180,7 +207,8 @@ def decode_attention(
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _chain(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -197,7 +225,116 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     n = n2 // 2
     out = torch.empty((b, n), device=gate_up.device, dtype=gate_up.dtype)
     block = 1024
-    _silu_mul_kernel[(b, triton.cdiv(n, block))](gate_up, out, n, block)
+    on = pdl(gate_up)
+    _silu_mul_kernel[(b, triton.cdiv(n, block))](gate_up, out, n, block, on, launch_pdl=on)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- projections
+
+
+@triton.jit
+def _prefetch_l2(ptr, row_stride, nrows, row_bytes, ROWS: tl.constexpr, LINES: tl.constexpr):
+    """Ask L2 for `row_bytes` from each of `nrows` rows `row_stride` bytes apart, one 128-byte line per lane (no
+    registers are filled)."""
+    r = tl.minimum(tl.arange(0, ROWS), nrows - 1)
+    c = tl.minimum(tl.arange(0, LINES) * 128, row_bytes - 1)
+    lines = ptr.to(tl.pointer_type(tl.int8)) + r[:, None].to(tl.int64) * row_stride + c[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [lines], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_per,
+    HAS_BIAS: tl.constexpr, GLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    LINES: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """One column tile x one K slice (program ids 0 and 2). GLU: the weight is [gate; up] (2N rows) and the tile is
+    silu(gate) * up, rounded where the unfused path rounds. With K slices the output is fp32 partials [S, M, N]."""
+    n0 = tl.program_id(0) * BN
+    k_lo = tl.program_id(2) * k_per
+    esize: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+    if PDL:
+        nrows = tl.minimum(BN, N - n0)
+        nbytes = tl.minimum(k_per, K - k_lo) * esize
+        _prefetch_l2(w_ptr + n0 * K + k_lo, K * esize, nrows, nbytes, BN, LINES)
+        if GLU:
+            _prefetch_l2(w_ptr + (N + n0) * K + k_lo, K * esize, nrows, nbytes, BN, LINES)
+    _chain(PDL)
+    rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    rn = n0 + tl.arange(0, BN)
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc_up = tl.zeros([BM, BN], tl.float32)
+    k_hi = tl.minimum(k_lo + k_per, K)
+    for k0 in range(k_lo, k_hi, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
+        wmask = (rn[None, :] < N) & (rk[:, None] < k_hi)
+        w = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=wmask, other=0.0)
+        acc = tl.dot(x, w, acc, input_precision="ieee" if IEEE else None)
+        if GLU:
+            u = tl.load(w_ptr + (N + rn)[None, :] * K + rk[:, None], mask=wmask, other=0.0)
+            acc_up = tl.dot(x, u, acc_up, input_precision="ieee" if IEEE else None)
+    if HAS_BIAS and tl.program_id(2) == 0:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if GLU:
+            acc_up += tl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    dt = out_ptr.dtype.element_ty
+    if GLU:
+        gate = _round(acc, dt)
+        acc = _round(gate / (1.0 + tl.exp(-gate)), dt) * _round(acc_up, dt)
+    out = out_ptr + tl.program_id(2) * M * N + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc.to(dt), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+class LinearConfig(NamedTuple):
+    """How `linear` tiles one projection: BN output columns per program, BK per K iteration, K cut into `splits`
+    slices (fp32 partials, summed by the consumer), software-pipeline stages, warps per program."""
+
+    bn: int
+    bk: int
+    splits: int
+    stages: int
+    warps: int
+
+
+def linear_config(m: int, n: int, k: int, glu: bool, partial: bool) -> LinearConfig:
+    """The tiling of a decode projection, from bench/decode_gemm.py's sweep on an H200 (bench/RESULTS.md). 32 weight
+    rows per program (16 gate + 16 up with GLU): every program reads all of x, so narrower tiles spend more on x
+    than on weights; where the consumer sums partials (`partial`), K in slices of >= ~600 (o and down); four
+    pipeline stages where slices are short, three for GLU's two tiles or long slices."""
+    splits = 1 << min(3, max(0, (k // 600).bit_length() - 1)) if partial else 1
+    return LinearConfig(16 if glu else 32, 128, splits, 3 if glu or k // splits > 1024 else 4, 4)
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, glu: bool = False, partial: bool = False
+) -> torch.Tensor:
+    """x [M, K] @ weight.T (+ bias), [M, N] in x's dtype. glu: weight (and bias) hold [gate; up] and the result is
+    silu(gate) * up, [M, N/2]. partial: the caller (`add_rmsnorm`'s delta) also takes fp32 partial sums [S, M, N]
+    over S slices of K. Batches above LINEAR_MAX_ROWS rows and weights above LINEAR_MAX_BYTES go to cuBLAS (then
+    `silu_mul`)."""
+    m, k = x.shape
+    if m > LINEAR_MAX_ROWS or weight.numel() * weight.element_size() > LINEAR_MAX_BYTES:
+        out = F.linear(x, weight, bias)
+        return silu_mul(out) if glu else out
+    n = weight.shape[0] // 2 if glu else weight.shape[0]
+    cfg = linear_config(m, n, k, glu, partial)
+    ieee = x.dtype == torch.float32
+    bm, bk = max(16, triton.next_power_of_2(m)), 32 if ieee else cfg.bk
+    k_per = triton.cdiv(triton.cdiv(k, cfg.splits), bk) * bk
+    splits = triton.cdiv(k, k_per)
+    if splits > 1:
+        out = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    lines = triton.next_power_of_2(triton.cdiv(k_per * weight.element_size(), 128))
+    on = pdl(x)
+    _linear_kernel[(triton.cdiv(n, cfg.bn), triton.cdiv(m, bm), splits)](
+        x, weight, weight if bias is None else bias, out, m, n, k, k_per,
+        bias is not None, glu, bm, cfg.bn, bk, lines, ieee, on,
+        num_warps=cfg.warps, num_stages=cfg.stages, launch_pdl=on,
+    )  # fmt: skip
     return out
 
 
@@ -207,9 +344,10 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _sample_partial_kernel(
     logits_ptr, draw_ptr, stride_l, stride_d, V, temp_ptr, seed_ptr, ctr_ptr, part_ptr, S,
-    GREEDY: tl.constexpr, SEPARATE_DRAW: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    GREEDY: tl.constexpr, SEPARATE_DRAW: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One (row, chunk of CHUNK columns): running max and sum of exp (logsumexp), and the best draw key."""
+    _chain(PDL)
     b = tl.program_id(0)
     c = tl.program_id(1)
     seed = tl.load(seed_ptr) + tl.load(ctr_ptr + 1)
@@ -246,9 +384,10 @@ def _sample_partial_kernel(
 @triton.jit
 def _sample_finish_kernel(
     logits_ptr, stride_l, part_ptr, S, ctr_ptr, done_ptr, stop_ptr, tokens_ptr, logprobs_ptr, last_ptr,
-    stride_out, pad_id, SP: tl.constexpr, NSTOP: tl.constexpr,
+    stride_out, pad_id, SP: tl.constexpr, NSTOP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Per row: combine the chunks, log-prob of the drawn token, record it, update the stop flag."""
+    _chain(PDL)
     b = tl.program_id(0)
     c = tl.arange(0, SP)
     cm = c < S
@@ -299,11 +438,12 @@ def sample_rows(
     s = triton.cdiv(v, chunk)
     part = torch.empty((b, s, 4), device=logits.device, dtype=torch.float32)
     src = logits if draw is None else draw
+    on = pdl(logits)
     _sample_partial_kernel[(b, s)](
         logits, src, logits.stride(0), src.stride(0), v, temperature, seed, ctr, part, s,
-        greedy, draw is not None, chunk, 1024,
+        greedy, draw is not None, chunk, 1024, on, launch_pdl=on,
     )  # fmt: skip
     _sample_finish_kernel[(b,)](
         logits, logits.stride(0), part, s, ctr, done, stop, tokens, logprobs, last, tokens.stride(0), pad_id,
-        triton.next_power_of_2(s), stop.numel(),
+        triton.next_power_of_2(s), stop.numel(), on, launch_pdl=on,
     )  # fmt: skip

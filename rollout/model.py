@@ -301,12 +301,13 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             a, m = layer.self_attn, layer.mlp
             h = K.add_rmsnorm(x, delta, layer.input_layernorm.weight, c.rms_norm_eps)
-            qkv = F.linear(h, a.qkv_weight, a.qkv_bias)
-            q = K.rope_cache(qkv, k_cache[i], v_cache[i], cos, sin, ctr, pad_len, c.num_heads, c.num_kv_heads)
-            delta = a.o_proj(K.decode_attention(q, k_cache[i], v_cache[i], ctr, pad_len))
+            qkv = K.linear(h, a.qkv_weight, a.qkv_bias)
+            attn = K.rope_attention(qkv, k_cache[i], v_cache[i], cos, sin, ctr, pad_len, c.num_heads)
+            delta = K.linear(attn, a.o_proj.weight, a.o_proj.bias, partial=True)
             h = K.add_rmsnorm(x, delta, layer.post_attention_layernorm.weight, c.rms_norm_eps)
-            delta = m.down_proj(K.silu_mul(F.linear(h, m.gate_up_weight, m.gate_up_bias)))
-        return self.lm_head(K.add_rmsnorm(x, delta, self.model.norm.weight, c.rms_norm_eps))
+            act = K.linear(h, m.gate_up_weight, m.gate_up_bias, glu=True)
+            delta = K.linear(act, m.down_proj.weight, m.down_proj.bias, partial=True)
+        return K.linear(K.add_rmsnorm(x, delta, self.model.norm.weight, c.rms_norm_eps), self.lm_head.weight)
 
     def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, d/2] in the model dtype for positions 0..length-1 (fp32 math, as `make_step`)."""
