@@ -153,20 +153,18 @@ class _Runner:
             draw = truncate(logits.float() / self.temperature, self.top_p, top_k) if truncated else None
             temp = self.one if truncated else self.temperature
             sample_rows(
-                logits, draw, temp, self.seed, self.ctr, self.done, self.stop,
+                logits, draw, temp, self.seed, self.ctr, self.done, self.stop, self.limit,
                 self.tokens, self.logprobs, self.last, self.pad, greedy,
             )  # fmt: skip
-        else:
-            top_p = self.top_p if self.params.top_p < 1.0 else 1.0
-            tok, lp = sample(logits, self.temperature, top_p, top_k, greedy, self.generator)
-            tok = tok.masked_fill(self.done, self.pad)
-            col = self.ctr[1:]
-            self.tokens.index_copy_(1, col, tok[:, None])
-            self.logprobs.index_copy_(1, col, lp.masked_fill(self.done, 0.0)[:, None])
-            self.done |= torch.isin(tok, self.stop)
-            self.last.copy_(tok)
-        # a row that drew its last allowed token is done (inside the captured graph on CUDA: one elementwise op)
-        self.done |= (self.limit <= self.ctr[1] + 1).to(self.done.dtype)
+            return
+        top_p = self.top_p if self.params.top_p < 1.0 else 1.0
+        tok, lp = sample(logits, self.temperature, top_p, top_k, greedy, self.generator)
+        tok = tok.masked_fill(self.done, self.pad)
+        col = self.ctr[1:]
+        self.tokens.index_copy_(1, col, tok[:, None])
+        self.logprobs.index_copy_(1, col, lp.masked_fill(self.done, 0.0)[:, None])
+        self.done |= torch.isin(tok, self.stop) | (self.limit <= self.ctr[1] + 1)  # a stop token, or the cap
+        self.last.copy_(tok)
 
     def capture(self) -> None:
         """Record `step` (forward + sampling + bookkeeping + counter bump) as a CUDA graph, after two warm-up runs
@@ -377,7 +375,7 @@ class EmbeddedEngine(ServedEngine):
         check, owners, step = 16 if runner.cuda else 1, list(range(runner.rows)), 1
         results: list = [None] * runner.rows
         while True:
-            shrink = runner.b_cap // 2 if self.compact and runner.b_cap > 8 else 0
+            shrink = runner.b_cap // 2 if self.compact and runner.b_cap // 2 >= 8 else 0
             step = runner.decode(n, check, start=step, shrink_at=shrink)
             rows = runner.results(n)
             live = [] if step >= n else (runner.done[: runner.rows] == 0).nonzero()[:, 0].tolist()

@@ -383,10 +383,11 @@ def _sample_partial_kernel(
 
 @triton.jit
 def _sample_finish_kernel(
-    logits_ptr, stride_l, part_ptr, S, ctr_ptr, done_ptr, stop_ptr, tokens_ptr, logprobs_ptr, last_ptr,
+    logits_ptr, stride_l, part_ptr, S, ctr_ptr, done_ptr, stop_ptr, limit_ptr, tokens_ptr, logprobs_ptr, last_ptr,
     stride_out, pad_id, SP: tl.constexpr, NSTOP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Per row: combine the chunks, log-prob of the drawn token, record it, update the stop flag."""
+    """Per row: combine the chunks, log-prob of the drawn token, record it, update the stop flag (a stop token, or
+    the row's cap reached)."""
     _chain(PDL)
     b = tl.program_id(0)
     c = tl.arange(0, SP)
@@ -405,7 +406,7 @@ def _sample_finish_kernel(
     tok = tl.where(done, pad_id, best_i).to(tl.int64)
     tl.store(tokens_ptr + b * stride_out + col, tok)
     tl.store(logprobs_ptr + b * stride_out + col, tl.where(done, 0.0, lp))
-    hit = done
+    hit = done | (tl.load(limit_ptr + b) <= col + 1)
     for k in tl.static_range(NSTOP):
         hit = hit | (tok == tl.load(stop_ptr + k))
     tl.store(done_ptr + b, hit.to(tl.int8))
@@ -420,6 +421,7 @@ def sample_rows(
     ctr: torch.Tensor,
     done: torch.Tensor,
     stop: torch.Tensor,
+    limit: torch.Tensor,
     tokens: torch.Tensor,
     logprobs: torch.Tensor,
     last: torch.Tensor,
@@ -429,8 +431,9 @@ def sample_rows(
     """Draw one token per row and record it at column ctr[1] of `tokens`/`logprobs` (see the module docstring).
 
     logits [B, V]: the raw policy (logprob = log_softmax(logits)[token]); draw: already-filtered logits to draw from
-    (top-k/top-p), else the draw is softmax(logits / temperature). done [B] (int8) is updated with `stop` hits; rows
-    already done record `pad_id` with logprob 0. last [B]: the drawn tokens, the next step's input.
+    (top-k/top-p), else the draw is softmax(logits / temperature). done [B] (int8) is updated with `stop` hits and
+    with rows whose cap `limit` [B] (new tokens) is reached at this column; rows already done record `pad_id` with
+    logprob 0. last [B]: the drawn tokens, the next step's input.
     Each row is split into chunks of 4096 columns reduced in parallel, then combined (two launches).
     """
     b, v = logits.shape
@@ -444,6 +447,6 @@ def sample_rows(
         greedy, draw is not None, chunk, 1024, on, launch_pdl=on,
     )  # fmt: skip
     _sample_finish_kernel[(b,)](
-        logits, logits.stride(0), part, s, ctr, done, stop, tokens, logprobs, last, tokens.stride(0), pad_id,
+        logits, logits.stride(0), part, s, ctr, done, stop, limit, tokens, logprobs, last, tokens.stride(0), pad_id,
         triton.next_power_of_2(s), stop.numel(), on, launch_pdl=on,
     )  # fmt: skip

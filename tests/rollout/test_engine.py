@@ -180,6 +180,9 @@ def test_compaction_moves_live_rows_without_changing_greedy_answers(tiny):
         assert [c.token_ids for c in got] == [c.token_ids for c in want]
         assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
         assert all(g.logprobs == pytest.approx(w.logprobs, abs=1e-5) for g, w in zip(got, want, strict=True))
+    before = packed.compactions  # 12 rows: half of them is below the ladder's 8-row floor, so no compaction
+    short = packed.generate(prompts[:3], SamplingParams(n=4, temperature=0, max_new_tokens=14), [1, 2, 14])
+    assert packed.compactions == before and [len(c.token_ids) for c in short] == [1] * 4 + [2] * 4 + [14] * 4
     sampled = packed.generate(
         prompts, SamplingParams(n=8, temperature=1.2, max_new_tokens=14, seed=5), [2, 3, 4, 9, 14]
     )

@@ -143,9 +143,12 @@ def test_server_without_vllm_says_so_in_one_line(model_path):
 # ---- the real engine (vllm + GPU) ---------------------------------------------------------------------------------
 
 
+# a marker, not importorskip inside the fixture: the fixture's own `model_path` (a GGUF conversion) would run first
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install 'rldock[vllm]')")
+
+
 @pytest.fixture(scope="module")
 def vllm_engine(model_path):
-    pytest.importorskip("vllm")
     from rollout.vllm_backend import VLLMEngine
 
     engine = VLLMEngine(model_path, dtype="float32", gpu_memory_utilization=0.3, max_batch_size=16)
@@ -154,6 +157,7 @@ def vllm_engine(model_path):
 
 
 @pytest.mark.gpu
+@needs_vllm
 def test_vllm_generate_counts_and_logprobs(vllm_engine, model_path):
     import torch
 
@@ -173,6 +177,7 @@ def test_vllm_generate_counts_and_logprobs(vllm_engine, model_path):
 
 
 @pytest.mark.gpu
+@needs_vllm
 def test_vllm_update_weights_from_folder(vllm_engine, model_path, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
