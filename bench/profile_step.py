@@ -18,9 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grpo_step as G  # noqa: E402  (the W model, prompts and trainer pieces)
 
 KINDS = (
-    ("gemm", ("gemm", "cutlass", "sm90_", "sm80_", "xmma", "cublas", "nvjet")),
+    ("gemm", ("gemm", "cutlass", "sm90_", "sm80_", "xmma", "cublas", "nvjet", "_linear_kernel")),
     ("attention", ("attention", "fmha", "flash", "attn")),
-    ("rope+cache", ("rope",)),
     ("rmsnorm", ("rmsnorm", "norm")),
     ("silu", ("silu",)),
     ("sample/softmax/lse", ("sample", "softmax", "logsumexp", "gather")),
