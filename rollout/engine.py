@@ -46,7 +46,7 @@ def _round_up(x: int, m: int) -> int:
 
 
 # compaction halves a batch (b, b/2, b/4, ... 8 rows): the whole ladder stays cached with its graphs, or every call
-# would capture it again; its KV caches add up to less than twice the largest's
+# would capture it again (one ladder's KV caches add up to less than twice its largest's); 12 holds two ladders
 _MAX_RUNNERS_COMPACT = 12
 
 
