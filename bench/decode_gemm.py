@@ -141,7 +141,7 @@ def time_case(case: dict, reps: int) -> list[dict]:
             kernels.linear_config = default
         results.append({"config": None if cfg is None else list(cfg), "us": t * 1e6, "gbs": n * k * 2 / t / 1e9,
                         "max_err": err})  # fmt: skip
-    chosen = default(ROWS, n // 2 if glu else n, k, glu, case["partial"])
+    chosen = default(n // 2 if glu else n, k, glu, case["partial"])
     results.append(
         {
             "config": "chosen",

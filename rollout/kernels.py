@@ -207,6 +207,13 @@ def rope_attention(
 
 
 @triton.jit
+def _swiglu(gate, up, dt: tl.constexpr):
+    """silu(gate) * up in fp32, rounded where the unfused path rounds: gate and up arrive as dt values, silu is
+    rounded to dt before the product."""
+    return _round(gate / (1.0 + tl.exp(-gate)), dt) * up
+
+
+@triton.jit
 def _silu_mul_kernel(gu_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
     _chain(PDL)
     row = tl.program_id(0)
@@ -215,8 +222,7 @@ def _silu_mul_kernel(gu_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr)
     dt = out_ptr.dtype.element_ty
     gate = tl.load(gu_ptr + row * 2 * n + offs, mask=m, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + row * 2 * n + n + offs, mask=m, other=0.0).to(tl.float32)
-    act = _round(gate / (1.0 + tl.exp(-gate)), dt)
-    tl.store(out_ptr + row * n + offs, (act * up).to(dt), mask=m)
+    tl.store(out_ptr + row * n + offs, _swiglu(gate, up, dt).to(dt), mask=m)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -281,8 +287,7 @@ def _linear_kernel(
             acc_up += tl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     dt = out_ptr.dtype.element_ty
     if GLU:
-        gate = _round(acc, dt)
-        acc = _round(gate / (1.0 + tl.exp(-gate)), dt) * _round(acc_up, dt)
+        acc = _swiglu(_round(acc, dt), _round(acc_up, dt), dt)
     out = out_ptr + tl.program_id(2) * M * N + rm[:, None] * N + rn[None, :]
     tl.store(out, acc.to(dt), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -298,7 +303,7 @@ class LinearConfig(NamedTuple):
     warps: int
 
 
-def linear_config(m: int, n: int, k: int, glu: bool, partial: bool) -> LinearConfig:
+def linear_config(n: int, k: int, glu: bool, partial: bool) -> LinearConfig:
     """The tiling of a decode projection, from bench/decode_gemm.py's sweep on an H200 (bench/RESULTS.md). 32 weight
     rows per program (16 gate + 16 up with GLU): every program reads all of x, so narrower tiles spend more on x
     than on weights; where the consumer sums partials (`partial`), K in slices of >= ~600 (o and down); four
@@ -319,7 +324,7 @@ def linear(
         out = F.linear(x, weight, bias)
         return silu_mul(out) if glu else out
     n = weight.shape[0] // 2 if glu else weight.shape[0]
-    cfg = linear_config(m, n, k, glu, partial)
+    cfg = linear_config(n, k, glu, partial)
     ieee = x.dtype == torch.float32
     bm, bk = max(16, triton.next_power_of_2(m)), 32 if ieee else cfg.bk
     k_per = triton.cdiv(triton.cdiv(k, cfg.splits), bk) * bk
