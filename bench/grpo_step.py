@@ -195,7 +195,9 @@ def bench_hf_static(model, items, tok, steps: int, warmup: int) -> dict:
     return {"time_s": med, "times": times, "tok_s": tokens / med, "tokens": tokens, "first_call_s": first}
 
 
-def rldock_run(path: str, tok, micro_batch: int, compile_model: bool = True) -> SimpleNamespace:
+def rldock_run(
+    path: str, tok, micro_batch: int, compile_model: bool = True, compute_copy: bool = True
+) -> SimpleNamespace:
     """The trainer's own pieces for one GRPO step (config, engine factory, optimizer, learner, weight sync,
     workflow)."""
     import torch
@@ -205,7 +207,7 @@ def rldock_run(path: str, tok, micro_batch: int, compile_model: bool = True) -> 
     from trainer.config import Config
     from trainer.dist import Dist
     from trainer.learner import Learner
-    from trainer.loop import compile_layers, make_optimizer
+    from trainer.loop import compute_weights, make_optimizer
     from trainer.rollout_factory import make_engine
     from trainer.weight_sync import make_weight_sync
     from trainer.workflow import SingleTurnWorkflow
@@ -216,12 +218,12 @@ def rldock_run(path: str, tok, micro_batch: int, compile_model: bool = True) -> 
     d = Dist(device=torch.device(DEVICE))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEVICE).train()
     engine = make_engine(cfg, model, tok, d, path)
-    if compile_model:
-        compile_layers(model)  # what trainer.loop.build does on CUDA (train.compile, default on)
+    cfg.train.compile, cfg.train.compute_copy = compile_model, compute_copy
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    weights = compute_weights(cfg, model, d, dtype)  # as trainer.loop.build: bf16 copy, compiled layers (defaults)
     optimizer, scheduler = make_optimizer(cfg, model)
     params = SamplingParams(n=W["group"], temperature=1.0, max_new_tokens=W["new_tokens"])
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    learner = Learner.for_config(cfg, model, optimizer, scheduler, d, dtype, tok.pad_token_id)
+    learner = Learner.for_config(cfg, weights, optimizer, scheduler, d, dtype, tok.pad_token_id)
     return SimpleNamespace(
         cfg=cfg, model=model, engine=engine, learner=learner,
         sync=make_weight_sync(cfg, engine, d), workflow=SingleTurnWorkflow(tok, params),

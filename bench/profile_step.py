@@ -98,15 +98,19 @@ def time_update(run, trajs, steps: int = 3) -> float:
     return statistics.median(times[1:])
 
 
+LEARNER_VARIANTS = {"": {}, "_autocast": {"compute_copy": False}}
+"""Tag -> rldock_run overrides: the trainer's defaults (bf16 compute copy of the fp32 master, compiled layers), and
+autocast over the fp32 weights instead of the copy (the learner before issue 14)."""
+
+
 def profile_learner(path: str, tok, items) -> dict:
-    """The trainer's update as it runs (fp32 master weights, bf16 autocast, chunked logprobs, fused AdamW, compiled
-    decoder layers), its kernel split, and the same update at other micro-batch sizes and without compile."""
+    """The trainer's update as it runs (fp32 master weights, bf16 compute copy, chunked logprobs, fused AdamW,
+    compiled decoder layers), its kernel split, and the same update at other micro-batch sizes and variants."""
     out: dict = {}
-    for compiled in (True, False):
-        run = G.rldock_run(path, tok, 64, compile_model=compiled)
+    for tag, overrides in LEARNER_VARIANTS.items():
+        run = G.rldock_run(path, tok, 64, **overrides)
         trajs = [t for t in run.workflow.run(run.engine, items, list(range(len(items)))) if t is not None]
         run.engine.close()
-        tag = "" if compiled else "_eager"
         for mb in (64, 32, 16):
             run.learner.micro_batch_size = mb
             out[f"update{tag}_mb{mb}_s"] = time_update(run, trajs)
@@ -132,7 +136,7 @@ def main() -> None:
     print(f"GPU: {torch.cuda.get_device_name()}")
     r = res["rollout_nograph"]
     print(f"rollout, fused kernels without graphs: {fmt(r['wall_s'], r['kernels_s'])}")
-    for tag in ("", "_eager"):
+    for tag in LEARNER_VARIANTS:
         wall, split = res["learner"][f"profile{tag}_mb64"]
         print(f"learner update{tag} mb64: {fmt(wall, split)}")
     for k, v in res["learner"].items():

@@ -141,6 +141,11 @@ class TrainConfig(Section):
     compile: bool = True
     """On CUDA, compile each decoder layer with torch.compile (fuses norms, RoPE and SwiGLU; the first steps pay
     the compile). Ignored on CPU and with gradient checkpointing."""
+    compute_copy: bool = True
+    """One process, compute dtype below fp32 (bf16 on GPU): forward and backward run on a compute-dtype copy of the
+    weights, refreshed from the fp32 master after each optimizer step, and each micro-batch's gradients are added
+    into fp32 master gradients (what FSDP2's mixed precision does under torchrun). Costs one compute-dtype copy of
+    the weights. False: autocast over the fp32 weights (each weight cast at each use, residual stream in fp32)."""
     cpu_offload: bool = False
     """FSDP2 keeps the fp32 master weights, gradients and AdamW state in host memory and steps the optimizer on
     the CPU: a model whose optimizer state does not fit the GPUs trains, slower. Needs CUDA and torchrun (also for one

@@ -22,11 +22,13 @@ from trainer.config import Config, GRPOConfig
 from trainer.dist import Dist
 from trainer.grpo import group_advantages, groups_with_spread, loss_norms, masked_mean, policy_loss
 from trainer.policy import on_device, right_pad, token_logprobs
+from trainer.precision import ComputeWeights
 
 
 @dataclass
 class Learner:
-    model: nn.Module
+    weights: ComputeWeights
+    """The fp32 master model and the module its forward runs (trainer/precision.py)."""
     optimizer: torch.optim.Optimizer
     scheduler: Any  # a torch LR scheduler
     d: Dist
@@ -41,11 +43,11 @@ class Learner:
     ref_model: nn.Module | None = None
 
     @classmethod
-    def for_config(cls, cfg: Config, model, optimizer, scheduler, d: Dist, dtype: torch.dtype, pad_id: int,
-                   ref_model: nn.Module | None = None) -> Learner:  # fmt: skip
-        """The learner a run's config describes, over its model and optimizer."""
+    def for_config(cls, cfg: Config, weights: ComputeWeights, optimizer, scheduler, d: Dist, dtype: torch.dtype,
+                   pad_id: int, ref_model: nn.Module | None = None) -> Learner:  # fmt: skip
+        """The learner a run's config describes, over its weights and optimizer."""
         t = cfg.train
-        return cls(model, optimizer, scheduler, d, dtype, cfg.grpo, t.micro_batch_size, t.grad_clip,
+        return cls(weights, optimizer, scheduler, d, dtype, cfg.grpo, t.micro_batch_size, t.grad_clip,
                    cfg.rollout.max_new_tokens, pad_id, ref_model)  # fmt: skip
 
     def update(self, trajectories: list[Trajectory]) -> dict[str, float]:
@@ -60,14 +62,15 @@ class Learner:
         order = sorted(range(len(trajectories)), key=lambda i: len(trajectories[i].token_ids))  # less padding
         trajectories, adv = [trajectories[i] for i in order], adv[order]
         mbs = self.micro_batch_size
-        self.model.train()
+        self.weights.forward_model.train()
         self.optimizer.zero_grad(set_to_none=True)
         parts = []
         for i in range(self._chunks(len(trajectories))):
             chunk = trajectories[i * mbs : (i + 1) * mbs] or [self._padding()]
             parts.append(self.micro_step(chunk, adv[i * mbs : (i + 1) * mbs], norms))
-        grad_norm = dist.clip_grad_norm(self.model, self.grad_clip)
+        grad_norm = dist.clip_grad_norm(self.weights.master, self.grad_clip)
         self.optimizer.step()
+        self.weights.refresh()
         self.scheduler.step()
         parts, grad_norm = to_host(parts, grad_norm)
         return {**self.combine(parts), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
@@ -89,7 +92,7 @@ class Learner:
         """Forward + loss + backward on one micro-batch; gradients accumulate (the normaliser is the whole batch's)."""
         g = self.grpo
         batch = collate(chunk, adv, self.pad_id, self.d.device)
-        logp, entropy = token_logprobs(self.model, batch, self.dtype)
+        logp, entropy = token_logprobs(self.weights.forward_model, batch, self.dtype)
         ref_logp = None
         if self.ref_model is not None:
             with torch.no_grad():
@@ -99,6 +102,7 @@ class Learner:
             ref_logp, g.beta, **norms, sync=False,
         )  # fmt: skip
         (loss * self.d.loss_scale).backward()
+        self.weights.fold_grads()
         metrics["entropy"] = masked_mean(entropy, batch["mask"].bool())
         metrics["loss"] = loss.detach()
         return metrics

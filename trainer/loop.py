@@ -30,6 +30,7 @@ from trainer.data import DataCursor, num_steps
 from trainer.dist import Dist
 from trainer.learner import Learner
 from trainer.metrics import MetricsLogger, bar_postfix, progress_bar, read_metrics, summary_table
+from trainer.precision import ComputeWeights
 from trainer.rollout_factory import compute_dtype, make_engine
 from trainer.tasks import Task, make_task
 from trainer.weight_sync import WeightSync, make_weight_sync
@@ -155,15 +156,14 @@ def build(cfg: Config, d: Dist) -> Run:
     engine = make_engine(cfg, model, tokenizer, d, path)  # before sharding: it may alias the full parameters
     if d.distributed:
         dist.shard(model, d, None if dtype == torch.float32 else dtype, cfg.train.cpu_offload)
-    if cfg.train.compile and d.device.type == "cuda" and not cfg.model.gradient_checkpointing:
-        compile_layers(model)
+    weights = compute_weights(cfg, model, d, dtype)
     optimizer, scheduler = make_optimizer(cfg, model)
     task = make_task(cfg, tokenizer)
     items, eval_items = task.items()
     cursor = DataCursor(items, cfg.train.seed, cfg.data.shuffle, d.rank, d.world_size)
     total = cfg.train.total_steps or num_steps(len(items), cfg.train.batch_size, cfg.data.epochs)
     ref_model = load_reference(cfg, path, d, dtype) if cfg.grpo.beta > 0 else None
-    learner = Learner.for_config(cfg, model, optimizer, scheduler, d, dtype, tokenizer.pad_token_id, ref_model)
+    learner = Learner.for_config(cfg, weights, optimizer, scheduler, d, dtype, tokenizer.pad_token_id, ref_model)
     run = Run(cfg, d, model, tokenizer, engine, learner, cursor, eval_items, total, dtype)
     run.task = task
     run.sync = make_weight_sync(cfg, engine, d)
@@ -198,6 +198,16 @@ def load_policy(cfg: Config, d: Dist):
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return model.train(), tokenizer, path
+
+
+def compute_weights(cfg: Config, model: nn.Module, d: Dist, dtype: torch.dtype) -> ComputeWeights:
+    """The module the training forward runs over `model` (a compute-dtype copy on one process, trainer/precision.py),
+    its decoder layers compiled where `train.compile` applies."""
+    copy_weights = cfg.train.compute_copy and not d.distributed and dtype != torch.float32
+    weights = ComputeWeights(model, dtype, copy_weights)
+    if cfg.train.compile and d.device.type == "cuda" and not cfg.model.gradient_checkpointing:
+        compile_layers(weights.forward_model)
+    return weights
 
 
 def compile_layers(model: nn.Module) -> None:
@@ -248,6 +258,7 @@ def restore(run: Run) -> bool:
     )
     if state is None:
         return False
+    run.learner.weights.refresh()
     try:
         run.cursor.load_state_dict(state["data"])
     except ValueError as err:

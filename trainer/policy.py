@@ -19,11 +19,13 @@ from trainer.logprobs import linear_logprobs
 def token_logprobs(model: nn.Module, batch: dict[str, Any], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(target) and the policy's entropy at each kept position (fp32), without materialising the logits.
 
-    No attention mask: sequences are right-padded, so a causal mask alone is exact for every real token (pads only
-    follow them) and attention takes the fused causal kernels; what pad positions compute is masked out of the loss.
+    Autocast runs only where the weights are not already in `dtype` (fp32 masters, FSDP2 shards). No attention mask:
+    sequences are right-padded, so a causal mask alone is exact for every real token (pads only follow them) and
+    attention takes the fused causal kernels; what pad positions compute is masked out of the loss.
     """
     device = batch["input_ids"].device
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), logprob_head(model, batch, dtype):
+    cast = next(model.parameters()).dtype != dtype  # a compute-dtype copy (trainer/precision.py) needs no autocast
+    with torch.autocast(device.type, dtype=dtype, enabled=cast), logprob_head(model, batch, dtype):
         out = model(input_ids=batch["input_ids"], logits_to_keep=batch["keep"], use_cache=False)
     return out.logits[..., 0], out.logits[..., 1]
 

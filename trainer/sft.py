@@ -27,6 +27,7 @@ from trainer.config import ConfigError
 from trainer.data import DataCursor
 from trainer.dist import Dist
 from trainer.policy import on_device, right_pad, token_logprobs
+from trainer.precision import ComputeWeights
 
 
 def make_examples(items: list[dict], texts: list[str], tokenizer, max_tokens: int) -> list[dict[str, Any]]:
@@ -69,8 +70,11 @@ def summed_loss(model: nn.Module, batch: dict[str, Any], dtype: torch.dtype) -> 
     return -(logp * batch["mask"]).sum()
 
 
-def sft_step(model: nn.Module, optimizer, examples: list[dict], mbs: int, d: Dist, dtype, grad_clip: float, pad_id):
-    """One optimizer step on this rank's slice of the global batch; returns the global token-mean loss and more.
+def sft_step(
+    weights: ComputeWeights, optimizer, examples: list[dict], mbs: int, d: Dist, dtype, grad_clip: float, pad_id
+):
+    """One optimizer step on this rank's slice of the global batch (forward on `weights.forward_model`, the step on
+    its master); returns the global token-mean loss and more.
 
     Every rank runs the same number of micro-batches (FSDP collectives must match): a rank with fewer examples runs
     a no-token stand-in that adds zero loss.
@@ -78,16 +82,18 @@ def sft_step(model: nn.Module, optimizer, examples: list[dict], mbs: int, d: Dis
     examples = sorted(examples, key=lambda e: len(e["ids"]))  # similar lengths per micro-batch: less padding
     tokens = dist.all_reduce_sum(d, [sum(len(e["ids"]) - e["n_prompt"] for e in examples)])[0]
     per_rank = max(dist.all_gather_object(d, len(examples)))
-    model.train()
+    weights.forward_model.train()
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for i in range(max(1, -(-per_rank // mbs))):
         chunk = examples[i * mbs : (i + 1) * mbs] or [{"ids": [pad_id, pad_id], "n_prompt": 2}]
-        loss = summed_loss(model, collate(chunk, pad_id, d.device), dtype) / max(tokens, 1.0)
+        loss = summed_loss(weights.forward_model, collate(chunk, pad_id, d.device), dtype) / max(tokens, 1.0)
         (loss * d.loss_scale).backward()
+        weights.fold_grads()
         total += loss.item()
-    grad_norm = float(dist.clip_grad_norm(model, grad_clip))
+    grad_norm = float(dist.clip_grad_norm(weights.master, grad_clip))
     optimizer.step()
+    weights.refresh()
     return {"loss": dist.all_reduce_sum(d, [total])[0], "grad_norm": grad_norm, "tokens": tokens}
 
 
@@ -130,7 +136,14 @@ def warm_start(run) -> dict[str, float]:
             lr = scheduler.get_last_lr()[0]
             batch = cursor.next_batch(cfg.sft.batch_size)
             stats = sft_step(
-                run.model, optimizer, batch, cfg.sft.micro_batch_size, d, run.dtype, cfg.train.grad_clip, pad_id
+                run.learner.weights,
+                optimizer,
+                batch,
+                cfg.sft.micro_batch_size,
+                d,
+                run.dtype,
+                cfg.train.grad_clip,
+                pad_id,
             )
             scheduler.step()
             losses.append(stats["loss"])

@@ -96,6 +96,7 @@ def one_update(d, trajectories) -> tuple:
     from trainer import dist
     from trainer.config import Config
     from trainer.learner import Learner
+    from trainer.precision import ComputeWeights
 
     cfg = Config.model_validate({"train": {"micro_batch_size": 2, "grad_clip": 0.5}, "rollout": {"max_new_tokens": 8}})
     model = tiny_llama(seed=0)
@@ -103,7 +104,8 @@ def one_update(d, trajectories) -> tuple:
         dist.shard(model, d)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    stats = Learner.for_config(cfg, model, opt, sched, d, torch.float32, pad_id=0).update(trajectories)
+    weights = ComputeWeights(model, torch.float32, copy_weights=False)
+    stats = Learner.for_config(cfg, weights, opt, sched, d, torch.float32, pad_id=0).update(trajectories)
     return {k: v.detach().clone() for k, v in dist.full_state_dict(model, d).items()}, stats
 
 

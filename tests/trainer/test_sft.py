@@ -97,6 +97,7 @@ def reference_loss(model, examples) -> tuple[float, float]:
 
 def test_sft_step_loss_is_the_global_token_mean_and_falls(policy, tokenizer):
     from trainer.dist import Dist
+    from trainer.precision import ComputeWeights
     from trainer.sft import make_examples, sft_step
 
     two = easy_items(tokenizer, [easy_rows()[0], LONGER])
@@ -105,11 +106,12 @@ def test_sft_step_loss_is_the_global_token_mean_and_falls(policy, tokenizer):
     before, unmasked = reference_loss(policy, examples)
     assert abs(before - unmasked) > 0.1  # so a loss on prompt tokens would be caught below
     optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-5)
-    first = sft_step(policy, optimizer, examples, 1, Dist(), torch.float32, 1.0, tokenizer.pad_token_id)
+    weights = ComputeWeights(policy, torch.float32, copy_weights=False)
+    first = sft_step(weights, optimizer, examples, 1, Dist(), torch.float32, 1.0, tokenizer.pad_token_id)
     assert first["loss"] == pytest.approx(before, rel=1e-4)  # micro-batches of 1, normalised by the batch's tokens
     assert first["tokens"] == sum(len(e["ids"]) - e["n_prompt"] for e in examples)
     for _ in range(2):
-        sft_step(policy, optimizer, examples, 2, Dist(), torch.float32, 1.0, tokenizer.pad_token_id)
+        sft_step(weights, optimizer, examples, 2, Dist(), torch.float32, 1.0, tokenizer.pad_token_id)
     after, _ = reference_loss(policy, examples)
     assert after < 0.8 * before
 
