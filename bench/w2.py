@@ -13,8 +13,10 @@ vLLM (continuous batching), and HF static-cache `generate` (it cannot end rows a
 lengths without EOS: every row runs to the longest, so its useful tok/s counts only the drawn lengths). Reported:
 useful tok/s (sum of lengths / time), decode steps the engine took, peak memory, and the ideal: the sum of lengths at
 W's tok/s rate (bench/grpo_step.py's workload, measured in the same run), with the ratio time / ideal (goal <= 1.5).
+A model other than W also gets its own ideal: the sum of lengths at the rate the same engine reaches on W's batch
+shape (64 rows x 256 tokens) with that model.
 
-    python bench/w2.py [--models w,1.5b] [--vllm] [--skip-hf] [--json out.json]
+    python bench/w2.py [--models w,1.5b] [--vllm] [--skip-hf] [--hf-steps N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="timed repetitions (median reported)")
     p.add_argument("--vllm", action="store_true", help="also vLLM (rollout/vllm_backend.py)")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--hf-steps", type=int, help="timed HF repetitions (default --steps; each is tens of seconds)")
     p.add_argument("--json", help="write every figure here")
     return p.parse_args()
 
@@ -137,7 +140,21 @@ def hf_static(path: str, prompts, lengths, tok, steps: int) -> dict:
     return {"time_s": med, "times": times, "tok_s": sum(lengths) / med, "first_call_s": first, "peak_gib": peak}
 
 
-def bench_model(args, name: str, tok, lengths, w_rate: float) -> dict:
+def shape_rate(path: str, tok) -> float:
+    """The engine's tok/s on W's batch shape (bench/grpo_step.py) with the model in `path`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda()
+    rate = bench_engine(model, w_items(tok), tok.eos_token_id, 3, 1)["tok_s"]
+    del model
+    torch.cuda.empty_cache()
+    return rate
+
+
+def bench_model(args, name: str, tok, lengths, res: dict, save) -> None:
+    """Every engine on model `name` into `res` (which holds the ideals); each figure is printed and saved as soon as
+    it is measured, so a run cut short by a time limit still returns what it measured."""
     import torch
 
     from rollout.engine import EmbeddedEngine
@@ -145,7 +162,9 @@ def bench_model(args, name: str, tok, lengths, w_rate: float) -> dict:
     path = model_folder(args, name, tok)
     prompts = realistic_prompts(tok, len(lengths))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    res: dict = {"useful_tokens": sum(lengths), "ideal_s": sum(lengths) / w_rate}
+    if name != "w" and args.device == "cuda":
+        res["own_rate"] = shape_rate(path, tok)
+        res["own_ideal_s"] = sum(lengths) / res["own_rate"]
     for key, compact in (("rldock", False), ("rldock_compact", True)):
         engine = EmbeddedEngine(
             path, device=args.device, dtype=dtype, max_batch_size=args.max_batch_size, compact=compact
@@ -156,23 +175,38 @@ def bench_model(args, name: str, tok, lengths, w_rate: float) -> dict:
         engine.close()
         if args.device == "cuda":
             torch.cuda.empty_cache()
+        save(name, key)
     if args.vllm:
         from rollout.vllm_backend import VLLMEngine
 
         engine = VLLMEngine(path, dtype="bfloat16", max_batch_size=len(lengths), gpu_memory_utilization=0.4)
         res["vllm"] = run_engine(engine, prompts, lengths, args.steps, args.device)
         engine.close()
+        save(name, "vllm")
     if not args.skip_hf and args.device == "cuda":
-        res["hf_static"] = hf_static(path, prompts, lengths, tok, args.steps)
+        res["hf_static"] = hf_static(path, prompts, lengths, tok, args.hf_steps or args.steps)
         res["hf_static"]["decode_steps"] = max(lengths)
         torch.cuda.empty_cache()
-    return res
+        save(name, "hf_static")
+
+
+def line(name: str, key: str, r: dict) -> str:
+    """One measured engine of one model, against the ideal (and the model's own ideal where measured)."""
+    own = (
+        f"  x{r[key]['time_s'] / r['own_ideal_s']:.2f} of its own ideal ({r['own_ideal_s']:.3f} s at "
+        f"{r['own_rate']:.0f} tok/s)"
+        if "own_rate" in r
+        else ""
+    )
+    return (
+        f"{name:5s} {key:14s} {r[key]['time_s']:8.3f} s {r[key]['tok_s']:9.0f} useful tok/s  "
+        f"x{r[key]['time_s'] / r['ideal_s']:.2f} of ideal ({r['ideal_s']:.3f} s)  "
+        f"steps {r[key].get('decode_steps', '-')}  peak {r[key]['peak_gib']:.1f} GiB{own}"
+    )
 
 
 def main() -> None:
     args = parse_args()
-    import torch
-    from transformers import AutoModelForCausalLM
 
     from rollout.loading import load_tokenizer
 
@@ -180,24 +214,19 @@ def main() -> None:
     lengths = draw_lengths(args.completions)
     res: dict = {"lengths": {"count": len(lengths), "sum": sum(lengths), "mean": sum(lengths) / len(lengths),
                              "max": max(lengths), "distribution": "lognormal(median 90, sigma 0.6), [8, 1024], seed 0"}}  # fmt: skip
+
+    def save(name: str, key: str) -> None:
+        print(line(name, key, res[name]), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+
     if args.device == "cuda":  # W's rate, the ideal's yardstick, in this run
-        w_path = model_folder(args, "w", tok)
-        model = AutoModelForCausalLM.from_pretrained(w_path, dtype=torch.float32).cuda()
-        res["w_rate"] = bench_engine(model, w_items(tok), tok.eos_token_id, 3, 1)["tok_s"]
-        del model
-        torch.cuda.empty_cache()
+        res["w_rate"] = shape_rate(model_folder(args, "w", tok), tok)
     else:
         res["w_rate"] = float(W["prompts"] * W["group"] * W["new_tokens"])  # CPU smoke test: a placeholder rate
     for name in args.models.split(","):
-        res[name] = bench_model(args, name, tok, lengths, res["w_rate"])
-        r = res[name]
-        for key in ("rldock", "rldock_compact", "vllm", "hf_static"):
-            if key in r:
-                print(f"{name:5s} {key:14s} {r[key]['time_s']:8.3f} s {r[key]['tok_s']:9.0f} useful tok/s  "
-                      f"x{r[key]['time_s'] / r['ideal_s']:.2f} of ideal ({r['ideal_s']:.3f} s)  "
-                      f"steps {r[key].get('decode_steps', '-')}  peak {r[key]['peak_gib']:.1f} GiB", flush=True)  # fmt: skip
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        res[name] = {"useful_tokens": sum(lengths), "ideal_s": sum(lengths) / res["w_rate"]}
+        bench_model(args, name, tok, lengths, res[name], save)
 
 
 if __name__ == "__main__":
