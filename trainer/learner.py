@@ -33,7 +33,7 @@ class Learner:
     scheduler: Any  # a torch LR scheduler
     d: Dist
     dtype: torch.dtype
-    """The forward pass's compute dtype (autocast, or FSDP2's param dtype)."""
+    """The forward pass's compute dtype (the compute copy's, autocast's, or FSDP2's param dtype)."""
     grpo: GRPOConfig
     micro_batch_size: int
     grad_clip: float

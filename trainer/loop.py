@@ -2,7 +2,8 @@
 log → periodic eval → periodic checkpoint. `train(cfg)` is the whole run; each stage is one function below.
 
 Precision: master weights and optimizer state are float32; `model.dtype` (auto: bfloat16 on GPU, float32 on CPU) is
-the compute dtype of the forward pass (autocast, or FSDP2's param dtype) and of the rollout engine.
+the compute dtype of the rollout engine and of the forward pass (a compute copy, trainer/precision.py, or FSDP2's
+param dtype).
 Several ranks (torchrun): every rank walks the same data cursor and rolls out its own slice of each batch (whole
 groups, so advantages need no communication); losses are normalised by the global token/sequence count.
 """
