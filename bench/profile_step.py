@@ -58,14 +58,17 @@ def kernel_split(fn) -> tuple[float, dict[str, float]]:
         split[kind] = split.get(kind, 0.0) + us / 1e6
         top.append((us / 1e3, f"{kind}: {ev.key[:90]} x{ev.count}"))
     split["top_ms"] = sorted(top, reverse=True)[:12]
+    # copies are many small kernels, below the top 12; listed apart so the next cast to remove has a name
+    split["top_copy_ms"] = sorted((t for t in top if t[1].startswith("copy/cast")), reverse=True)[:8]
     return wall, split
 
 
 def fmt(wall: float, split: dict) -> str:
-    kinds = {k: v for k, v in split.items() if k != "top_ms"}
+    kinds = {k: v for k, v in split.items() if not k.startswith("top_")}
     total = sum(kinds.values())
     parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
-    top = "".join(f"\n    {ms:7.2f} ms  {name}" for ms, name in split.get("top_ms", []))
+    listed = split.get("top_ms", []) + [t for t in split.get("top_copy_ms", []) if t not in split.get("top_ms", [])]
+    top = "".join(f"\n    {ms:7.2f} ms  {name}" for ms, name in listed)
     return f"wall {wall * 1e3:.1f} ms, kernels {total * 1e3:.1f} ms ({total / wall:.0%} busy): {parts}{top}"
 
 
