@@ -423,3 +423,51 @@ def test_gpu_compaction_equals_the_static_batch():
     assert packed.compactions >= 1
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     assert all(g.logprobs == pytest.approx(w.logprobs, abs=0.02) for g, w in zip(got, want, strict=True))
+
+
+def draw_with_kernel(row: torch.Tensor, rows: int, steps: int, temp: float, draw: torch.Tensor | None = None):
+    """`steps` calls of the sampling kernel on `rows` copies of one logits row; (tokens, logprobs) [rows, steps]."""
+    from rollout.kernels import sample_rows
+
+    logits = row.expand(rows, -1).contiguous()
+    dev, i64 = row.device, torch.int64
+    ctr, done = torch.zeros(2, dtype=i64, device=dev), torch.zeros(rows, dtype=torch.int8, device=dev)
+    tokens = torch.zeros(rows, steps, dtype=i64, device=dev)
+    logprobs = torch.zeros(rows, steps, device=dev)
+    never = torch.tensor([row.numel() + 1], device=dev)
+    limit, last = torch.full((rows,), 10**6, dtype=i64, device=dev), torch.zeros(rows, dtype=i64, device=dev)
+    for step in range(steps):
+        ctr[1] = step
+        sample_rows(
+            logits, None if draw is None else draw.expand(rows, -1).contiguous(), torch.tensor([temp], device=dev),
+            torch.tensor([1234], device=dev), ctr, done, never, limit, tokens, logprobs, last, 0, False,
+        )  # fmt: skip
+    return tokens, logprobs
+
+
+@pytest.mark.gpu
+def test_gpu_sampling_kernel_draws_from_the_softmax():
+    """Over a real vocabulary's 12 chunks: draw frequencies match softmax(logits / T) (chi-square far inside a
+    5-sigma bound), nothing is drawn off the support, and each logprob is log_softmax of the raw logits."""
+    torch.manual_seed(0)
+    vocab, temp = 49152, 0.7
+    row = torch.full((vocab,), -40.0)
+    hot = torch.cat([torch.randperm(vocab - 1)[:15], torch.tensor([vocab - 1])])  # the last column too
+    row[hot] = torch.randn(16)
+    row = row.cuda()
+    for draw in (None, row * 1.2):  # the draw from separately filtered logits (top-k/top-p) as well
+        tokens, logprobs = draw_with_kernel(row, 512, 4, temp if draw is None else 1.0, draw)
+        p = torch.softmax((row / temp) if draw is None else draw, 0).cpu()
+        counts = torch.bincount(tokens.flatten().cpu(), minlength=vocab).float()
+        expected = p * tokens.numel()
+        keep = expected > 5
+        chi2, dof = (((counts - expected) ** 2 / expected)[keep]).sum().item(), int(keep.sum()) - 1
+        assert dof >= 10 and chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
+        off = torch.ones(vocab, dtype=torch.bool)
+        off[hot] = False
+        assert counts[off].sum() == 0  # the other 49,136 columns hold ~1e-20 of the mass
+        assert torch.allclose(logprobs, torch.log_softmax(row, 0)[tokens], atol=1e-5)
+        # rows and steps draw independently: two draws agree as often as sum(p^2) says, not always
+        q, t = (p**2).sum().item(), tokens.cpu()
+        for a, b in ((t[:, 0], t[:, 1]), (t[:256, 2], t[256:, 2])):
+            assert abs((a == b).float().mean().item() - q) < 5 * (q * (1 - q) / len(a)) ** 0.5
