@@ -374,8 +374,9 @@ def _sample_partial_kernel(
 ):  # fmt: skip
     """One (row, chunk of CHUNK columns): running max and sum of exp (logsumexp), and the best draw key.
 
-    The uniforms come four per Philox evaluation (`rand4x`), one for each quarter of a BLOCK: one evaluation per
-    column made the integer work of Philox, not the logits' bytes, bound the kernel."""
+    The uniforms come four per Philox evaluation (`rand4x`), one for each quarter of a BLOCK. One evaluation per
+    column (10 rounds, ~100 integer ops for 2 bytes of logits) is the likely bound of the ~22 µs this kernel took per
+    step at 64 rows x 49,152 (bench/RESULTS.md), ~10x the time its bytes need."""
     _chain(PDL)
     b = tl.program_id(0)
     c = tl.program_id(1)
