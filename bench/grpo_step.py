@@ -12,7 +12,8 @@ Measured in one process, each figure the median of --steps timed repetitions aft
 - weight sync: fp32 master state dict -> the engine's packed bf16 copy;
 - GRPO step: rldock (trainer.workflow rollout + GSM8K reward, trainer.learner.Learner.update, trainer weight sync) vs
   TRL GRPOTrainer (HF generate, no vLLM), same model folder, prompts, reward and batch; learner TFLOP/s = 6 N T / time
-  with N = 401.9 M and T = 64 x 288 tokens.
+  with N = 401.9 M and T = 64 x 288 tokens; and rldock's step with rollout.max_staleness = 1 (the next batch is
+  generated in the trainer's producer thread, on the engine's own CUDA stream, while the learner trains).
 
 TRL is not a project dependency. On the lent GPU it was brought in as wheels (pip download trl==1.16.0 datasets
 dill multiprocess --no-deps, installed with --target; see bench/RESULTS.md). Without TRL the TRL rows are skipped.
@@ -259,6 +260,33 @@ def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batc
     return out
 
 
+def bench_rldock_async_step(path: str, tok, items, steps: int, warmup: int, micro_batch: int) -> dict:
+    """The same step with `rollout.max_staleness=1`, as the trainer's loop drives it: its AsyncSource generates the
+    next batch in a thread (on the engine's own CUDA stream) while the learner trains on this one; a step is
+    next_batch + update + weight push, in steady state (the staleness of the trained samples is reported)."""
+    import torch
+
+    from trainer.async_rollout import make_source
+
+    run = rldock_run(path, tok, micro_batch)
+    source = make_source(run.engine, run.workflow, lambda: (items, list(range(len(items)))), 1)
+    version = run.engine.weight_version
+
+    def step():
+        nonlocal version
+        trajs = [t for t in source.next_batch(version) if t is not None]
+        run.learner.update(trajs)
+        version = run.sync.push(run.model, version + 1)
+        torch.cuda.synchronize()
+
+    med, times = timed(step, steps, warmup)
+    out = {"time_s": med, "times": times, **source.stats, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    source.close()
+    run.engine.close()
+    torch.cuda.empty_cache()
+    return out
+
+
 def bench_trl_step(path: str, items, steps: int, warmup: int) -> dict:
     """TRL GRPOTrainer on the same folder, prompts (as text), reward and batch: 8 prompts x 8 generations x 256."""
     import torch
@@ -335,6 +363,11 @@ def table(res: dict) -> str:
         rows.append(f"GRPO step: rldock{'':41s} {rd['time_s']:8.3f} {completions / rd['time_s']:9.0f}  "
                     f"rollout {rd['rollout_s']:.3f} + learner {rd['update_s']:.3f} ({tflops:.0f} TFLOP/s) "
                     f"+ sync {rd['sync_s']:.3f}; peak {rd['peak_gib']:.1f} GiB")  # fmt: skip
+    ra = res.get("rldock_async_step")
+    if ra:
+        rows.append(f"GRPO step: rldock, async (max_staleness 1){'':16s} {ra['time_s']:8.3f} "
+                    f"{completions / ra['time_s']:9.0f}  staleness <= {ra['staleness_max']}; "
+                    f"peak {ra['peak_gib']:.1f} GiB")  # fmt: skip
     if trl:
         rows.append(f"GRPO step: TRL {trl['version']} GRPOTrainer (HF generate){'':14s} {trl['time_s']:8.3f} "
                     f"{completions / trl['time_s']:9.0f}")  # fmt: skip
@@ -370,6 +403,8 @@ def main() -> None:
         print("vllm", json.dumps(res["vllm"]), flush=True)
     res["rldock_step"] = bench_rldock_step(path, tok, items, args.steps, args.warmup + 1, args.micro_batch)
     print("rldock_step", json.dumps(res["rldock_step"]), flush=True)
+    res["rldock_async_step"] = bench_rldock_async_step(path, tok, items, args.steps, args.warmup + 1, args.micro_batch)
+    print("rldock_async_step", json.dumps(res["rldock_async_step"]), flush=True)
     if not args.skip_trl:
         try:
             res["trl_step"] = bench_trl_step(path, items, args.steps, args.warmup + 1)

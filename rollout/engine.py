@@ -18,6 +18,7 @@ from __future__ import annotations
 import operator
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -321,8 +322,30 @@ class EmbeddedEngine(ServedEngine):
         self._generator = torch.Generator().manual_seed(seed)  # draws each call's seed when params.seed is None
         self._runners: OrderedDict[tuple, _Runner] = OrderedDict()
         self._lock = threading.RLock()
+        # the engine's own CUDA stream (not the default one): a learner on the default stream in another thread
+        # (async rollout) then overlaps a generation on the GPU instead of queueing behind it, or it behind the learner
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))  # loading and packing the weights
         self._version = 0
         self._source: nn.Module | None = None
+
+    @contextmanager
+    def _on_stream(self, after_caller: bool):
+        """Queue the enclosed GPU work on the engine's stream; the caller's stream waits for it at the end (so what
+        the caller queues next, e.g. an optimizer step over a source the engine copied from, comes after). With
+        `after_caller` the work also waits for what the caller queued before (new source weights; an aliased engine
+        reads the trainer's parameters) - a generation of an engine with its own weights does not, so it overlaps a
+        learner's queued work."""
+        if self._stream is None:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        if after_caller:
+            self._stream.wait_stream(caller)
+        with torch.cuda.stream(self._stream):
+            yield
+        caller.wait_stream(self._stream)
 
     @property
     def aliased(self) -> bool:
@@ -354,7 +377,7 @@ class EmbeddedEngine(ServedEngine):
             )
         rows = [i for i in range(len(prompts)) for _ in range(params.n)]
         out: list[Completion] = []
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), self._on_stream(after_caller=self.aliased):
             seeds = torch.Generator().manual_seed(self._call_seed(params))
             for start in range(0, len(rows), self.max_batch_size):
                 idx = rows[start : start + self.max_batch_size]
@@ -450,7 +473,7 @@ class EmbeddedEngine(ServedEngine):
         When the engine aliases `source` (from_module with matching dtype/device) nothing is copied: the version is
         bumped. Loading anything else into an aliased engine first gives it its own weights, so the source module is
         never written to."""
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), self._on_stream(after_caller=True):
             if isinstance(source, nn.Module) and source is self._source:
                 alias_parameters(self.model, source, self.device, self.dtype)  # picks up replaced Parameter objects
             else:
@@ -503,7 +526,8 @@ class EmbeddedEngine(ServedEngine):
     def weights_checksum(self) -> str:
         from rollout.weight_transfer import checksum
 
-        return checksum(self.model.named_parameters())
+        with self._lock, self._on_stream(after_caller=False):
+            return checksum(self.model.named_parameters())
 
     def close(self) -> None:
         with self._lock:

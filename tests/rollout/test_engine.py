@@ -471,3 +471,29 @@ def test_gpu_sampling_kernel_draws_from_the_softmax():
         q, t = (p**2).sum().item(), tokens.cpu()
         for a, b in ((t[:, 0], t[:, 1]), (t[:256, 2], t[256:, 2])):
             assert abs((a == b).float().mean().item() - q) < 5 * (q * (1 - q) / len(a)) ** 0.5
+
+
+@pytest.mark.gpu
+def test_gpu_engine_stream_orders_weights_and_overlaps_default_stream_work():
+    """Generation runs on the engine's own stream: a thread generating while the default stream is busy gets the
+    same tokens, and weights changed on the default stream reach the engine through update_weights."""
+    import threading
+
+    model = gpu_model(torch.float32)  # an fp32 master, a bf16 engine with its own weights (as the trainer has)
+    engine = EmbeddedEngine.from_module(model, dtype=torch.bfloat16)
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=40)
+    want = [c.token_ids for c in engine.generate(GPU_PROMPTS, params)]
+    got: list = []
+    worker = threading.Thread(target=lambda: got.append(engine.generate(GPU_PROMPTS, params)))
+    a = torch.randn(4096, 4096, device="cuda")
+    worker.start()
+    for _ in range(40):  # default-stream work while the engine decodes
+        a = (a @ a).tanh_()
+    worker.join()
+    assert [c.token_ids for c in got[0]] == want
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.lm_head.weight.roll(1, 0))  # queued on the default stream
+    engine.update_weights(model)
+    moved = [c.token_ids for c in engine.generate(GPU_PROMPTS, params)]
+    fresh = EmbeddedEngine.from_module(model, dtype=torch.bfloat16)
+    assert moved != want and moved == [c.token_ids for c in fresh.generate(GPU_PROMPTS, params)]
