@@ -343,9 +343,11 @@ class EmbeddedEngine(ServedEngine):
         caller = torch.cuda.current_stream(self.device)
         if after_caller:
             self._stream.wait_stream(caller)
-        with torch.cuda.stream(self._stream):
-            yield
-        caller.wait_stream(self._stream)
+        try:
+            with torch.cuda.stream(self._stream):
+                yield
+        finally:
+            caller.wait_stream(self._stream)
 
     @property
     def aliased(self) -> bool:
