@@ -63,3 +63,32 @@ def test_the_copy_gives_autocasts_gradient_within_bf16_rounding():
         assert (with_copy[k] - autocast[k]).norm().item() < 0.05 * scale, k
         assert (with_copy[k] - one_chunk[k]).norm().item() < 0.05 * scale, k  # micro-batches accumulate in fp32
     assert abs(stats["loss"] - ref_stats["loss"]) < 0.02 * abs(ref_stats["loss"]) + 1e-3
+
+
+def test_restore_refreshes_the_copy(scratch_dir, model_path):
+    """build() on the real SmolLM2 in bf16 compute (CPU): a restored checkpoint reaches the forward's copy."""
+    from tests.trainer.test_train_integration import make_workdir
+    from trainer.config import load_config
+    from trainer.dist import Dist
+    from trainer.loop import build, restore, save, shutdown
+
+    root = make_workdir(scratch_dir("precision"))
+    cfg = load_config(root / "config.yaml", [f"model.path={model_path}", "model.dtype=bfloat16"])
+    first = build(cfg, Dist())
+    assert first.learner.weights.copied
+    with torch.no_grad():
+        for p in first.model.parameters():
+            p.add_(0.01)  # a checkpoint that differs from the weights a fresh build starts with
+    save(first)
+    saved = {k: v.detach().clone() for k, v in first.model.state_dict().items()}
+    shutdown(first)
+
+    second = build(cfg, Dist())
+    copy = second.learner.weights.forward_model
+    stale = next(copy.parameters()).detach().clone()
+    assert restore(second)
+    for (name, p), c in zip(second.model.named_parameters(), copy.parameters(), strict=True):
+        assert torch.equal(p.detach(), saved[name]), name
+        assert torch.equal(c.detach(), p.detach().to(torch.bfloat16)), name
+    assert not torch.equal(next(copy.parameters()).detach(), stale)
+    shutdown(second)
