@@ -177,7 +177,9 @@ class _Runner:
                 self.step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: with async rollout a learner thread keeps allocating and syncing while a new runner captures;
+        # the default ("global") would make those calls fail during the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.step()
         self.graph = graph
 
