@@ -231,22 +231,30 @@ def rldock_run(
     )  # fmt: skip
 
 
-def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batch: int) -> dict:
-    """One rldock GRPO step = workflow rollout (engine + GSM8K reward) + learner update + weight push."""
+def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batch: int, staleness: int = 0) -> dict:
+    """One rldock GRPO step as the trainer's loop drives it: the batch from its rollout source (workflow rollout:
+    engine + GSM8K reward), learner update, weight push. `staleness` = rollout.max_staleness: 0 generates the batch
+    on demand; 1 has the AsyncSource generate the next batch in its thread (on the engine's own CUDA stream) while
+    the learner trains on this one, so the "rollout" phase is the wait for it (staleness of the samples reported)."""
     import torch
 
+    from trainer.async_rollout import make_source
+
     run = rldock_run(path, tok, micro_batch)
+    source = make_source(run.engine, run.workflow, lambda: (items, list(range(len(items)))), staleness)
     phases: list[tuple[float, float, float]] = []
+    version = run.engine.weight_version
 
     def step():
+        nonlocal version
         t0 = time.perf_counter()
-        trajs = [t for t in run.workflow.run(run.engine, items, list(range(len(items)))) if t is not None]
+        trajs = [t for t in source.next_batch(version) if t is not None]
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         run.learner.update(trajs)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        run.sync.push(run.model, run.engine.weight_version + 1)
+        version = run.sync.push(run.model, version + 1)
         torch.cuda.synchronize()
         phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 
@@ -255,32 +263,7 @@ def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batc
     out = {"time_s": med, "times": times, "phases": phases, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     for i, name in enumerate(("rollout_s", "update_s", "sync_s")):
         out[name] = statistics.median(p[i] for p in timed_phases)
-    run.engine.close()
-    torch.cuda.empty_cache()
-    return out
-
-
-def bench_rldock_async_step(path: str, tok, items, steps: int, warmup: int, micro_batch: int) -> dict:
-    """The same step with `rollout.max_staleness=1`, as the trainer's loop drives it: its AsyncSource generates the
-    next batch in a thread (on the engine's own CUDA stream) while the learner trains on this one; a step is
-    next_batch + update + weight push, in steady state (the staleness of the trained samples is reported)."""
-    import torch
-
-    from trainer.async_rollout import make_source
-
-    run = rldock_run(path, tok, micro_batch)
-    source = make_source(run.engine, run.workflow, lambda: (items, list(range(len(items)))), 1)
-    version = run.engine.weight_version
-
-    def step():
-        nonlocal version
-        trajs = [t for t in source.next_batch(version) if t is not None]
-        run.learner.update(trajs)
-        version = run.sync.push(run.model, version + 1)
-        torch.cuda.synchronize()
-
-    med, times = timed(step, steps, warmup)
-    out = {"time_s": med, "times": times, **source.stats, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    out.update(source.stats)
     source.close()
     run.engine.close()
     torch.cuda.empty_cache()
@@ -366,7 +349,8 @@ def table(res: dict) -> str:
     ra = res.get("rldock_async_step")
     if ra:
         rows.append(f"GRPO step: rldock, async (max_staleness 1){'':16s} {ra['time_s']:8.3f} "
-                    f"{completions / ra['time_s']:9.0f}  staleness <= {ra['staleness_max']}; "
+                    f"{completions / ra['time_s']:9.0f}  wait for the batch {ra['rollout_s']:.3f} + learner "
+                    f"{ra['update_s']:.3f} + sync {ra['sync_s']:.3f}; staleness <= {ra['staleness_max']}; "
                     f"peak {ra['peak_gib']:.1f} GiB")  # fmt: skip
     if trl:
         rows.append(f"GRPO step: TRL {trl['version']} GRPOTrainer (HF generate){'':14s} {trl['time_s']:8.3f} "
@@ -403,7 +387,7 @@ def main() -> None:
         print("vllm", json.dumps(res["vllm"]), flush=True)
     res["rldock_step"] = bench_rldock_step(path, tok, items, args.steps, args.warmup + 1, args.micro_batch)
     print("rldock_step", json.dumps(res["rldock_step"]), flush=True)
-    res["rldock_async_step"] = bench_rldock_async_step(path, tok, items, args.steps, args.warmup + 1, args.micro_batch)
+    res["rldock_async_step"] = bench_rldock_step(path, tok, items, args.steps, args.warmup + 1, args.micro_batch, 1)
     print("rldock_async_step", json.dumps(res["rldock_async_step"]), flush=True)
     if not args.skip_trl:
         try:
