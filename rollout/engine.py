@@ -70,6 +70,7 @@ class _Runner:
     def __init__(self, engine: EmbeddedEngine, b_cap: int, t_cap: int, mode: tuple, nstop: int):
         self.model, self.mode, self.b_cap, self.t_cap = engine.model, mode, b_cap, t_cap
         self.fast, self.cuda = engine.fast, engine.device.type == "cuda"
+        self.stream = engine._stream
         dev = engine.device
         self.k_cache, self.v_cache = self.model.new_cache(b_cap, t_cap)
         self.ids: torch.Tensor | None = None
@@ -178,8 +179,9 @@ class _Runner:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: with async rollout a learner thread keeps allocating and syncing while a new runner captures;
-        # the default ("global") would make those calls fail during the capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # the default ("global") would make those calls fail during the capture. Captured on the engine's stream: the
+        # graph's kernels then run where that stream runs (a green context's SMs, bench/sm_share.py)
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
             self.step()
         self.graph = graph
 
