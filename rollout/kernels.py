@@ -8,7 +8,7 @@ reads is launch count: these kernels fuse what eager PyTorch runs as many small 
 - `silu_mul`: SwiGLU's silu(gate) * up from the packed gate_up GEMM output.
 - `sample_rows`: logsumexp + greedy or Gumbel-max draw + logprob of the drawn token + stop bookkeeping in one pass
   over the logits (row chunks in parallel, then one combine); the random numbers are Philox keyed by
-  seed + step, four uniforms per (row, column / 4) counter.
+  (seed + step, row, column).
 - `linear`: x @ W.T (+ bias) for decode-sized row counts, optionally with SwiGLU in the epilogue (gate_up -> act),
   or as fp32 partial sums over K slices that `add_rmsnorm` adds up (o and down: more programs for long K);
   larger batches go to cuBLAS.
@@ -347,57 +347,38 @@ def linear(
 
 
 @triton.jit
-def _scan_block(logits_ptr, draw_ptr, start, V, inv_t, u, m, s, best, best_i,
-                GREEDY: tl.constexpr, SEPARATE_DRAW: tl.constexpr, Q: tl.constexpr):  # fmt: skip
-    """Fold columns start .. start+Q of one row into the running (max, sum of exp, best draw key, its column)."""
-    offs = start + tl.arange(0, Q)
-    msk = offs < V
-    x = tl.load(logits_ptr + offs, mask=msk, other=float("-inf")).to(tl.float32)
-    m_new = tl.maximum(m, tl.max(x, 0))
-    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
-    if GREEDY:
-        key = x
-    else:
-        if SEPARATE_DRAW:
-            x = tl.load(draw_ptr + offs, mask=msk, other=float("-inf")).to(tl.float32)
-        key = tl.where(msk, x * inv_t - tl.log(-tl.log(u)), float("-inf"))
-    blk_best = tl.max(key, 0)
-    blk_i = tl.argmax(key, 0).to(tl.int32) + start
-    best_i = tl.where(blk_best > best, blk_i, best_i)  # strictly greater: the first maximum wins, as argmax
-    return m_new, s, tl.maximum(best, blk_best), best_i
-
-
-@triton.jit
 def _sample_partial_kernel(
     logits_ptr, draw_ptr, stride_l, stride_d, V, temp_ptr, seed_ptr, ctr_ptr, part_ptr, S,
     GREEDY: tl.constexpr, SEPARATE_DRAW: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """One (row, chunk of CHUNK columns): running max and sum of exp (logsumexp), and the best draw key.
-
-    The uniforms come four per Philox evaluation (`rand4x`), one for each quarter of a BLOCK. One evaluation per
-    column (10 rounds, ~100 integer ops for 2 bytes of logits) is the likely bound of the ~22 µs this kernel took per
-    step at 64 rows x 49,152 (bench/RESULTS.md), ~10x the time its bytes need."""
+    """One (row, chunk of CHUNK columns): running max and sum of exp (logsumexp), and the best draw key."""
     _chain(PDL)
     b = tl.program_id(0)
     c = tl.program_id(1)
-    Q: tl.constexpr = BLOCK // 4
     seed = tl.load(seed_ptr) + tl.load(ctr_ptr + 1)
     inv_t = 1.0 / tl.load(temp_ptr)
-    row_l, row_d = logits_ptr + b * stride_l, draw_ptr + b * stride_d
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.zeros([], tl.float32)
     best = tl.full([], float("-inf"), tl.float32)
     best_i = tl.zeros([], tl.int32)
     for start in range(c * CHUNK, c * CHUNK + CHUNK, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        msk = offs < V
+        x = tl.load(logits_ptr + b * stride_l + offs, mask=msk, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
         if GREEDY:
-            zero = tl.zeros([Q], tl.float32)
-            us = (zero, zero, zero, zero)
-        else:  # Philox counter: (row, start / 4 + i), unique over the row's S * CHUNK / 4 counters
-            us = tl.rand4x(seed, b * S * (CHUNK // 4) + start // 4 + tl.arange(0, Q))
-        for j in tl.static_range(4):
-            m, s, best, best_i = _scan_block(
-                row_l, row_d, start + j * Q, V, inv_t, us[j], m, s, best, best_i, GREEDY, SEPARATE_DRAW, Q
-            )
+            key = x
+        else:
+            if SEPARATE_DRAW:
+                x = tl.load(draw_ptr + b * stride_d + offs, mask=msk, other=float("-inf")).to(tl.float32)
+            u = tl.rand(seed, b * V + offs)
+            key = tl.where(msk, x * inv_t - tl.log(-tl.log(u)), float("-inf"))
+        blk_best = tl.max(key, 0)
+        blk_i = tl.argmax(key, 0).to(tl.int32) + start
+        best_i = tl.where(blk_best > best, blk_i, best_i)  # strictly greater: the first maximum wins, as argmax
+        best = tl.maximum(best, blk_best)
     out = part_ptr + (b * S + c) * 4
     tl.store(out, m)
     tl.store(out + 1, s)
