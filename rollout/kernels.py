@@ -115,6 +115,11 @@ def _rope(x1, x2, c, s, dt: tl.constexpr):
     return (_round(x1 * c, dt) + _round(-x2 * s, dt)).to(dt), (_round(x2 * c, dt) + _round(x1 * s, dt)).to(dt)
 
 
+# (key slots per loop iteration, warps): bench/attn_tile.py found 64:4 best on W and within 1.5% on the 1.5B shape
+# (H200; bench/RESULTS.md); larger blocks do not shorten the per-iteration latency that bounds the kernel
+ATTN_TILE = (64, 4)
+
+
 @triton.jit
 def _rope_attention_kernel(
     qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, out_ptr, ctr_ptr, pad_ptr, scale,
@@ -198,7 +203,8 @@ def rope_attention(
         qkv, k_cache, v_cache, cos, sin, out, ctr, pad_len, d**-0.5,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        heads, kv, g, max(16, triton.next_power_of_2(g)), d, 64, qkv.dtype == torch.float32, on, launch_pdl=on,
+        heads, kv, g, max(16, triton.next_power_of_2(g)), d, ATTN_TILE[0], qkv.dtype == torch.float32, on,
+        num_warps=ATTN_TILE[1], launch_pdl=on,
     )  # fmt: skip
     return out
 
