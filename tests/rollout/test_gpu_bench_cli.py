@@ -1,0 +1,34 @@
+"""bench/sm_share.py and bench/attn_tile.py on the CPU: `--help` describes them, and without a GPU they stop with
+one line and a non-zero exit instead of a traceback. Their figures need a GPU (bench/RESULTS.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+BENCHES = {"sm_share": "--splits", "attn_tile": "--tiles"}
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, f"bench/{script}.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("script", BENCHES)
+def test_help_names_the_sweep_option(script):
+    out = run(script, "--help")
+    assert out.returncode == 0 and BENCHES[script] in out.stdout and "--json" in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit; this machine has a GPU")
+@pytest.mark.parametrize("script", BENCHES)
+def test_without_a_gpu_one_line_and_non_zero_exit(script):
+    out = run(script)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [f"{script}: needs a CUDA GPU"]
