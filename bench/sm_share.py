@@ -45,8 +45,8 @@ def streams(split: str):
         return None, None, ()
     from torch.cuda.green_contexts import GreenContext
 
-    r, l = (int(x) for x in split.split(":"))
-    ge, gl = GreenContext.create(num_sms=r), GreenContext.create(num_sms=l)
+    engine_sms, learner_sms = (int(x) for x in split.split(":"))
+    ge, gl = GreenContext.create(num_sms=engine_sms), GreenContext.create(num_sms=learner_sms)
     return ge.Stream(), gl.Stream(), (ge, gl)
 
 
@@ -56,7 +56,7 @@ def measure(split: str, path: str, tok, items, args) -> dict:
     from trainer.async_rollout import make_source
 
     run = G.rldock_run(path, tok, args.micro_batch)
-    engine_stream, learner_stream, keep = streams(split)
+    engine_stream, learner_stream, _alive = streams(split)  # the green contexts outlive their streams
     if engine_stream is not None:
         run.engine._stream = engine_stream  # before the first generation: the graphs are captured on it
     on_learner = (lambda: torch.cuda.stream(learner_stream)) if learner_stream else contextlib.nullcontext
@@ -89,8 +89,6 @@ def measure(split: str, path: str, tok, items, args) -> dict:
             **{k: statistics.median(p[i] for p in timed) for i, k in enumerate(("batch_s", "learner_s", "push_s"))},
         }
     run.engine.close()
-    del run, keep
-    torch.cuda.empty_cache()
     return out
 
 
@@ -105,14 +103,19 @@ def main() -> None:
     items = G.w_items(tok)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"GPU: {torch.cuda.get_device_name()} ({sms} SMs)  torch {torch.__version__}", flush=True)
-    print(f"{'split R:L':10s} {'rollout':>8s} {'learner':>8s} {'sum':>7s} {'async':>7s}  async phases (batch + learner + push)")
+    print(
+        f"{'split R:L':10s} {'rollout':>8s} {'learner':>8s} {'sum':>7s} {'async':>7s}  async phases (batch + learner + push)"
+    )
     res = []
     for split in args.splits.split(","):
         r = measure(split, path, tok, items, args)
         res.append(r)
         s, a = r["sync"], r["async"]
-        print(f"{split:10s} {s['batch_s']:8.3f} {s['learner_s']:8.3f} {s['batch_s'] + s['learner_s']:7.3f} "
-              f"{a['step_s']:7.3f}  {a['batch_s']:.3f} + {a['learner_s']:.3f} + {a['push_s']:.3f}", flush=True)
+        print(
+            f"{split:10s} {s['batch_s']:8.3f} {s['learner_s']:8.3f} {s['batch_s'] + s['learner_s']:7.3f} "
+            f"{a['step_s']:7.3f}  {a['batch_s']:.3f} + {a['learner_s']:.3f} + {a['push_s']:.3f}",
+            flush=True,
+        )
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
 
