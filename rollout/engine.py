@@ -171,12 +171,9 @@ class _Runner:
     def capture(self) -> None:
         """Record `step` (forward + sampling + bookkeeping + counter bump) as a CUDA graph, after two warm-up runs
         on the idle state (they compile the kernels). `load` resets everything the warm-up touched."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(self.stream):  # a side stream, as warm-up before a capture wants
             for _ in range(2):
                 self.step()
-        torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: with async rollout a learner thread keeps allocating and syncing while a new runner captures;
         # the default ("global") would make those calls fail during the capture. Captured on the engine's stream: the
