@@ -259,10 +259,12 @@ def _prefetch_l2(ptr, row_stride, nrows, row_bytes, ROWS: tl.constexpr, LINES: t
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_per,
     HAS_BIAS: tl.constexpr, GLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    LINES: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    LINES: tl.constexpr, IEEE: tl.constexpr, ROTATE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One column tile x one K slice (program ids 0 and 2). GLU: the weight is [gate; up] (2N rows) and the tile is
-    silu(gate) * up, rounded where the unfused path rounds. With K slices the output is fp32 partials [S, M, N]."""
+    silu(gate) * up, rounded where the unfused path rounds. With K slices the output is fp32 partials [S, M, N].
+    ROTATE: each column tile starts its K loop at another block, so the programs do not all read the same lines of
+    x at once."""
     n0 = tl.program_id(0) * BN
     k_lo = tl.program_id(2) * k_per
     esize: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
@@ -278,7 +280,12 @@ def _linear_kernel(
     acc = tl.zeros([BM, BN], tl.float32)
     acc_up = tl.zeros([BM, BN], tl.float32)
     k_hi = tl.minimum(k_lo + k_per, K)
-    for k0 in range(k_lo, k_hi, BK):
+    n_it = tl.cdiv(k_hi - k_lo, BK)
+    for i in range(0, n_it):
+        if ROTATE:
+            k0 = k_lo + ((i + tl.program_id(0)) % n_it) * BK
+        else:
+            k0 = k_lo + i * BK
         rk = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
         wmask = (rn[None, :] < N) & (rk[:, None] < k_hi)
@@ -300,13 +307,15 @@ def _linear_kernel(
 
 class LinearConfig(NamedTuple):
     """How `linear` tiles one projection: BN output columns per program, BK per K iteration, K cut into `splits`
-    slices (fp32 partials, summed by the consumer), software-pipeline stages, warps per program."""
+    slices (fp32 partials, summed by the consumer), software-pipeline stages, warps per program, K loop start
+    rotated per column tile."""
 
     bn: int
     bk: int
     splits: int
     stages: int
     warps: int
+    rotate: bool = False
 
 
 def linear_config(n: int, k: int, glu: bool, partial: bool) -> LinearConfig:
@@ -343,7 +352,7 @@ def linear(
     on = pdl(x)
     _linear_kernel[(triton.cdiv(n, cfg.bn), triton.cdiv(m, bm), splits)](
         x, weight, weight if bias is None else bias, out, m, n, k, k_per,
-        bias is not None, glu, bm, cfg.bn, bk, lines, ieee, on,
+        bias is not None, glu, bm, cfg.bn, bk, lines, ieee, cfg.rotate, on,
         num_warps=cfg.warps, num_stages=cfg.stages, launch_pdl=on,
     )  # fmt: skip
     return out

@@ -1,0 +1,118 @@
+"""Each stage's share of W's decode step, by ablation: W's rollout (bench/grpo_step.py: 64 rows x 256 new tokens)
+timed with one family of the step's kernels replaced by no launch at all (the call returns a zero tensor of the
+right shape, allocated before capture), so the difference to the full step is what that family costs *in the chain*
+of programmatic-dependent launches, including the latency it exposes, which a kernel's traced time does not show.
+Random-init W model (head dim 64, 7 query heads per KV head). The variants run in two interleaved rounds; each keeps
+its better median (the machine drifts by a few percent between minutes).
+
+    python bench/ablate_step.py [--drop none,norm,attention,qkv,o,gate_up,down,lm_head,sampling] [--tokenizer DIR]
+
+The results are timings of wrong computations (the tokens are garbage): never a correctness check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grpo_step as G  # noqa: E402  (W's model, prompts and engine bench)
+
+FAMILIES = ("norm", "attention", "qkv", "o", "gate_up", "down", "lm_head", "sampling")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--drop", default="none," + ",".join(FAMILIES), help=f"comma-separated, of none,{','.join(FAMILIES)}")
+    p.add_argument("--steps", type=int, default=3, help="timed rollouts per variant and round (median reported)")
+    p.add_argument("--tokenizer", default="models/smollm2-135m-instruct", help="a 49,152-token tokenizer folder")
+    p.add_argument("--json", help="write every figure here")
+    args = p.parse_args()
+    bad = set(args.drop.split(",")) - {"none", *FAMILIES}
+    if bad:
+        p.error(f"--drop: unknown {sorted(bad)}; choose from none,{','.join(FAMILIES)}")
+    return args
+
+
+def _family(x, weight, glu: bool, partial: bool) -> str:
+    """Which projection of the step a `kernels.linear` call is (by its flags and shapes)."""
+    if glu:
+        return "gate_up"
+    if partial:
+        return "o" if x.shape[1] == weight.shape[0] else "down"
+    return "lm_head" if weight.shape[0] > 8 * x.shape[1] else "qkv"
+
+
+@contextlib.contextmanager
+def dropped(family: str):
+    """`rollout.kernels` with `family`'s launches replaced by cached zero tensors (none: unchanged)."""
+    import torch
+
+    import rollout.kernels as K
+
+    saved = K.add_rmsnorm, K.rope_attention, K.linear, K.sample_rows
+    zeros: dict = {}
+
+    def zero(shape, like) -> torch.Tensor:
+        key = (tuple(shape), like.dtype, like.device)
+        if key not in zeros:  # first seen in the warm-up runs, before the graph is captured
+            zeros[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return zeros[key]
+
+    def linear(x, weight, bias=None, glu=False, partial=False):
+        if _family(x, weight, glu, partial) != family:
+            return saved[2](x, weight, bias, glu, partial)
+        return zero((x.shape[0], weight.shape[0] // (2 if glu else 1)), x)
+
+    if family == "norm":
+        K.add_rmsnorm = lambda x, delta, weight, eps: x
+    elif family == "attention":
+        K.rope_attention = lambda qkv, kc, vc, cos, sin, ctr, pad, heads: zero((qkv.shape[0], heads * kc.shape[-1]), qkv)
+    elif family == "sampling":
+        K.sample_rows = lambda *a, **kw: None
+    elif family != "none":
+        K.linear = linear
+    try:
+        yield
+    finally:
+        K.add_rmsnorm, K.rope_attention, K.linear, K.sample_rows = saved
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not torch.cuda.is_available():
+        sys.exit("ablate_step: needs a CUDA GPU")
+    from rollout.loading import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    items = G.w_items(tok)
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("qwen2", **G.QWEN05_SHAPE, eos_token_id=tok.eos_token_id)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).cuda()
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    res: dict = {}
+    for _ in range(2):
+        for fam in args.drop.split(","):
+            with dropped(fam):
+                r = G.bench_engine(model, items, tok.eos_token_id, args.steps, 1)
+            best = res.get(fam)
+            if best is None or r["time_s"] < best["time_s"]:
+                res[fam] = {k: r[k] for k in ("time_s", "tokens", "tok_s")}
+            print(fam, json.dumps(res[fam]), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(res, indent=1))
+    base = res.get("none", {}).get("time_s")
+    print(f"{'dropped':10} {'rollout s':>10} {'tokens':>7} {'saves s':>8} {'per step us':>12}")
+    for fam, r in res.items():
+        saves = base - r["time_s"] if base else float("nan")
+        print(f"{fam:10} {r['time_s']:10.4f} {r['tokens']:7d} {saves:8.4f} {saves / G.W['new_tokens'] * 1e6:12.1f}")
+
+
+if __name__ == "__main__":
+    main()

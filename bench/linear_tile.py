@@ -1,0 +1,109 @@
+"""The decode projections' tilings (`rollout.kernels.linear_config`) swept inside W's rollout (bench/grpo_step.py: 64
+rows x 256 new tokens), where the weights arrive partly through the L2 prefetch of programmatic dependent launch and
+x is re-read from L2 by every column tile: bench/decode_gemm.py times each projection alone, this times the chain.
+Each variant overrides one projection family's tiling; a fresh engine per variant (graphs captured with it), the
+median of --steps rollouts, two interleaved rounds of which each variant keeps its better median.
+
+    python bench/linear_tile.py --variants default,gate_up=32:128:1:3:4,down=64:128:8:4:4:r [--tokenizer DIR]
+
+A variant is `family=bn:bk:splits:stages:warps` with an optional `:r` (K loop rotated per column tile); families:
+qkv, o, gate_up, down; several overrides joined by `+` form one variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grpo_step as G  # noqa: E402  (W's model, prompts and engine bench)
+
+FAMILIES = ("qkv", "o", "gate_up", "down")
+
+
+def parse_variant(spec: str) -> dict:
+    """'gate_up=32:128:1:3:4+down=64:128:8:4:4:r' -> {family: (bn, bk, splits, stages, warps, rotate)};
+    'default' -> {}."""
+    if spec == "default":
+        return {}
+    out = {}
+    for part in spec.split("+"):
+        fam, _, tiling = part.partition("=")
+        fields = tiling.split(":")
+        if fam not in FAMILIES or len(fields) not in (5, 6) or (len(fields) == 6 and fields[5] != "r"):
+            raise ValueError(f"variant {part!r}: want family=bn:bk:splits:stages:warps[:r], family in {FAMILIES}")
+        out[fam] = (*(int(f) for f in fields[:5]), len(fields) == 6)
+    return out
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default="default", help="comma-separated variants (see above)")
+    p.add_argument("--steps", type=int, default=3, help="timed rollouts per variant and round (median reported)")
+    p.add_argument("--tokenizer", default="models/smollm2-135m-instruct", help="a 49,152-token tokenizer folder")
+    p.add_argument("--json", help="write every figure here")
+    args = p.parse_args()
+    try:
+        args.parsed = {v: parse_variant(v) for v in args.variants.split(",")}
+    except ValueError as err:
+        p.error(str(err))
+    return args
+
+
+@contextlib.contextmanager
+def tiled(overrides: dict):
+    """`kernels.linear_config` answering `overrides[family]` for the families it names."""
+    import rollout.kernels as K
+
+    default = K.linear_config
+
+    def config(n: int, k: int, glu: bool, partial: bool):
+        fam = "gate_up" if glu else ("o" if n == k else "down") if partial else "qkv"
+        return K.LinearConfig(*overrides[fam]) if fam in overrides else default(n, k, glu, partial)
+
+    K.linear_config = config
+    try:
+        yield
+    finally:
+        K.linear_config = default
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not torch.cuda.is_available():
+        sys.exit("linear_tile: needs a CUDA GPU")
+    from rollout.loading import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    items = G.w_items(tok)
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("qwen2", **G.QWEN05_SHAPE, eos_token_id=tok.eos_token_id)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).cuda()
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    res: dict = {}
+    for _ in range(2):
+        for name, overrides in args.parsed.items():
+            try:
+                with tiled(overrides):
+                    r = G.bench_engine(model, items, tok.eos_token_id, args.steps, 1)
+            except Exception as err:  # noqa: BLE001 - a tiling that does not compile or fit is a result
+                res[name] = {"failed": repr(err)[:200]}
+                print(name, "failed", repr(err)[:200], flush=True)
+                continue
+            if r["time_s"] < res.get(name, {}).get("time_s", float("inf")):
+                res[name] = {"time_s": r["time_s"], "tok_s": r["tok_s"]}
+            print(name, json.dumps(res[name]), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(res, indent=1))
+    for name, r in sorted(res.items(), key=lambda kv: kv[1].get("time_s", 1e9)):
+        print(f"{name:60} {r.get('time_s', float('nan')):8.4f} s")
+
+
+if __name__ == "__main__":
+    main()
