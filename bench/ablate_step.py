@@ -5,7 +5,9 @@ of programmatic-dependent launches, including the latency it exposes, which a ke
 Random-init W model (head dim 64, 7 query heads per KV head). The variants run in two interleaved rounds; each keeps
 its better median (the machine drifts by a few percent between minutes).
 
-    python bench/ablate_step.py [--drop none,norm,attention,qkv,o,gate_up,down,lm_head,sampling] [--tokenizer DIR]
+    python bench/ablate_step.py [--drop none,attention,qkv,o,gate_up,down,lm_head,sampling] [--tokenizer DIR]
+
+(The RMSNorms have no launches of their own: o and down write them, qkv and gate_up apply them; `rollout/kernels.py`.)
 
 The results are timings of wrong computations (the tokens are garbage): never a correctness check.
 """
@@ -21,12 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grpo_step as G  # noqa: E402  (W's model, prompts and engine bench)
 
-FAMILIES = ("norm", "attention", "qkv", "o", "gate_up", "down", "lm_head", "sampling")
+FAMILIES = ("attention", "qkv", "o", "gate_up", "down", "lm_head", "sampling")
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--drop", default="none," + ",".join(FAMILIES), help=f"comma-separated, of none,{','.join(FAMILIES)}")
+    p.add_argument(
+        "--drop", default="none," + ",".join(FAMILIES), help=f"comma-separated, of none,{','.join(FAMILIES)}"
+    )
     p.add_argument("--steps", type=int, default=3, help="timed rollouts per variant and round (median reported)")
     p.add_argument("--tokenizer", default="models/smollm2-135m-instruct", help="a 49,152-token tokenizer folder")
     p.add_argument("--json", help="write every figure here")
@@ -37,15 +41,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _family(x, weight, glu: bool, partial: bool) -> str:
-    """Which projection of the step a `kernels.linear` call is (by its flags and shapes)."""
-    if glu:
-        return "gate_up"
-    if partial:
-        return "o" if x.shape[1] == weight.shape[0] else "down"
-    return "lm_head" if weight.shape[0] > 8 * x.shape[1] else "qkv"
-
-
 @contextlib.contextmanager
 def dropped(family: str):
     """`rollout.kernels` with `family`'s launches replaced by cached zero tensors (none: unchanged)."""
@@ -53,32 +48,39 @@ def dropped(family: str):
 
     import rollout.kernels as K
 
-    saved = K.add_rmsnorm, K.rope_attention, K.linear, K.sample_rows
+    saved = K.rope_attention, K.linear, K.linear_residual, K.sample_rows
     zeros: dict = {}
 
-    def zero(shape, like) -> torch.Tensor:
-        key = (tuple(shape), like.dtype, like.device)
+    def zero(shape, like, dtype=None) -> torch.Tensor:
+        key = (tuple(shape), dtype or like.dtype, like.device)
         if key not in zeros:  # first seen in the warm-up runs, before the graph is captured
-            zeros[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            zeros[key] = torch.zeros(shape, dtype=key[1], device=like.device)
         return zeros[key]
 
-    def linear(x, weight, bias=None, glu=False, partial=False):
-        if _family(x, weight, glu, partial) != family:
-            return saved[2](x, weight, bias, glu, partial)
-        return zero((x.shape[0], weight.shape[0] // (2 if glu else 1)), x)
+    def linear(x, weight, bias=None, glu=False):
+        xg = x.xg if isinstance(x, K.RowNorm) else x
+        fam = "gate_up" if glu else "lm_head" if weight.shape[0] > 8 * xg.shape[1] else "qkv"
+        if fam != family:
+            return saved[1](x, weight, bias, glu)
+        return zero((xg.shape[0], weight.shape[0] // (2 if glu else 1)), xg)
 
-    if family == "norm":
-        K.add_rmsnorm = lambda x, delta, weight, eps: x
-    elif family == "attention":
-        K.rope_attention = lambda qkv, kc, vc, cos, sin, ctr, pad, heads: zero((qkv.shape[0], heads * kc.shape[-1]), qkv)
+    def linear_residual(x, weight, bias, residual, next_weight, eps, sync):
+        if ("o" if x.shape[1] == weight.shape[0] else "down") != family:
+            return saved[2](x, weight, bias, residual, next_weight, eps, sync)
+        return K.RowNorm(zero(residual.shape, residual), zero((1, x.shape[0]), x, torch.float32), eps)
+
+    if family == "attention":
+        K.rope_attention = lambda qkv, kc, vc, cos, sin, ctr, pad, heads: zero(
+            (qkv.shape[0], heads * kc.shape[-1]), qkv
+        )
     elif family == "sampling":
         K.sample_rows = lambda *a, **kw: None
     elif family != "none":
-        K.linear = linear
+        K.linear, K.linear_residual = linear, linear_residual
     try:
         yield
     finally:
-        K.add_rmsnorm, K.rope_attention, K.linear, K.sample_rows = saved
+        K.rope_attention, K.linear, K.linear_residual, K.sample_rows = saved
 
 
 def main() -> None:

@@ -3,12 +3,13 @@ sweep of `linear`'s tilings (the source of `kernels.linear_config`).
 
 For each decode projection (packed qkv, o, packed gate_up with SwiGLU in the epilogue, down, lm_head) of W (Qwen2 at
 Qwen2.5-0.5B width/depth, vocab 49,152) and of a Qwen2.5-1.5B-shape model, at 64 rows, bf16: time cuBLAS and every
-tiling (column tile x K block x pipeline stages x K slices; slices only for o and down, whose consumer adds fp32
-partials). Each timing replays one CUDA graph of calls over enough distinct weight copies (>= 256 MB) that no
+tiling (column tile x K block x pipeline stages x K slices; slices only for o and down, which add into the
+residual stream: `kernels.linear_residual`, each column tile's last slice adding the fp32 partials). Each timing replays one CUDA graph of calls over enough distinct weight copies (>= 256 MB) that no
 weight is read from L2, launched as the engine launches them (programmatic dependent launch on Hopper: each call
 prefetches its weights while the previous one runs); median of --reps replays, per call. GB/s = weight bytes /
 time. Every candidate is first checked against fp32 `F.linear` (max |error|; above BAD_ERR it is reported, not
-timed). cuBLAS's GLU row includes the separate `silu_mul` launch the engine would need.
+timed). cuBLAS's rows include the separate launch the engine would need after it (`finish`'s SwiGLU for gate_up,
+`rms_prep`'s residual add for o and down).
 
     python bench/decode_gemm.py [--reps 20] [--models w,1.5b] [--json out.json]
 """
@@ -50,23 +51,23 @@ def cases(models: list[str]) -> list[dict]:
         h, i, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
         d = h // c["num_attention_heads"]
         q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
-        for proj, n, k, bias, glu, partial, per_step in (
+        for proj, n, k, bias, glu, residual, per_step in (
             ("qkv", q + 2 * kv, h, True, False, False, layers),
             ("o", h, q, False, False, True, layers),
             ("gate_up", 2 * i, h, False, True, False, layers),
             ("down", h, i, False, False, True, layers),
             ("lm_head", c["vocab_size"], h, False, False, False, 1),
         ):
-            out.append(dict(model=label, proj=proj, n=n, k=k, bias=bias, glu=glu, partial=partial, per_step=per_step))
+            out.append(dict(model=label, proj=proj, n=n, k=k, bias=bias, glu=glu, residual=residual, per_step=per_step))
     return out
 
 
-def tilings(k: int, partial: bool):
-    """K slices only where the consumer sums partials, and no slice shorter than 512."""
+def tilings(k: int, residual: bool):
+    """K slices only where the projection adds into the residual stream, and no slice shorter than 512."""
     from rollout.kernels import LinearConfig
 
     for bn, bk, stages, splits in itertools.product(*SWEEP.values()):
-        if splits == 1 or (partial and k // splits >= 512):
+        if splits == 1 or (residual and k // splits >= 512):
             yield LinearConfig(bn, bk, splits, stages, 4)
 
 
@@ -114,22 +115,29 @@ def time_case(case: dict, reps: int) -> list[dict]:
         gate, up = want.chunk(2, -1)
         want = F.silu(gate) * up
 
+    resid, g = torch.zeros(ROWS, n, device="cuda", dtype=torch.bfloat16), torch.ones(n, device="cuda")
+    sync = torch.zeros(n, dtype=torch.int32, device="cuda")
+
     def cublas(w):
         out = F.linear(x, w, b)
-        return kernels.silu_mul(out) if glu else out
+        if case["residual"]:
+            return kernels.rms_prep(resid, out, g, 1e-6).xg
+        return kernels.finish(out, glu=True) if glu else out
 
     def ours(w):
-        out = kernels.linear(x, w, b, glu=glu, partial=case["partial"])
-        return out.sum(0) if out.dim() == 3 else out
+        if case["residual"]:
+            return kernels.linear_residual(x, w, b, resid, g, 1e-6, sync).xg
+        return kernels.linear(x, w, b, glu=glu)
 
     results = []
     default = kernels.linear_config
-    for cfg in [None, *tilings(k, case["partial"])]:
+    for cfg in [None, *tilings(k, case["residual"])]:
         if cfg is not None:
             kernels.linear_config = lambda *a, cfg=cfg: cfg
-        fn = cublas if cfg is None else lambda w: kernels.linear(x, w, b, glu=glu, partial=case["partial"])
+        fn = cublas if cfg is None else ours
         try:  # compiles the variant; a tiling that does not build (shared memory) is reported, not fatal
-            err = ((cublas if cfg is None else ours)(ws[0]).float() - want).abs().max().item()
+            resid.zero_()  # the residual stream then ends as the projection itself (xg = resid * 1)
+            err = (fn(ws[0]).float() - want).abs().max().item()
             if err > BAD_ERR:
                 print(f"WRONG {cfg} for {case}: max |err| {err:.3f}", flush=True)
                 continue
@@ -141,7 +149,7 @@ def time_case(case: dict, reps: int) -> list[dict]:
             kernels.linear_config = default
         results.append({"config": None if cfg is None else list(cfg), "us": t * 1e6, "gbs": n * k * 2 / t / 1e9,
                         "max_err": err})  # fmt: skip
-    chosen = default(n // 2 if glu else n, k, glu, case["partial"])
+    chosen = default(n // 2 if glu else n, k, glu, case["residual"])
     results.append(
         {
             "config": "chosen",

@@ -4,10 +4,10 @@ x is re-read from L2 by every column tile: bench/decode_gemm.py times each proje
 Each variant overrides one projection family's tiling; a fresh engine per variant (graphs captured with it), the
 median of --steps rollouts, two interleaved rounds of which each variant keeps its better median.
 
-    python bench/linear_tile.py --variants default,gate_up=32:128:1:3:4,down=64:128:8:4:4:r [--tokenizer DIR]
+    python bench/linear_tile.py --variants default,gate_up=32:128:1:3:4,down=64:128:8:4:4 [--tokenizer DIR]
 
-A variant is `family=bn:bk:splits:stages:warps` with an optional `:r` (K loop rotated per column tile); families:
-qkv, o, gate_up, down; several overrides joined by `+` form one variant.
+A variant is `family=bn:bk:splits:stages:warps`; families: qkv, o, gate_up, down; several overrides joined by `+`
+form one variant.
 """
 
 from __future__ import annotations
@@ -25,17 +25,16 @@ FAMILIES = ("qkv", "o", "gate_up", "down")
 
 
 def parse_variant(spec: str) -> dict:
-    """'gate_up=32:128:1:3:4+down=64:128:8:4:4:r' -> {family: (bn, bk, splits, stages, warps, rotate)};
-    'default' -> {}."""
+    """'gate_up=32:128:1:3:4+down=64:128:8:4:4' -> {family: (bn, bk, splits, stages, warps)}; 'default' -> {}."""
     if spec == "default":
         return {}
     out = {}
     for part in spec.split("+"):
         fam, _, tiling = part.partition("=")
         fields = tiling.split(":")
-        if fam not in FAMILIES or len(fields) not in (5, 6) or (len(fields) == 6 and fields[5] != "r"):
-            raise ValueError(f"variant {part!r}: want family=bn:bk:splits:stages:warps[:r], family in {FAMILIES}")
-        out[fam] = (*(int(f) for f in fields[:5]), len(fields) == 6)
+        if fam not in FAMILIES or len(fields) != 5 or not all(f.isdigit() for f in fields):
+            raise ValueError(f"variant {part!r}: want family=bn:bk:splits:stages:warps, family in {FAMILIES}")
+        out[fam] = tuple(int(f) for f in fields)
     return out
 
 
@@ -60,9 +59,9 @@ def tiled(overrides: dict):
 
     default = K.linear_config
 
-    def config(n: int, k: int, glu: bool, partial: bool):
-        fam = "gate_up" if glu else ("o" if n == k else "down") if partial else "qkv"
-        return K.LinearConfig(*overrides[fam]) if fam in overrides else default(n, k, glu, partial)
+    def config(n: int, k: int, glu: bool, residual: bool):
+        fam = "gate_up" if glu else ("o" if n == k else "down") if residual else "qkv"
+        return K.LinearConfig(*overrides[fam]) if fam in overrides else default(n, k, glu, residual)
 
     K.linear_config = config
     try:

@@ -2,8 +2,9 @@
 
 One `generate` call expands every prompt n times, left-pads the batch (each row has its own position ids), runs the
 prompt in one forward pass, then decodes one token per step for every row until all rows hit a stop token or their
-cap (`max_new_tokens`, one for all or one per prompt). On CUDA each decode step (forward + sampling + logprob + stop bookkeeping) is a CUDA graph,
-replayed step after step (fused Triton kernels: `rollout/kernels.py`); on CPU the same step runs eagerly.
+cap (`max_new_tokens`, one for all or one per prompt). On CUDA the decode steps (forward + sampling + logprob + stop bookkeeping) replay as CUDA graphs of
+`CHECK_EVERY` steps, one host check for finished rows between two (fused Triton kernels: `rollout/kernels.py`); on CPU
+the same step runs eagerly.
 
 Weights: `EmbeddedEngine(path)` loads an HF safetensors folder; `EmbeddedEngine.from_module(hf_model)` shares the
 trainer's live parameters when dtype and device match (no copy: an optimizer step is seen by the next generation),
@@ -51,6 +52,11 @@ def _round_up(x: int, m: int) -> int:
 _MAX_RUNNERS_COMPACT = 12
 
 
+# decode steps between two host checks for finished rows on CUDA, and the steps one graph replay runs: each replay
+# boundary is a gap in the GPU's chain of dependent launches (bench/RESULTS.md)
+CHECK_EVERY = 16
+
+
 def _ladder(b_cap: int, live: int) -> int:
     """The smallest capacity of the halving ladder below `b_cap` that holds `live` rows (at least 8)."""
     while b_cap // 2 >= max(live, 8):
@@ -88,7 +94,8 @@ class _Runner:
         self.seed = torch.zeros((), dtype=torch.long, device=dev)
         self.generator = torch.Generator(dev)
         self.cos, self.sin = self.model.rope_tables(t_cap) if self.fast else (None, None)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None  # one step
+        self.chunk: torch.cuda.CUDAGraph | None = None  # CHECK_EVERY steps
         self.pad, self.p, self.rows = 0, 1, 0
 
     def load(
@@ -135,7 +142,10 @@ class _Runner:
         """Feed the last drawn tokens at slot ctr[0], draw the next ones into column ctr[1], bump both."""
         if self.graph is not None:
             self.graph.replay()
-            return
+        else:
+            self._step()
+
+    def _step(self) -> None:
         if self.fast:
             logits = self.model.decode_fast(
                 self.last, self.ctr, self.pad_len, self.k_cache, self.v_cache, self.cos, self.sin
@@ -169,31 +179,43 @@ class _Runner:
         self.last.copy_(tok)
 
     def capture(self) -> None:
-        """Record `step` (forward + sampling + bookkeeping + counter bump) as a CUDA graph, after two warm-up runs
-        on the idle state (they compile the kernels). `load` resets everything the warm-up touched."""
+        """Record `step` (forward + sampling + bookkeeping + counter bump) as a CUDA graph, and CHECK_EVERY of them as
+        a second one, after two warm-up runs on the idle state (they compile the kernels). `load` resets everything
+        the warm-up touched."""
         with torch.cuda.stream(self.stream):  # a side stream, as warm-up before a capture wants
             for _ in range(2):
-                self.step()
+                self._step()
+        self.graph = self._record(1)
+        self.chunk = self._record(CHECK_EVERY)
+
+    def _record(self, steps: int) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()
         # thread_local: with async rollout a learner thread keeps allocating and syncing while a new runner captures;
         # the default ("global") would make those calls fail during the capture. Captured on the engine's stream: the
         # graph's kernels then run where that stream runs (a green context's SMs, bench/sm_share.py)
         with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-            self.step()
-        self.graph = graph
+            for _ in range(steps):
+                self._step()
+        return graph
 
     def decode(self, n: int, check_every: int, start: int = 1, shrink_at: int = 0) -> int:
         """Decode from step `start` until every row stopped or `n` tokens (returns n), or until at most `shrink_at`
         loaded rows still decode (returns the step reached: the caller compacts); a host sync only every
-        `check_every` steps."""
-        for s in range(start, n):
+        `check_every` steps, between which a captured runner replays its CHECK_EVERY-step graph where it fits."""
+        s = start
+        while s < n:
             if s % check_every == 0:
                 live = int((self.done[: self.rows] == 0).sum())
                 if live == 0:
                     return n
                 if live <= shrink_at:
                     return s
+                if self.chunk is not None and check_every == CHECK_EVERY and s + CHECK_EVERY <= n:
+                    self.chunk.replay()
+                    s += CHECK_EVERY
+                    continue
             self.step()
+            s += 1
         return n
 
     def adopt(self, src: _Runner, rows: list[int]) -> None:
@@ -398,7 +420,7 @@ class EmbeddedEngine(ServedEngine):
     def _decode(self, runner: _Runner, n: int, nstop: int) -> list[tuple[list[int], list[float], str]]:
         """Decode a prefilled batch to its end; per loaded row (tokens, logprobs, finish reason). With `compact`, the
         rows still decoding move into a smaller runner each time at most half the batch's rows are left."""
-        check, owners, step = 16 if runner.cuda else 1, list(range(runner.rows)), 1
+        check, owners, step = CHECK_EVERY if runner.cuda else 1, list(range(runner.rows)), 1
         results: list = [None] * runner.rows
         while True:
             shrink = runner.b_cap // 2 if self.compact and runner.b_cap // 2 >= 8 else 0

@@ -1,24 +1,26 @@
 """Triton kernels for the GPU decode step: one launch per fused stage, no host syncs, so a step replays as a graph.
 
-A decode step is memory-bound (it reads every weight once for a few dozen tokens), so the time that is not weight
-reads is launch count: these kernels fuse what eager PyTorch runs as many small ops.
-- `add_rmsnorm`: residual add + RMSNorm (HF numerics: fp32 statistics, bf16 rounding where HF rounds).
+A decode step at a few dozen rows reads every weight once for a few dozen tokens; what is not weight reads is the
+chain of dependent launches, each a few microseconds of latency (bench/ablate_step.py), so these kernels fuse what
+eager PyTorch runs as many small ops. A decoder layer is five launches: qkv, attention, o, gate_up, down.
+- RMSNorm has no launch of its own (`RowNorm`): the projection that writes the residual stream (o, down:
+  `linear_residual`) adds its output into it and writes x * weight and per-tile sums of x**2; the projection that
+  reads the norm (`linear` of a RowNorm: qkv, gate_up) scales its output rows by rsqrt(mean + eps) in its epilogue.
+  `rms_prep` does the same for the embeddings, `finish` for a projection that went to cuBLAS.
 - `rope_attention`: RoPE on q and k from the packed qkv GEMM output, k/v written into the KV cache at the current
   slot, then one query token against the cache, the G query heads of a KV head together (online softmax).
-- `silu_mul`: SwiGLU's silu(gate) * up from the packed gate_up GEMM output.
 - `sample_rows`: logsumexp + greedy or Gumbel-max draw + logprob of the drawn token + stop bookkeeping in one pass
   over the logits (row chunks in parallel, then one combine); the random numbers are Philox keyed by
   (seed + step, row, column).
-- `linear`: x @ W.T (+ bias) for decode-sized row counts, optionally with SwiGLU in the epilogue (gate_up -> act),
-  or as fp32 partial sums over K slices that `add_rmsnorm` adds up (o and down: more programs for long K);
-  larger batches go to cuBLAS.
+- `linear`: x @ W.T (+ bias) for decode-sized row counts, optionally with SwiGLU in the epilogue (gate_up -> act);
+  `linear_residual` cuts long K into slices (more programs) whose fp32 partials each column tile's last slice adds
+  up in a fixed order; larger batches and weights go to cuBLAS.
 The slot / step counters live in device memory (`ctr = [slot, col]`) so the same launches serve every step.
 
 Programmatic dependent launch (Hopper and later): every kernel here waits for the previous kernel's writes before it
 touches activations, then lets the next one start (`_chain`). What a kernel does before the
 wait may read only weights: `linear` pulls its weight slab into L2 there, so the weight reads of a projection overlap
-the kernel before it. A decode step at a few dozen rows is latency-bound, not bandwidth-bound: this is where its time
-goes.
+the kernel before it.
 """
 
 from __future__ import annotations
@@ -60,45 +62,64 @@ def _chain(PDL: tl.constexpr):
 # ---------------------------------------------------------------------------------------------- norm
 
 
+class RowNorm(NamedTuple):
+    """An RMSNorm whose row scale is applied after the projection that reads it, so the norm needs no launch of its
+    own: `xg` = x * weight (rounded to x's dtype), `sumsq` [T, B] fp32 sums of x**2 over T column tiles of x (the
+    producer's tiles: no tile waits for another), and eps. The projection's epilogue multiplies its row b by
+    rsqrt(sum_t sumsq[t, b] / n + eps): HF's RMSNorm(x) @ W.T up to where the two round."""
+
+    xg: torch.Tensor
+    sumsq: torch.Tensor
+    eps: float
+
+
 @triton.jit
-def _add_rmsnorm_kernel(
-    x_ptr, d_ptr, w_ptr, out_ptr, n, d_split_stride, eps,
-    HAS_DELTA: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
-    _chain(PDL)
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    m = offs < n
+def _row_scale(ss_ptr, rows, M, T, n, eps, TP: tl.constexpr):
+    """rsqrt(mean(x**2) + eps) of `rows` from the [T, M] tile sums, added in a fixed order."""
+    t = tl.arange(0, TP)[:, None]
+    ss = tl.load(ss_ptr + t * M + rows[None, :], mask=(t < T) & (rows[None, :] < M), other=0.0)
+    return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / n + eps)
+
+
+@triton.jit
+def _residual_out(acc, x_ptr, g_ptr, xg_ptr, ss_ptr, rm, rn, M, N, tile):
+    """x += acc (acc rounded to x's dtype first, as HF adds a projection's output), then the RowNorm of the new x
+    over these columns: xg = x * g and the rows' sums of x**2 into sumsq[tile]."""
     dt = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row * n + offs, mask=m, other=0.0)
-    if HAS_DELTA:
-        if SPLITS > 0:  # fp32 partial sums of a projection over K slices: summed in order, rounded as its output
-            d = tl.zeros([BLOCK], tl.float32)
-            for s in tl.static_range(SPLITS):
-                d += tl.load(d_ptr + s * d_split_stride + row * n + offs, mask=m, other=0.0)
-            d = d.to(dt)
-        else:
-            d = tl.load(d_ptr + row * n + offs, mask=m, other=0.0)
-        x = (x.to(tl.float32) + d.to(tl.float32)).to(dt)
-        tl.store(x_ptr + row * n + offs, x, mask=m)
+    msk = (rm[:, None] < M) & (rn[None, :] < N)
+    offs = rm[:, None] * N + rn[None, :]
+    x = (tl.load(x_ptr + offs, mask=msk, other=0.0).to(tl.float32) + acc.to(dt).to(tl.float32)).to(dt)
+    tl.store(x_ptr + offs, x, mask=msk)
+    g = tl.load(g_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     xf = x.to(tl.float32)
-    y = (xf * (1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps))).to(dt)
-    w = tl.load(w_ptr + offs, mask=m, other=0.0)
-    tl.store(out_ptr + row * n + offs, (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(xg_ptr + offs, (xf * g[None, :]).to(dt), mask=msk)
+    tl.store(ss_ptr + tile * M + rm, tl.sum(tl.where(msk, xf * xf, 0.0), axis=1), mask=rm < M)
 
 
-def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x += delta (in place, rounded to x's dtype), return RMSNorm(x) * weight. x: [B, n] contiguous; delta: [B, n]
-    or `linear`'s fp32 partial sums [S, B, n]."""
-    out = torch.empty_like(x)
+@triton.jit
+def _rms_prep_kernel(x_ptr, d_ptr, g_ptr, xg_ptr, ss_ptr, M, n, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):  # fmt: skip
+    _chain(PDL)
+    rm = tl.program_id(0) + tl.zeros([1], tl.int32)
+    rn = tl.arange(0, BLOCK)
+    if HAS_DELTA:
+        acc = tl.load(d_ptr + rm[:, None] * n + rn[None, :], mask=rn[None, :] < n, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros([1, BLOCK], tl.float32)
+    _residual_out(acc, x_ptr, g_ptr, xg_ptr, ss_ptr, rm, rn, M, n, 0)
+
+
+def rms_prep(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> RowNorm:
+    """x += delta (in place, delta rounded to x's dtype), and the RowNorm of the new x [B, n] (one tile)."""
     b, n = x.shape
-    splits = delta.shape[0] if delta is not None and delta.dim() == 3 else 0
+    xg = torch.empty_like(x)
+    ss = torch.empty((1, b), device=x.device, dtype=torch.float32)
     on = pdl(x)
-    _add_rmsnorm_kernel[(b,)](
-        x, x if delta is None else delta, weight, out, n, b * n, eps,
-        delta is not None, splits, triton.next_power_of_2(n), on, launch_pdl=on,
+    _rms_prep_kernel[(b,)](
+        x, x if delta is None else delta, weight, xg, ss, b, n, delta is not None, triton.next_power_of_2(n), on,
+        launch_pdl=on,
     )  # fmt: skip
-    return out
+    return RowNorm(xg, ss, eps)
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -220,25 +241,50 @@ def _swiglu(gate, up, dt: tl.constexpr):
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _finish_kernel(
+    y_ptr, ss_ptr, b_ptr, out_ptr, M, n, T, n_norm, eps,
+    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
     _chain(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     dt = out_ptr.dtype.element_ty
-    gate = tl.load(gu_ptr + row * 2 * n + offs, mask=m, other=0.0).to(tl.float32)
-    up = tl.load(gu_ptr + row * 2 * n + n + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * n + offs, _swiglu(gate, up, dt).to(dt), mask=m)
+    width = 2 * n if GLU else n
+    y = tl.load(y_ptr + row * width + offs, mask=m, other=0.0).to(tl.float32)
+    if GLU:
+        up = tl.load(y_ptr + row * width + n + offs, mask=m, other=0.0).to(tl.float32)
+    if NORM:
+        r = _row_scale(ss_ptr, row + tl.zeros([1], tl.int32), M, T, n_norm, eps, TP)
+        y = _round(y * r, dt)
+        if GLU:
+            up = _round(up * r, dt)
+    if HAS_BIAS:
+        y = _round(y + tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32), dt)
+        if GLU:
+            up = _round(up + tl.load(b_ptr + n + offs, mask=m, other=0.0).to(tl.float32), dt)
+    if GLU:
+        y = _swiglu(y, up, dt)
+    tl.store(out_ptr + row * n + offs, y.to(dt), mask=m)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up = [gate | up] of shape [B, 2n]; returns [B, n]."""
-    b, n2 = gate_up.shape
-    n = n2 // 2
-    out = torch.empty((b, n), device=gate_up.device, dtype=gate_up.dtype)
+def finish(y: torch.Tensor, norm: RowNorm | None = None, bias: torch.Tensor | None = None, glu: bool = False):
+    """The epilogue of a projection computed elsewhere (cuBLAS) as y = xg @ W.T [B, N]: the RowNorm's row scale,
+    the bias, and for glu (y = [gate | up]) silu(gate) * up, [B, N/2]. With nothing to do, y itself."""
+    if norm is None and bias is None and not glu:
+        return y
+    b, width = y.shape
+    n = width // 2 if glu else width
+    out = torch.empty((b, n), device=y.device, dtype=y.dtype)
+    ss = y if norm is None else norm.sumsq
     block = 1024
-    on = pdl(gate_up)
-    _silu_mul_kernel[(b, triton.cdiv(n, block))](gate_up, out, n, block, on, launch_pdl=on)
+    on = pdl(y)
+    _finish_kernel[(b, triton.cdiv(n, block))](
+        y, ss, y if bias is None else bias, out, b, n, ss.shape[0], 1 if norm is None else norm.xg.shape[1],
+        0.0 if norm is None else norm.eps, norm is not None, bias is not None, glu,
+        max(2, triton.next_power_of_2(ss.shape[0])), block, on, launch_pdl=on,
+    )  # fmt: skip
     return out
 
 
@@ -257,14 +303,17 @@ def _prefetch_l2(ptr, row_stride, nrows, row_bytes, ROWS: tl.constexpr, LINES: t
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_per,
-    HAS_BIAS: tl.constexpr, GLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    LINES: tl.constexpr, IEEE: tl.constexpr, ROTATE: tl.constexpr, PDL: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_per, ss_in_ptr, T, eps,
+    res_ptr, g_ptr, ss_out_ptr, part_ptr, sync_ptr,
+    HAS_BIAS: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, TP: tl.constexpr, RESID: tl.constexpr,
+    SPLITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LINES: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One column tile x one K slice (program ids 0 and 2). GLU: the weight is [gate; up] (2N rows) and the tile is
-    silu(gate) * up, rounded where the unfused path rounds. With K slices the output is fp32 partials [S, M, N].
-    ROTATE: each column tile starts its K loop at another block, so the programs do not all read the same lines of
-    x at once."""
+    silu(gate) * up, rounded where the unfused path rounds. NORM: x is a RowNorm's xg, rows scaled by its sumsq.
+    RESID: the result is added into the residual stream res and the tile writes the next RowNorm (xg to out_ptr,
+    sums to ss_out); with K slices each writes fp32 partials and the tile's last slice to arrive adds them up in
+    slice order (deterministic) and writes the tile."""
     n0 = tl.program_id(0) * BN
     k_lo = tl.program_id(2) * k_per
     esize: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
@@ -280,12 +329,7 @@ def _linear_kernel(
     acc = tl.zeros([BM, BN], tl.float32)
     acc_up = tl.zeros([BM, BN], tl.float32)
     k_hi = tl.minimum(k_lo + k_per, K)
-    n_it = tl.cdiv(k_hi - k_lo, BK)
-    for i in range(0, n_it):
-        if ROTATE:
-            k0 = k_lo + ((i + tl.program_id(0)) % n_it) * BK
-        else:
-            k0 = k_lo + i * BK
+    for k0 in range(k_lo, k_hi, BK):
         rk = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
         wmask = (rn[None, :] < N) & (rk[:, None] < k_hi)
@@ -294,68 +338,127 @@ def _linear_kernel(
         if GLU:
             u = tl.load(w_ptr + (N + rn)[None, :] * K + rk[:, None], mask=wmask, other=0.0)
             acc_up = tl.dot(x, u, acc_up, input_precision="ieee" if IEEE else None)
-    if HAS_BIAS and tl.program_id(2) == 0:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if NORM:
+        r = _row_scale(ss_in_ptr, rm, M, T, K, eps, TP)[:, None]
+        acc = acc * r
         if GLU:
-            acc_up += tl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    dt = out_ptr.dtype.element_ty
-    if GLU:
-        acc = _swiglu(_round(acc, dt), _round(acc_up, dt), dt)
-    out = out_ptr + tl.program_id(2) * M * N + rm[:, None] * N + rn[None, :]
-    tl.store(out, acc.to(dt), mask=(rm[:, None] < M) & (rn[None, :] < N))
+            acc_up = acc_up * r
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    if RESID and SPLITS > 1:
+        offs = rm[:, None] * N + rn[None, :]
+        msk = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(part_ptr + tl.program_id(2) * M * N + offs, acc, mask=msk)
+        tl.debug_barrier()  # every thread's partial is written before the release below publishes them
+        if tl.atomic_add(sync_ptr + tile, 1, sem="acq_rel") == SPLITS - 1:
+            tl.store(sync_ptr + tile, 0)  # left zero for the next launch
+            acc = tl.zeros([BM, BN], tl.float32)
+            for s in tl.static_range(SPLITS):
+                acc += tl.load(part_ptr + s * M * N + offs, mask=msk, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            _residual_out(acc, res_ptr, g_ptr, out_ptr, ss_out_ptr, rm, rn, M, N, tile)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            if GLU:
+                acc_up += tl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if RESID:
+            _residual_out(acc, res_ptr, g_ptr, out_ptr, ss_out_ptr, rm, rn, M, N, tile)
+        else:
+            dt = out_ptr.dtype.element_ty
+            if GLU:
+                acc = _swiglu(_round(acc, dt), _round(acc_up, dt), dt)
+            out = out_ptr + rm[:, None] * N + rn[None, :]
+            tl.store(out, acc.to(dt), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 class LinearConfig(NamedTuple):
     """How `linear` tiles one projection: BN output columns per program, BK per K iteration, K cut into `splits`
-    slices (fp32 partials, summed by the consumer), software-pipeline stages, warps per program, K loop start
-    rotated per column tile."""
+    slices (fp32 partials, added up by each tile's last slice), software-pipeline stages, warps per program."""
 
     bn: int
     bk: int
     splits: int
     stages: int
     warps: int
-    rotate: bool = False
 
 
-def linear_config(n: int, k: int, glu: bool, partial: bool) -> LinearConfig:
-    """The tiling of a decode projection, from bench/decode_gemm.py's sweep on an H200 (bench/RESULTS.md). 32 weight
-    rows per program (16 gate + 16 up with GLU): every program reads all of x, so narrower tiles spend more on x
-    than on weights; where the consumer sums partials (`partial`), K in slices of >= ~600 (o and down); four
-    pipeline stages where slices are short, three for GLU's two tiles or long slices."""
-    splits = 1 << min(3, max(0, (k // 600).bit_length() - 1)) if partial else 1
+def linear_config(n: int, k: int, glu: bool, residual: bool) -> LinearConfig:
+    """The tiling of a decode projection, from bench/decode_gemm.py's sweep on an H200 (bench/RESULTS.md) and
+    bench/linear_tile.py's inside W's rollout. 32 weight rows per program (16 gate + 16 up with GLU): every program
+    reads all of x, so narrower tiles spend more on x than on weights; where the result is added into the residual
+    stream (o and down), K in slices of >= ~600; four pipeline stages where slices are short, three for GLU's two
+    tiles or long slices."""
+    splits = 1 << min(3, max(0, (k // 600).bit_length() - 1)) if residual else 1
     return LinearConfig(16 if glu else 32, 128, splits, 3 if glu or k // splits > 1024 else 4, 4)
 
 
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, glu: bool = False, partial: bool = False
-) -> torch.Tensor:
-    """x [M, K] @ weight.T (+ bias), [M, N] in x's dtype. glu: weight (and bias) hold [gate; up] and the result is
-    silu(gate) * up, [M, N/2]. partial: the caller (`add_rmsnorm`'s delta) also takes fp32 partial sums [S, M, N]
-    over S slices of K. Batches above LINEAR_MAX_ROWS rows and weights above LINEAR_MAX_BYTES go to cuBLAS (then
-    `silu_mul`)."""
+def _cublas(m: int, weight: torch.Tensor) -> bool:
+    return m > LINEAR_MAX_ROWS or weight.numel() * weight.element_size() > LINEAR_MAX_BYTES
+
+
+def _launch(x, weight, bias, out, n, glu, norm, resid, sync):
     m, k = x.shape
-    if m > LINEAR_MAX_ROWS or weight.numel() * weight.element_size() > LINEAR_MAX_BYTES:
-        out = F.linear(x, weight, bias)
-        return silu_mul(out) if glu else out
-    n = weight.shape[0] // 2 if glu else weight.shape[0]
-    cfg = linear_config(n, k, glu, partial)
+    cfg = linear_config(n, k, glu, resid is not None)
     ieee = x.dtype == torch.float32
     bm, bk = max(16, triton.next_power_of_2(m)), 32 if ieee else cfg.bk
     k_per = triton.cdiv(triton.cdiv(k, cfg.splits), bk) * bk
     splits = triton.cdiv(k, k_per)
-    if splits > 1:
-        out = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
-    else:
-        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, bm), splits)
+    ss_in = x if norm is None else norm.sumsq
+    res, g = resid if resid is not None else (x, x)
+    ss_out = torch.empty((grid[0] * grid[1], m), device=x.device, dtype=torch.float32) if resid is not None else x
+    part = torch.empty((splits, m, n), device=x.device, dtype=torch.float32) if splits > 1 else x
+    if splits > 1 and (sync is None or sync.numel() < grid[0] * grid[1]):
+        raise ValueError(f"linear: K in {splits} slices needs a zeroed int32 sync buffer of >= {grid[0] * grid[1]}")
     lines = triton.next_power_of_2(triton.cdiv(k_per * weight.element_size(), 128))
     on = pdl(x)
-    _linear_kernel[(triton.cdiv(n, cfg.bn), triton.cdiv(m, bm), splits)](
+    _linear_kernel[grid](
         x, weight, weight if bias is None else bias, out, m, n, k, k_per,
-        bias is not None, glu, bm, cfg.bn, bk, lines, ieee, cfg.rotate, on,
+        ss_in, ss_in.shape[0], 0.0 if norm is None else norm.eps, res, g, ss_out, part, x if sync is None else sync,
+        bias is not None, glu, norm is not None, max(2, triton.next_power_of_2(ss_in.shape[0])), resid is not None,
+        splits, bm, cfg.bn, bk, lines, ieee, on,
         num_warps=cfg.warps, num_stages=cfg.stages, launch_pdl=on,
     )  # fmt: skip
+    return ss_out
+
+
+def linear(
+    x: torch.Tensor | RowNorm, weight: torch.Tensor, bias: torch.Tensor | None = None, glu: bool = False
+) -> torch.Tensor:
+    """x [M, K] @ weight.T (+ bias), [M, N] in x's dtype; x a RowNorm: its normalized rows. glu: weight (and bias)
+    hold [gate; up] and the result is silu(gate) * up, [M, N/2]. Batches above LINEAR_MAX_ROWS rows and weights
+    above LINEAR_MAX_BYTES go to cuBLAS (then `finish`)."""
+    norm = x if isinstance(x, RowNorm) else None
+    x = x.xg if norm is not None else x
+    m = x.shape[0]
+    if _cublas(m, weight):
+        return finish(
+            F.linear(x, weight, None if norm is not None else bias), norm, None if norm is None else bias, glu
+        )
+    n = weight.shape[0] // 2 if glu else weight.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    _launch(x, weight, bias, out, n, glu, norm, None, None)
     return out
+
+
+def linear_residual(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    next_weight: torch.Tensor,
+    eps: float,
+    sync: torch.Tensor,
+) -> RowNorm:
+    """residual += x @ weight.T (+ bias) in place (the projection rounded to residual's dtype, then the sum, as HF
+    adds), and the RowNorm of the new residual for the RMSNorm with weight `next_weight`. sync: a zeroed int32
+    buffer of at least one entry per column tile (left zero), where the K slices of a tile count their arrivals."""
+    m = x.shape[0]
+    if _cublas(m, weight):
+        return rms_prep(residual, F.linear(x, weight, bias), next_weight, eps)
+    xg = torch.empty_like(residual)
+    return RowNorm(xg, _launch(x, weight, bias, xg, weight.shape[0], False, None, (residual, next_weight), sync), eps)
 
 
 # ---------------------------------------------------------------------------------------------- sampling

@@ -280,6 +280,10 @@ class CausalLM(nn.Module):
             a.qkv_bias = _pack(a, ("q_proj", "k_proj", "v_proj"), "bias") if self.cfg.qkv_bias else None
             m.gate_up_weight = _pack(m, ("gate_proj", "up_proj"), "weight")
             m.gate_up_bias = _pack(m, ("gate_proj", "up_proj"), "bias") if self.cfg.mlp_bias else None
+        # where the K slices of o's and down's column tiles count their arrivals (kernels.linear_residual): one
+        # zeroed row per layer and projection, one entry per column tile of the narrowest tiling
+        self.sync = torch.zeros((len(self.model.layers), 2, -(-self.cfg.hidden_size // 16)), dtype=torch.int32,
+                                device=self.device)  # fmt: skip
 
     def decode_fast(
         self,
@@ -295,19 +299,19 @@ class CausalLM(nn.Module):
         ctr[0] and return the logits [B, V] in the model dtype. No host syncs: capturable as a CUDA graph."""
         from rollout import kernels as K
 
-        c = self.cfg
-        x = self.model.embed_tokens(last)
-        delta = None
-        for i, layer in enumerate(self.model.layers):
+        c, layers = self.cfg, self.model.layers
+        x = self.model.embed_tokens(last)  # the residual stream, updated in place
+        norm = K.rms_prep(x, None, layers[0].input_layernorm.weight, c.rms_norm_eps)
+        for i, layer in enumerate(layers):
             a, m = layer.self_attn, layer.mlp
-            h = K.add_rmsnorm(x, delta, layer.input_layernorm.weight, c.rms_norm_eps)
-            qkv = K.linear(h, a.qkv_weight, a.qkv_bias)
+            qkv = K.linear(norm, a.qkv_weight, a.qkv_bias)
             attn = K.rope_attention(qkv, k_cache[i], v_cache[i], cos, sin, ctr, pad_len, c.num_heads)
-            delta = K.linear(attn, a.o_proj.weight, a.o_proj.bias, partial=True)
-            h = K.add_rmsnorm(x, delta, layer.post_attention_layernorm.weight, c.rms_norm_eps)
-            act = K.linear(h, m.gate_up_weight, m.gate_up_bias, glu=True)
-            delta = K.linear(act, m.down_proj.weight, m.down_proj.bias, partial=True)
-        return K.linear(K.add_rmsnorm(x, delta, self.model.norm.weight, c.rms_norm_eps), self.lm_head.weight)
+            w = layer.post_attention_layernorm.weight
+            norm = K.linear_residual(attn, a.o_proj.weight, a.o_proj.bias, x, w, c.rms_norm_eps, self.sync[i, 0])
+            act = K.linear(norm, m.gate_up_weight, m.gate_up_bias, glu=True)
+            w = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else self.model.norm.weight
+            norm = K.linear_residual(act, m.down_proj.weight, m.down_proj.bias, x, w, c.rms_norm_eps, self.sync[i, 1])
+        return K.linear(K.finish(norm.xg, norm), self.lm_head.weight)
 
     def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, d/2] in the model dtype for positions 0..length-1 (fp32 math, as `make_step`)."""

@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 
 
 def test_shapes_are_the_packed_projections():
-    w = {c["proj"]: (c["n"], c["k"], c["bias"], c["glu"], c["partial"], c["per_step"]) for c in cases(["w"])}
+    w = {c["proj"]: (c["n"], c["k"], c["bias"], c["glu"], c["residual"], c["per_step"]) for c in cases(["w"])}
     assert w == {"qkv": (1152, 896, True, False, False, 24), "o": (896, 896, False, False, True, 24),
                  "gate_up": (9728, 896, False, True, False, 24), "down": (896, 4864, False, False, True, 24),
                  "lm_head": (49152, 896, False, False, False, 1)}  # fmt: skip
