@@ -64,9 +64,9 @@ def dropped(family: str):
             return saved[1](x, weight, bias, glu)
         return zero((xg.shape[0], weight.shape[0] // (2 if glu else 1)), xg)
 
-    def linear_residual(x, weight, bias, residual, next_weight, eps, sync):
+    def linear_residual(x, weight, bias, residual, next_weight, eps):
         if ("o" if x.shape[1] == weight.shape[0] else "down") != family:
-            return saved[2](x, weight, bias, residual, next_weight, eps, sync)
+            return saved[2](x, weight, bias, residual, next_weight, eps)
         return K.RowNorm(zero(residual.shape, residual), zero((1, x.shape[0]), x, torch.float32), eps)
 
     if family == "attention":

@@ -4,7 +4,7 @@ sweep of `linear`'s tilings (the source of `kernels.linear_config`).
 For each decode projection (packed qkv, o, packed gate_up with SwiGLU in the epilogue, down, lm_head) of W (Qwen2 at
 Qwen2.5-0.5B width/depth, vocab 49,152) and of a Qwen2.5-1.5B-shape model, at 64 rows, bf16: time cuBLAS and every
 tiling (column tile x K block x pipeline stages x K slices; slices only for o and down, which add into the
-residual stream: `kernels.linear_residual`, each column tile's last slice adding the fp32 partials). Each timing replays one CUDA graph of calls over enough distinct weight copies (>= 256 MB) that no
+residual stream: `kernels.linear_residual`, whose `rms_prep` adds the fp32 partials). Each timing replays one CUDA graph of calls over enough distinct weight copies (>= 256 MB) that no
 weight is read from L2, launched as the engine launches them (programmatic dependent launch on Hopper: each call
 prefetches its weights while the previous one runs); median of --reps replays, per call. GB/s = weight bytes /
 time. Every candidate is first checked against fp32 `F.linear` (max |error|; above BAD_ERR it is reported, not
@@ -116,7 +116,6 @@ def time_case(case: dict, reps: int) -> list[dict]:
         want = F.silu(gate) * up
 
     resid, g = torch.zeros(ROWS, n, device="cuda", dtype=torch.bfloat16), torch.ones(n, device="cuda")
-    sync = torch.zeros(n, dtype=torch.int32, device="cuda")
 
     def cublas(w):
         out = F.linear(x, w, b)
@@ -126,7 +125,7 @@ def time_case(case: dict, reps: int) -> list[dict]:
 
     def ours(w):
         if case["residual"]:
-            return kernels.linear_residual(x, w, b, resid, g, 1e-6, sync).xg
+            return kernels.linear_residual(x, w, b, resid, g, 1e-6).xg
         return kernels.linear(x, w, b, glu=glu)
 
     results = []

@@ -97,26 +97,32 @@ def _residual_out(acc, x_ptr, g_ptr, xg_ptr, ss_ptr, rm, rn, M, N, tile):
 
 
 @triton.jit
-def _rms_prep_kernel(x_ptr, d_ptr, g_ptr, xg_ptr, ss_ptr, M, n, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr):  # fmt: skip
+def _rms_prep_kernel(
+    x_ptr, d_ptr, g_ptr, xg_ptr, ss_ptr, M, n,
+    HAS_DELTA: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
     _chain(PDL)
     rm = tl.program_id(0) + tl.zeros([1], tl.int32)
     rn = tl.arange(0, BLOCK)
+    acc = tl.zeros([1, BLOCK], tl.float32)
     if HAS_DELTA:
-        acc = tl.load(d_ptr + rm[:, None] * n + rn[None, :], mask=rn[None, :] < n, other=0.0).to(tl.float32)
-    else:
-        acc = tl.zeros([1, BLOCK], tl.float32)
+        for s in tl.static_range(SPLITS):  # fp32 partial sums over K slices: added in slice order
+            acc += tl.load(d_ptr + (s * M + rm[:, None]) * n + rn[None, :], mask=rn[None, :] < n, other=0.0).to(
+                tl.float32
+            )
     _residual_out(acc, x_ptr, g_ptr, xg_ptr, ss_ptr, rm, rn, M, n, 0)
 
 
 def rms_prep(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> RowNorm:
-    """x += delta (in place, delta rounded to x's dtype), and the RowNorm of the new x [B, n] (one tile)."""
+    """x += delta (in place, delta rounded to x's dtype), and the RowNorm of the new x [B, n] (one tile). delta:
+    [B, n], or fp32 partial sums [S, B, n] added in order first."""
     b, n = x.shape
     xg = torch.empty_like(x)
     ss = torch.empty((1, b), device=x.device, dtype=torch.float32)
     on = pdl(x)
     _rms_prep_kernel[(b,)](
-        x, x if delta is None else delta, weight, xg, ss, b, n, delta is not None, triton.next_power_of_2(n), on,
+        x, x if delta is None else delta, weight, xg, ss, b, n, delta is not None,
+        delta.shape[0] if delta is not None and delta.dim() == 3 else 1, triton.next_power_of_2(n), on,
         launch_pdl=on,
     )  # fmt: skip
     return RowNorm(xg, ss, eps)
@@ -303,17 +309,14 @@ def _prefetch_l2(ptr, row_stride, nrows, row_bytes, ROWS: tl.constexpr, LINES: t
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_per, ss_in_ptr, T, eps,
-    res_ptr, g_ptr, ss_out_ptr, part_ptr, sync_ptr,
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_per, ss_in_ptr, T, eps, res_ptr, g_ptr, ss_out_ptr,
     HAS_BIAS: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, TP: tl.constexpr, RESID: tl.constexpr,
-    SPLITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LINES: tl.constexpr,
-    IEEE: tl.constexpr, PDL: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LINES: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One column tile x one K slice (program ids 0 and 2). GLU: the weight is [gate; up] (2N rows) and the tile is
     silu(gate) * up, rounded where the unfused path rounds. NORM: x is a RowNorm's xg, rows scaled by its sumsq.
-    RESID: the result is added into the residual stream res and the tile writes the next RowNorm (xg to out_ptr,
-    sums to ss_out); with K slices each writes fp32 partials and the tile's last slice to arrive adds them up in
-    slice order (deterministic) and writes the tile."""
+    RESID: the tile is added into the residual stream res and writes the next RowNorm's xg (to out) and sums (to
+    ss_out). With K slices the output is fp32 partials [S, M, N] (for `rms_prep`)."""
     n0 = tl.program_id(0) * BN
     k_lo = tl.program_id(2) * k_per
     esize: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
@@ -343,38 +346,23 @@ def _linear_kernel(
         acc = acc * r
         if GLU:
             acc_up = acc_up * r
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    if RESID and SPLITS > 1:
-        offs = rm[:, None] * N + rn[None, :]
-        msk = (rm[:, None] < M) & (rn[None, :] < N)
-        tl.store(part_ptr + tl.program_id(2) * M * N + offs, acc, mask=msk)
-        tl.debug_barrier()  # every thread's partial is written before the release below publishes them
-        if tl.atomic_add(sync_ptr + tile, 1, sem="acq_rel") == SPLITS - 1:
-            tl.store(sync_ptr + tile, 0)  # left zero for the next launch
-            acc = tl.zeros([BM, BN], tl.float32)
-            for s in tl.static_range(SPLITS):
-                acc += tl.load(part_ptr + s * M * N + offs, mask=msk, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            _residual_out(acc, res_ptr, g_ptr, out_ptr, ss_out_ptr, rm, rn, M, N, tile)
+    if HAS_BIAS and tl.program_id(2) == 0:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if GLU:
+            acc_up += tl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if RESID and tl.num_programs(2) == 1:
+        _residual_out(acc, res_ptr, g_ptr, out_ptr, ss_out_ptr, rm, rn, M, N, tl.program_id(0))
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            if GLU:
-                acc_up += tl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        if RESID:
-            _residual_out(acc, res_ptr, g_ptr, out_ptr, ss_out_ptr, rm, rn, M, N, tile)
-        else:
-            dt = out_ptr.dtype.element_ty
-            if GLU:
-                acc = _swiglu(_round(acc, dt), _round(acc_up, dt), dt)
-            out = out_ptr + rm[:, None] * N + rn[None, :]
-            tl.store(out, acc.to(dt), mask=(rm[:, None] < M) & (rn[None, :] < N))
+        dt = out_ptr.dtype.element_ty
+        if GLU:
+            acc = _swiglu(_round(acc, dt), _round(acc_up, dt), dt)
+        out = out_ptr + tl.program_id(2) * M * N + rm[:, None] * N + rn[None, :]
+        tl.store(out, acc.to(dt), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 class LinearConfig(NamedTuple):
     """How `linear` tiles one projection: BN output columns per program, BK per K iteration, K cut into `splits`
-    slices (fp32 partials, added up by each tile's last slice), software-pipeline stages, warps per program."""
+    slices (fp32 partials, added up by `rms_prep`), software-pipeline stages, warps per program."""
 
     bn: int
     bk: int
@@ -397,7 +385,9 @@ def _cublas(m: int, weight: torch.Tensor) -> bool:
     return m > LINEAR_MAX_ROWS or weight.numel() * weight.element_size() > LINEAR_MAX_BYTES
 
 
-def _launch(x, weight, bias, out, n, glu, norm, resid, sync):
+def _launch(x, weight, bias, n, glu, norm, resid):
+    """The `_linear_kernel` launch; returns (out, sumsq): out [M, N] (x's dtype), fp32 partials [S, M, N] for a
+    residual projection cut into K slices, or the next RowNorm's xg (then sumsq [T, M])."""
     m, k = x.shape
     cfg = linear_config(n, k, glu, resid is not None)
     ieee = x.dtype == torch.float32
@@ -405,22 +395,23 @@ def _launch(x, weight, bias, out, n, glu, norm, resid, sync):
     k_per = triton.cdiv(triton.cdiv(k, cfg.splits), bk) * bk
     splits = triton.cdiv(k, k_per)
     grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, bm), splits)
+    if splits > 1:
+        out, ss_out = torch.empty((splits, m, n), device=x.device, dtype=torch.float32), x
+    else:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+        ss_out = torch.empty((grid[0], m), device=x.device, dtype=torch.float32) if resid is not None else x
     ss_in = x if norm is None else norm.sumsq
     res, g = resid if resid is not None else (x, x)
-    ss_out = torch.empty((grid[0] * grid[1], m), device=x.device, dtype=torch.float32) if resid is not None else x
-    part = torch.empty((splits, m, n), device=x.device, dtype=torch.float32) if splits > 1 else x
-    if splits > 1 and (sync is None or sync.numel() < grid[0] * grid[1]):
-        raise ValueError(f"linear: K in {splits} slices needs a zeroed int32 sync buffer of >= {grid[0] * grid[1]}")
     lines = triton.next_power_of_2(triton.cdiv(k_per * weight.element_size(), 128))
     on = pdl(x)
     _linear_kernel[grid](
         x, weight, weight if bias is None else bias, out, m, n, k, k_per,
-        ss_in, ss_in.shape[0], 0.0 if norm is None else norm.eps, res, g, ss_out, part, x if sync is None else sync,
+        ss_in, ss_in.shape[0], 0.0 if norm is None else norm.eps, res, g, ss_out,
         bias is not None, glu, norm is not None, max(2, triton.next_power_of_2(ss_in.shape[0])), resid is not None,
-        splits, bm, cfg.bn, bk, lines, ieee, on,
+        bm, cfg.bn, bk, lines, ieee, on,
         num_warps=cfg.warps, num_stages=cfg.stages, launch_pdl=on,
     )  # fmt: skip
-    return ss_out
+    return out, ss_out
 
 
 def linear(
@@ -436,10 +427,7 @@ def linear(
         return finish(
             F.linear(x, weight, None if norm is not None else bias), norm, None if norm is None else bias, glu
         )
-    n = weight.shape[0] // 2 if glu else weight.shape[0]
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    _launch(x, weight, bias, out, n, glu, norm, None, None)
-    return out
+    return _launch(x, weight, bias, weight.shape[0] // 2 if glu else weight.shape[0], glu, norm, None)[0]
 
 
 def linear_residual(
@@ -449,16 +437,15 @@ def linear_residual(
     residual: torch.Tensor,
     next_weight: torch.Tensor,
     eps: float,
-    sync: torch.Tensor,
 ) -> RowNorm:
     """residual += x @ weight.T (+ bias) in place (the projection rounded to residual's dtype, then the sum, as HF
-    adds), and the RowNorm of the new residual for the RMSNorm with weight `next_weight`. sync: a zeroed int32
-    buffer of at least one entry per column tile (left zero), where the K slices of a tile count their arrivals."""
-    m = x.shape[0]
-    if _cublas(m, weight):
+    adds), and the RowNorm of the new residual for the RMSNorm with weight `next_weight`: in the projection's
+    epilogue, or where K is cut into slices (down: more programs) by `rms_prep` over its fp32 partials. (Each
+    column tile's last slice adding the partials instead, counted with atomics, was slower: bench/RESULTS.md.)"""
+    if _cublas(x.shape[0], weight):
         return rms_prep(residual, F.linear(x, weight, bias), next_weight, eps)
-    xg = torch.empty_like(residual)
-    return RowNorm(xg, _launch(x, weight, bias, xg, weight.shape[0], False, None, (residual, next_weight), sync), eps)
+    out, ss = _launch(x, weight, bias, weight.shape[0], False, None, (residual, next_weight))
+    return rms_prep(residual, out, next_weight, eps) if out.dim() == 3 else RowNorm(out, ss, eps)
 
 
 # ---------------------------------------------------------------------------------------------- sampling

@@ -280,10 +280,6 @@ class CausalLM(nn.Module):
             a.qkv_bias = _pack(a, ("q_proj", "k_proj", "v_proj"), "bias") if self.cfg.qkv_bias else None
             m.gate_up_weight = _pack(m, ("gate_proj", "up_proj"), "weight")
             m.gate_up_bias = _pack(m, ("gate_proj", "up_proj"), "bias") if self.cfg.mlp_bias else None
-        # where the K slices of o's and down's column tiles count their arrivals (kernels.linear_residual): one
-        # zeroed row per layer and projection, one entry per column tile of the narrowest tiling
-        self.sync = torch.zeros((len(self.model.layers), 2, -(-self.cfg.hidden_size // 16)), dtype=torch.int32,
-                                device=self.device)  # fmt: skip
 
     def decode_fast(
         self,
@@ -307,10 +303,10 @@ class CausalLM(nn.Module):
             qkv = K.linear(norm, a.qkv_weight, a.qkv_bias)
             attn = K.rope_attention(qkv, k_cache[i], v_cache[i], cos, sin, ctr, pad_len, c.num_heads)
             w = layer.post_attention_layernorm.weight
-            norm = K.linear_residual(attn, a.o_proj.weight, a.o_proj.bias, x, w, c.rms_norm_eps, self.sync[i, 0])
+            norm = K.linear_residual(attn, a.o_proj.weight, a.o_proj.bias, x, w, c.rms_norm_eps)
             act = K.linear(norm, m.gate_up_weight, m.gate_up_bias, glu=True)
             w = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else self.model.norm.weight
-            norm = K.linear_residual(act, m.down_proj.weight, m.down_proj.bias, x, w, c.rms_norm_eps, self.sync[i, 1])
+            norm = K.linear_residual(act, m.down_proj.weight, m.down_proj.bias, x, w, c.rms_norm_eps)
         return K.linear(K.finish(norm.xg, norm), self.lm_head.weight)
 
     def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,96 @@
+"""Does a decode batch split in two, each half on its own CUDA stream, fill the GPU's idle time? W's rollout
+(bench/grpo_step.py: 8 prompts x 8 = 64 rows x 256 new tokens) as one engine's batch of 64, against the same prompts
+as `--parts` engines (each its own weights and stream, prompts dealt round-robin) generating at once from as many
+threads, and one after another. The decode step is latency-bound (bench/ablate_step.py): a second independent chain
+of kernels could run in the gaps of the first, at the price of reading every weight once per part.
+
+    python bench/split_batch.py [--parts 2,4] [--steps 3] [--tokenizer DIR] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grpo_step as G  # noqa: E402  (W's model and prompts, `timed`)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="2,4", help="comma-separated numbers of concurrent engines")
+    p.add_argument("--steps", type=int, default=3, help="timed rollouts per layout (median reported)")
+    p.add_argument("--tokenizer", default="models/smollm2-135m-instruct", help="a 49,152-token tokenizer folder")
+    p.add_argument("--json", help="write every figure here")
+    args = p.parse_args()
+    try:
+        args.parts = [int(x) for x in args.parts.split(",")]
+    except ValueError:
+        p.error(f"--parts: want comma-separated integers, got {args.parts!r}")
+    if any(n < 1 or G.W["prompts"] % n for n in args.parts):
+        p.error(f"--parts: each must divide the {G.W['prompts']} prompts")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not torch.cuda.is_available():
+        sys.exit("split_batch: needs a CUDA GPU")
+    from rollout.api import SamplingParams
+    from rollout.engine import EmbeddedEngine
+    from rollout.loading import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    prompts = [it["prompt_ids"] for it in G.w_items(tok)]
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("qwen2", **G.QWEN05_SHAPE, eos_token_id=tok.eos_token_id)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).cuda()
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    params = SamplingParams(n=G.W["group"], temperature=1.0, max_new_tokens=G.W["new_tokens"], seed=0)
+    total = len(prompts) * G.W["group"] * G.W["new_tokens"]
+    res: dict = {}
+
+    def run(engines, concurrent: bool) -> float:
+        shares = [prompts[i :: len(engines)] for i in range(len(engines))]
+
+        def once():
+            if not concurrent:
+                for e, share in zip(engines, shares, strict=True):
+                    e.generate(share, params)
+                return
+            threads = [
+                threading.Thread(target=e.generate, args=(s, params)) for e, s in zip(engines, shares, strict=True)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        return G.timed(once, args.steps, 2)[0]
+
+    for parts in [1, *args.parts]:
+        engines = [
+            EmbeddedEngine.from_module(model, eos_token_ids=[tok.eos_token_id], dtype=torch.bfloat16)
+            for _ in range(parts)
+        ]
+        modes = [True] if parts == 1 else [True, False]
+        for concurrent in modes:
+            key = f"{parts} x {64 // parts} rows, {'concurrent' if concurrent else 'one after another'}"
+            t = run(engines, concurrent)
+            res[key] = {"time_s": t, "tok_s": total / t}
+            print(f"{key:45} {t:8.4f} s {total / t:10.0f} tok/s", flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(res, indent=1))
+        for e in engines:
+            e.close()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
