@@ -53,26 +53,33 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).cuda()
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     params = SamplingParams(n=G.W["group"], temperature=1.0, max_new_tokens=G.W["new_tokens"], seed=0)
-    total = len(prompts) * G.W["group"] * G.W["new_tokens"]
     res: dict = {}
 
     def run(engines, concurrent: bool) -> float:
         shares = [prompts[i :: len(engines)] for i in range(len(engines))]
+        for e, share in zip(engines, shares, strict=True):  # one at a time: compiles and captures the graphs
+            e.generate(share, params)
+        counts: list[int] = []
+
+        def generate(e, share):
+            counts.append(sum(len(c.token_ids) for c in e.generate(share, params)))
 
         def once():
-            if not concurrent:
-                for e, share in zip(engines, shares, strict=True):
-                    e.generate(share, params)
-                return
-            threads = [
-                threading.Thread(target=e.generate, args=(s, params)) for e, s in zip(engines, shares, strict=True)
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            counts.clear()
+            if concurrent:
+                threads = [threading.Thread(target=generate, args=pair) for pair in zip(engines, shares, strict=True)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            else:
+                for pair in zip(engines, shares, strict=True):
+                    generate(*pair)
+            if len(counts) != len(engines):
+                raise RuntimeError(f"{len(engines) - len(counts)} of the {len(engines)} generations failed")
 
-        return G.timed(once, args.steps, 2)[0]
+        t = G.timed(once, args.steps, 1)[0]
+        return t, sum(counts)
 
     for parts in [1, *args.parts]:
         engines = [
@@ -82,9 +89,9 @@ def main() -> None:
         modes = [True] if parts == 1 else [True, False]
         for concurrent in modes:
             key = f"{parts} x {64 // parts} rows, {'concurrent' if concurrent else 'one after another'}"
-            t = run(engines, concurrent)
-            res[key] = {"time_s": t, "tok_s": total / t}
-            print(f"{key:45} {t:8.4f} s {total / t:10.0f} tok/s", flush=True)
+            t, tokens = run(engines, concurrent)
+            res[key] = {"time_s": t, "tokens": tokens, "tok_s": tokens / t}
+            print(f"{key:45} {t:8.4f} s {tokens:6d} tokens {tokens / t:10.0f} tok/s", flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(res, indent=1))
         for e in engines:
