@@ -9,9 +9,9 @@ eager PyTorch runs as many small ops. A decoder layer is five launches: qkv, att
   `rms_prep` does the same for the embeddings, `finish` for a projection that went to cuBLAS.
 - `rope_attention`: RoPE on q and k from the packed qkv GEMM output, k/v written into the KV cache at the current
   slot, then one query token against the cache, the G query heads of a KV head together (online softmax).
-- `sample_rows`: logsumexp + greedy or Gumbel-max draw + logprob of the drawn token + stop bookkeeping in one pass
-  over the logits (row chunks in parallel, then one combine); the random numbers are Philox keyed by
-  (seed + step, row, column).
+- `sample_rows`: logsumexp + greedy or inverse-CDF draw + logprob of the drawn token + stop bookkeeping: row chunks
+  reduced in parallel (max and sum of exp), then per row one uniform (Philox keyed by (seed + step, row)) picks the
+  chunk and a running sum inside it the column.
 - `linear`: x @ W.T (+ bias) for decode-sized row counts, optionally with SwiGLU in the epilogue (gate_up -> act);
   `linear_residual` cuts long K into slices (more programs) whose fp32 partials each column tile's last slice adds
   up in a fixed order; larger batches and weights go to cuBLAS.
@@ -161,45 +161,51 @@ def _rope_attention_kernel(
     j = tl.program_id(1)
     dt = out_ptr.dtype.element_ty
     half = tl.arange(0, D // 2)
+    d = tl.arange(0, D)
     g = tl.arange(0, GP)
     gmask = (g < G)[:, None]
+    row = qkv_ptr + b * (H + 2 * KV) * D
+    qh = row + (j * G + g)[:, None] * D + half[None, :]
+    kh = row + (H + j) * D + half[None, :]
+    qa, qb = (
+        tl.load(qh, mask=gmask, other=0.0).to(tl.float32),
+        tl.load(qh + D // 2, mask=gmask, other=0.0).to(tl.float32),
+    )
+    ka, kb = tl.load(kh).to(tl.float32), tl.load(kh + D // 2).to(tl.float32)
+    v_new = tl.load(row + (H + KV + j) * D + d)
     slot = tl.load(ctr_ptr)
     pad = tl.load(pad_ptr + b)
     pos = tl.maximum(slot - pad, 0)
     c = tl.load(cos_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
     s = tl.load(sin_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
-    row = qkv_ptr + b * (H + 2 * KV) * D
-    qh = row + (j * G + g)[:, None] * D + half[None, :]
-    q1, q2 = _rope(tl.load(qh, mask=gmask, other=0.0).to(tl.float32),
-                   tl.load(qh + D // 2, mask=gmask, other=0.0).to(tl.float32), c, s, dt)  # fmt: skip
-    kh = row + (H + j) * D + half[None, :]
-    k1, k2 = _rope(tl.load(kh).to(tl.float32), tl.load(kh + D // 2).to(tl.float32), c, s, dt)
+    q1, q2 = _rope(qa, qb, c, s, dt)
+    k1, k2 = _rope(ka, kb, c, s, dt)
     k_base = kc_ptr + b * kc_sb + j * kc_sh
     v_base = vc_ptr + b * vc_sb + j * vc_sh
     tl.store(k_base + slot * kc_st + half[None, :], k1)
     tl.store(k_base + slot * kc_st + D // 2 + half[None, :], k2)
-    d = tl.arange(0, D)
-    tl.store(v_base + slot * vc_st + d, tl.load(row + (H + KV + j) * D + d))
-    tl.debug_barrier()  # the loop below reads the slot just written, by other threads of this program
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
-    for start in range((pad // BLOCK_N) * BLOCK_N, slot + 1, BLOCK_N):
+    tl.store(v_base + slot * vc_st + d, v_new)
+    # the new token first, from registers: the loop reads only slots written by earlier steps (no barrier between
+    # this program's cache write and its reads), and the running max starts finite
+    m_i = tl.sum(q1.to(tl.float32) * k1.to(tl.float32) + q2.to(tl.float32) * k2.to(tl.float32), 1) * scale
+    l_i = tl.full([GP], 1.0, tl.float32)
+    acc = tl.zeros([GP, D], tl.float32) + v_new.to(tl.float32)[None, :]
+    for start in range((pad // BLOCK_N) * BLOCK_N, slot, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
-        valid = (n >= pad) & (n <= slot)
+        valid = (n >= pad) & (n < slot)
         kp = k_base + n[:, None] * kc_st + half[None, :]
-        ka = tl.load(kp, mask=valid[:, None], other=0.0)
-        kb = tl.load(kp + D // 2, mask=valid[:, None], other=0.0)
+        kc_a = tl.load(kp, mask=valid[:, None], other=0.0)
+        kc_b = tl.load(kp + D // 2, mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + n[:, None] * vc_st + d[None, :], mask=valid[:, None], other=0.0)
         if IEEE:
-            sc = tl.dot(q1, tl.trans(ka), input_precision="ieee") + tl.dot(q2, tl.trans(kb), input_precision="ieee")
+            sc = tl.dot(q1, tl.trans(kc_a), input_precision="ieee") + tl.dot(q2, tl.trans(kc_b), input_precision="ieee")
         else:
-            sc = tl.dot(q1, tl.trans(ka)) + tl.dot(q2, tl.trans(kb))
+            sc = tl.dot(q1, tl.trans(kc_a)) + tl.dot(q2, tl.trans(kc_b))
         sc = tl.where(valid[None, :], sc * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + n[:, None] * vc_st + d[None, :], mask=valid[:, None], other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -452,52 +458,76 @@ def linear_residual(
 
 
 @triton.jit
+def _online_lse(m, s, x):
+    """One block into a running (max, sum of exp(x - max)); blocks of -inf (filtered columns) leave it as it was."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
+
+
+@triton.jit
 def _sample_partial_kernel(
-    logits_ptr, draw_ptr, stride_l, stride_d, V, temp_ptr, seed_ptr, ctr_ptr, part_ptr, S,
+    logits_ptr, draw_ptr, stride_l, stride_d, V, temp_ptr, part_ptr, S,
     GREEDY: tl.constexpr, SEPARATE_DRAW: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """One (row, chunk of CHUNK columns): running max and sum of exp (logsumexp), and the best draw key."""
+    """One (row, chunk of CHUNK columns): the logits' running max and sum of exp (the logsumexp), and for a greedy
+    row the best logit and its column, else the same max and sum for the draw's distribution (draw / T)."""
     _chain(PDL)
     b = tl.program_id(0)
     c = tl.program_id(1)
-    seed = tl.load(seed_ptr) + tl.load(ctr_ptr + 1)
     inv_t = 1.0 / tl.load(temp_ptr)
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.zeros([], tl.float32)
-    best = tl.full([], float("-inf"), tl.float32)
-    best_i = tl.zeros([], tl.int32)
+    k2 = tl.full([], float("-inf"), tl.float32)  # best logit, or the draw's max
+    k3 = tl.zeros([], tl.float32)  # its column, or the draw's sum of exp
     for start in range(c * CHUNK, c * CHUNK + CHUNK, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         msk = offs < V
         x = tl.load(logits_ptr + b * stride_l + offs, mask=msk, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
-        m = m_new
+        m, s = _online_lse(m, s, x)
         if GREEDY:
-            key = x
+            blk_best = tl.max(x, 0)
+            blk_i = (tl.argmax(x, 0) + start).to(tl.float32)  # exact: vocabularies are far below 2**24
+            k3 = tl.where(blk_best > k2, blk_i, k3)  # strictly greater: the first maximum wins, as argmax
+            k2 = tl.maximum(k2, blk_best)
         else:
             if SEPARATE_DRAW:
                 x = tl.load(draw_ptr + b * stride_d + offs, mask=msk, other=float("-inf")).to(tl.float32)
-            u = tl.rand(seed, b * V + offs)
-            key = tl.where(msk, x * inv_t - tl.log(-tl.log(u)), float("-inf"))
-        blk_best = tl.max(key, 0)
-        blk_i = tl.argmax(key, 0).to(tl.int32) + start
-        best_i = tl.where(blk_best > best, blk_i, best_i)  # strictly greater: the first maximum wins, as argmax
-        best = tl.maximum(best, blk_best)
+            k2, k3 = _online_lse(k2, k3, x * inv_t)
     out = part_ptr + (b * S + c) * 4
     tl.store(out, m)
     tl.store(out + 1, s)
-    tl.store(out + 2, best)
-    tl.store(out + 3, best_i.to(tl.float32))  # exact: vocabularies are far below 2**24
+    tl.store(out + 2, k2)
+    tl.store(out + 3, k3)
+
+
+@triton.jit
+def _inverse_cdf(src_ptr, V, inv_t, top, chunk_lo, rem, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """The first column of the chunk at which the running sum of exp(x / T - top) passes `rem` (the last column
+    with weight where rounding leaves it short)."""
+    run = tl.zeros([], tl.float32)
+    pick = tl.full([], 2**30, tl.int32)
+    last = tl.full([], -1, tl.int32)
+    for start in range(chunk_lo, chunk_lo + CHUNK, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        msk = offs < V
+        e = tl.exp(tl.load(src_ptr + offs, mask=msk, other=float("-inf")).to(tl.float32) * inv_t - top)
+        pick = tl.minimum(pick, tl.min(tl.where(tl.cumsum(e, 0) + run > rem, offs, 2**30), 0))
+        last = tl.maximum(last, tl.max(tl.where(e > 0, offs, -1), 0))
+        run += tl.sum(e, 0)
+    return tl.where(pick < 2**30, pick, last)
 
 
 @triton.jit
 def _sample_finish_kernel(
-    logits_ptr, stride_l, part_ptr, S, ctr_ptr, done_ptr, stop_ptr, limit_ptr, tokens_ptr, logprobs_ptr, last_ptr,
-    stride_out, pad_id, SP: tl.constexpr, NSTOP: tl.constexpr, PDL: tl.constexpr,
+    logits_ptr, draw_ptr, stride_l, stride_d, V, temp_ptr, seed_ptr, part_ptr, S, ctr_ptr, done_ptr, stop_ptr,
+    limit_ptr, tokens_ptr, logprobs_ptr, last_ptr, stride_out, pad_id,
+    GREEDY: tl.constexpr, SEPARATE_DRAW: tl.constexpr, SP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    NSTOP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Per row: combine the chunks, log-prob of the drawn token, record it, update the stop flag (a stop token, or
-    the row's cap reached)."""
+    """Per row: combine the chunks; the drawn token (greedy: the first maximum; else inverse CDF: one uniform picks
+    the chunk from the chunks' sums and the column by a running sum inside it), its log-prob, recorded; the stop
+    flag updated (a stop token, or the row's cap reached)."""
     _chain(PDL)
     b = tl.program_id(0)
     c = tl.arange(0, SP)
@@ -505,13 +535,26 @@ def _sample_finish_kernel(
     base = part_ptr + (b * S + c) * 4
     m = tl.load(base, mask=cm, other=float("-inf"))
     s = tl.load(base + 1, mask=cm, other=0.0)
-    key = tl.load(base + 2, mask=cm, other=float("-inf"))
-    idx = tl.load(base + 3, mask=cm, other=0.0)
+    k2 = tl.load(base + 2, mask=cm, other=float("-inf"))
+    k3 = tl.load(base + 3, mask=cm, other=0.0)
     big = tl.max(m, 0)
     lse = big + tl.log(tl.sum(s * tl.exp(m - big), 0))
-    best_i = tl.sum(tl.where(c == tl.argmax(key, 0), idx, 0.0), 0).to(tl.int32)  # first chunk holding the max
-    lp = tl.load(logits_ptr + b * stride_l + best_i).to(tl.float32) - lse
     col = tl.load(ctr_ptr + 1)
+    if GREEDY:
+        best_i = tl.sum(tl.where(c == tl.argmax(k2, 0), k3, 0.0), 0).to(tl.int32)  # first chunk holding the max
+    else:
+        top = tl.max(k2, 0)
+        w = tl.where(k2 > float("-inf"), k3 * tl.exp(k2 - top), 0.0)
+        seed = tl.load(seed_ptr) + col
+        target = tl.sum(tl.rand(seed, b + tl.zeros([1], tl.int32)), 0) * tl.sum(w, 0)
+        pick = tl.minimum(tl.sum((tl.cumsum(w, 0) <= target).to(tl.int32), 0), S - 1)
+        rem = target - tl.sum(tl.where(c < pick, w, 0.0), 0)
+        if SEPARATE_DRAW:
+            src, inv_t = draw_ptr + b * stride_d, 1.0 / tl.load(temp_ptr)
+        else:
+            src, inv_t = logits_ptr + b * stride_l, 1.0 / tl.load(temp_ptr)
+        best_i = _inverse_cdf(src, V, inv_t, top, pick * CHUNK, rem, CHUNK, BLOCK)
+    lp = tl.load(logits_ptr + b * stride_l + best_i).to(tl.float32) - lse
     done = tl.load(done_ptr + b) != 0
     tok = tl.where(done, pad_id, best_i).to(tl.int64)
     tl.store(tokens_ptr + b * stride_out + col, tok)
@@ -544,7 +587,8 @@ def sample_rows(
     (top-k/top-p), else the draw is softmax(logits / temperature). done [B] (int8) is updated with `stop` hits and
     with rows whose cap `limit` [B] (new tokens) is reached at this column; rows already done record `pad_id` with
     logprob 0. last [B]: the drawn tokens, the next step's input.
-    Each row is split into chunks of 4096 columns reduced in parallel, then combined (two launches).
+    Each row is split into chunks of 4096 columns reduced in parallel, then combined (two launches); a sampled
+    row's draw is the inverse CDF of one uniform (one Philox draw per row, not one per column: bench/RESULTS.md).
     """
     b, v = logits.shape
     chunk = 4096
@@ -553,10 +597,11 @@ def sample_rows(
     src = logits if draw is None else draw
     on = pdl(logits)
     _sample_partial_kernel[(b, s)](
-        logits, src, logits.stride(0), src.stride(0), v, temperature, seed, ctr, part, s,
+        logits, src, logits.stride(0), src.stride(0), v, temperature, part, s,
         greedy, draw is not None, chunk, 1024, on, launch_pdl=on,
     )  # fmt: skip
     _sample_finish_kernel[(b,)](
-        logits, logits.stride(0), part, s, ctr, done, stop, limit, tokens, logprobs, last, tokens.stride(0), pad_id,
-        triton.next_power_of_2(s), stop.numel(), on, launch_pdl=on,
+        logits, src, logits.stride(0), src.stride(0), v, temperature, seed, part, s, ctr, done, stop, limit, tokens,
+        logprobs, last, tokens.stride(0), pad_id, greedy, draw is not None, triton.next_power_of_2(s), chunk, 1024,
+        stop.numel(), on, launch_pdl=on,
     )  # fmt: skip
