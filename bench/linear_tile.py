@@ -48,7 +48,7 @@ def parse_args() -> argparse.Namespace:
     try:
         args.parsed = {v: parse_variant(v) for v in args.variants.split(",")}
     except ValueError as err:
-        p.error(str(err))
+        p.error(f"--variants: {err}")
     return args
 
 

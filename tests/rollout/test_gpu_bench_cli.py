@@ -1,5 +1,6 @@
-"""bench/sm_share.py and bench/attn_tile.py on the CPU: `--help` describes them, and without a GPU they stop with
-one line and a non-zero exit instead of a traceback. Their figures need a GPU (bench/RESULTS.md)."""
+"""The GPU-only benches (sm_share, attn_tile, ablate_step, linear_tile, split_batch) on the CPU: `--help` describes
+them, a bad sweep argument is one usage line, and without a GPU they stop with one line and a non-zero exit instead
+of a traceback. Their figures need a GPU (bench/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import torch
 
 from tests.conftest import ROOT
 
-BENCHES = {"sm_share": "--splits", "attn_tile": "--tiles"}
+BENCHES = {
+    "sm_share": "--splits",
+    "attn_tile": "--tiles",
+    "ablate_step": "--drop",
+    "linear_tile": "--variants",
+    "split_batch": "--parts",
+}
+# a malformed value of each sweep option, for the benches that check theirs before importing torch
+BAD = {"ablate_step": "lm_head,nope", "linear_tile": "gate_up=16:128", "split_batch": "3"}
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -32,3 +41,9 @@ def test_without_a_gpu_one_line_and_non_zero_exit(script):
     out = run(script)
     assert out.returncode != 0
     assert out.stderr.strip().splitlines() == [f"{script}: needs a CUDA GPU"]
+
+
+@pytest.mark.parametrize("script", BAD)
+def test_bad_sweep_value_is_a_usage_error(script):
+    out = run(script, BENCHES[script], BAD[script])
+    assert out.returncode == 2 and BENCHES[script] in out.stderr.strip().splitlines()[-1]
