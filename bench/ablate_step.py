@@ -5,9 +5,10 @@ of programmatic-dependent launches, including the latency it exposes, which a ke
 Random-init W model (head dim 64, 7 query heads per KV head). The variants run in two interleaved rounds; each keeps
 its better median (the machine drifts by a few percent between minutes).
 
-    python bench/ablate_step.py [--drop none,attention,qkv,o,gate_up,down,lm_head,sampling] [--tokenizer DIR]
+    python bench/ablate_step.py [--drop none,attention,qkv,o,gate_up,down,rms_prep,lm_head,sampling] [--tokenizer DIR]
 
-(The RMSNorms have no launches of their own: o and down write them, qkv and gate_up apply them; `rollout/kernels.py`.)
+(RMSNorm: o writes the next one in its epilogue, qkv and gate_up apply theirs; `rms_prep` is the launch left for
+the embeddings and for down's K-slice partials: `rollout/kernels.py`.)
 
 The results are timings of wrong computations (the tokens are garbage): never a correctness check.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grpo_step as G  # noqa: E402  (W's model, prompts and engine bench)
 
-FAMILIES = ("attention", "qkv", "o", "gate_up", "down", "lm_head", "sampling")
+FAMILIES = ("attention", "qkv", "o", "gate_up", "down", "rms_prep", "lm_head", "sampling")
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,7 +49,7 @@ def dropped(family: str):
 
     import rollout.kernels as K
 
-    saved = K.rope_attention, K.linear, K.linear_residual, K.sample_rows
+    saved = K.rope_attention, K.linear, K.linear_residual, K.sample_rows, K.rms_prep
     zeros: dict = {}
 
     def zero(shape, like, dtype=None) -> torch.Tensor:
@@ -75,12 +76,16 @@ def dropped(family: str):
         )
     elif family == "sampling":
         K.sample_rows = lambda *a, **kw: None
+    elif family == "rms_prep":
+        K.rms_prep = lambda x, delta, weight, eps: K.RowNorm(
+            zero(x.shape, x), zero((1, x.shape[0]), x, torch.float32), eps
+        )
     elif family != "none":
         K.linear, K.linear_residual = linear, linear_residual
     try:
         yield
     finally:
-        K.rope_attention, K.linear, K.linear_residual, K.sample_rows = saved
+        K.rope_attention, K.linear, K.linear_residual, K.sample_rows, K.rms_prep = saved
 
 
 def main() -> None:

@@ -1,20 +1,20 @@
 """Triton kernels for the GPU decode step: one launch per fused stage, no host syncs, so a step replays as a graph.
 
-A decode step at a few dozen rows reads every weight once for a few dozen tokens; what is not weight reads is the
-chain of dependent launches, each a few microseconds of latency (bench/ablate_step.py), so these kernels fuse what
-eager PyTorch runs as many small ops. A decoder layer is five launches: qkv, attention, o, gate_up, down.
-- RMSNorm has no launch of its own (`RowNorm`): the projection that writes the residual stream (o, down:
-  `linear_residual`) adds its output into it and writes x * weight and per-tile sums of x**2; the projection that
-  reads the norm (`linear` of a RowNorm: qkv, gate_up) scales its output rows by rsqrt(mean + eps) in its epilogue.
-  `rms_prep` does the same for the embeddings, `finish` for a projection that went to cuBLAS.
+A decode step at a few dozen rows reads every weight once for a few dozen tokens; besides the weight reads its time
+is a chain of dependent launches, each microseconds of latency (bench/ablate_step.py), so these kernels fuse what
+eager PyTorch runs as many small ops. A decoder layer is six launches: qkv, attention, o, gate_up, down, rms_prep.
+- RMSNorm is applied by the projection that reads it (`RowNorm`, `linear` of a RowNorm: qkv, gate_up scale their
+  output rows by rsqrt(mean + eps) in the epilogue). It is written by whoever adds into the residual stream: o in
+  its epilogue (`linear_residual`), `rms_prep` for the embeddings and for down's fp32 K-slice partials; `finish`
+  applies it after a projection that went to cuBLAS.
 - `rope_attention`: RoPE on q and k from the packed qkv GEMM output, k/v written into the KV cache at the current
   slot, then one query token against the cache, the G query heads of a KV head together (online softmax).
 - `sample_rows`: logsumexp + greedy or inverse-CDF draw + logprob of the drawn token + stop bookkeeping: row chunks
   reduced in parallel (max and sum of exp), then per row one uniform (Philox keyed by (seed + step, row)) picks the
   chunk and a running sum inside it the column.
 - `linear`: x @ W.T (+ bias) for decode-sized row counts, optionally with SwiGLU in the epilogue (gate_up -> act);
-  `linear_residual` cuts long K into slices (more programs) whose fp32 partials each column tile's last slice adds
-  up in a fixed order; larger batches and weights go to cuBLAS.
+  `linear_residual` cuts long K into slices (more programs) whose fp32 partials `rms_prep` adds in a fixed order;
+  larger batches and weights go to cuBLAS.
 The slot / step counters live in device memory (`ctr = [slot, col]`) so the same launches serve every step.
 
 Programmatic dependent launch (Hopper and later): every kernel here waits for the previous kernel's writes before it
