@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 
@@ -28,13 +27,10 @@ FAMILIES = ("attention", "qkv", "o", "gate_up", "down", "rms_prep", "lm_head", "
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = G.gpu_bench_parser(__doc__, "variant and round")
     p.add_argument(
         "--drop", default="none," + ",".join(FAMILIES), help=f"comma-separated, of none,{','.join(FAMILIES)}"
     )
-    p.add_argument("--steps", type=int, default=3, help="timed rollouts per variant and round (median reported)")
-    p.add_argument("--tokenizer", default="models/smollm2-135m-instruct", help="a 49,152-token tokenizer folder")
-    p.add_argument("--json", help="write every figure here")
     args = p.parse_args()
     bad = set(args.drop.split(",")) - {"none", *FAMILIES}
     if bad:
@@ -90,30 +86,14 @@ def dropped(family: str):
 
 def main() -> None:
     args = parse_args()
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    tok, items, model = G.random_w_on_gpu("ablate_step", args.tokenizer)
 
-    if not torch.cuda.is_available():
-        sys.exit("ablate_step: needs a CUDA GPU")
-    from rollout.loading import load_tokenizer
+    def measure() -> dict:
+        r = G.bench_engine(model, items, tok.eos_token_id, args.steps, 1)
+        return {k: r[k] for k in ("time_s", "tokens", "tok_s")}
 
-    tok = load_tokenizer(args.tokenizer)
-    items = G.w_items(tok)
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model("qwen2", **G.QWEN05_SHAPE, eos_token_id=tok.eos_token_id)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).cuda()
-    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    res: dict = {}
-    for _ in range(2):
-        for fam in args.drop.split(","):
-            with dropped(fam):
-                r = G.bench_engine(model, items, tok.eos_token_id, args.steps, 1)
-            best = res.get(fam)
-            if best is None or r["time_s"] < best["time_s"]:
-                res[fam] = {k: r[k] for k in ("time_s", "tokens", "tok_s")}
-            print(fam, json.dumps(res[fam]), flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps(res, indent=1))
+    variants = {fam: (lambda fam=fam: dropped(fam)) for fam in args.drop.split(",")}
+    res = G.best_of_rounds(variants, measure, args.json)
     base = res.get("none", {}).get("time_s")
     print(f"{'dropped':10} {'rollout s':>10} {'tokens':>7} {'saves s':>8} {'per step us':>12}")
     for fam, r in res.items():

@@ -102,6 +102,56 @@ def w_items(tok) -> list[dict]:
     return items
 
 
+def gpu_bench_parser(doc: str, what: str) -> argparse.ArgumentParser:
+    """The options every W-rollout GPU bench shares (--steps: timed rollouts per `what`, --tokenizer, --json); the
+    caller adds its sweep option."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3, help=f"timed rollouts per {what} (median reported)")
+    p.add_argument("--tokenizer", default="models/smollm2-135m-instruct", help="a 49,152-token tokenizer folder")
+    p.add_argument("--json", help="write every figure here")
+    return p
+
+
+def random_w_on_gpu(script: str, tokenizer: str):
+    """For a GPU bench over W's rollout: one line and exit without a GPU; else (tokenizer, W's items, the random-init
+    W model (seed 0) in fp32 on the GPU), after printing the GPU."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: needs a CUDA GPU")
+    from rollout.loading import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("qwen2", **QWEN05_SHAPE, eos_token_id=tok.eos_token_id)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).cuda()
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    return tok, w_items(tok), model
+
+
+def best_of_rounds(variants: dict, measure, json_path: str | None, rounds: int = 2) -> dict:
+    """Each variant (name -> a context manager factory) measured by `measure()` (a dict with time_s) in `rounds`
+    interleaved rounds (the machine drifts by a few percent between minutes); each keeps its fastest. A variant
+    that raises is recorded as failed (a tiling that does not compile or fit is a result). Written to json_path
+    after every measurement."""
+    res: dict = {}
+    for _ in range(rounds):
+        for name, variant in variants.items():
+            try:
+                with variant():
+                    r = measure()
+            except Exception as err:  # noqa: BLE001
+                res[name] = {"failed": repr(err)[:200]}
+            else:
+                if r["time_s"] < res.get(name, {}).get("time_s", float("inf")):
+                    res[name] = r
+            print(name, json.dumps(res[name]), flush=True)
+            if json_path:
+                Path(json_path).write_text(json.dumps(res, indent=1))
+    return res
+
+
 def bench_engine(model, items, eos: int, steps: int, warmup: int, **engine_kw) -> dict:
     """Median time of one W rollout through the engine, and its completion tokens/s."""
     import torch

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 
@@ -39,11 +38,8 @@ def parse_variant(spec: str) -> dict:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = G.gpu_bench_parser(__doc__, "variant and round")
     p.add_argument("--variants", default="default", help="comma-separated variants (see above)")
-    p.add_argument("--steps", type=int, default=3, help="timed rollouts per variant and round (median reported)")
-    p.add_argument("--tokenizer", default="models/smollm2-135m-instruct", help="a 49,152-token tokenizer folder")
-    p.add_argument("--json", help="write every figure here")
     args = p.parse_args()
     try:
         args.parsed = {v: parse_variant(v) for v in args.variants.split(",")}
@@ -72,34 +68,14 @@ def tiled(overrides: dict):
 
 def main() -> None:
     args = parse_args()
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    tok, items, model = G.random_w_on_gpu("linear_tile", args.tokenizer)
 
-    if not torch.cuda.is_available():
-        sys.exit("linear_tile: needs a CUDA GPU")
-    from rollout.loading import load_tokenizer
+    def measure() -> dict:
+        r = G.bench_engine(model, items, tok.eos_token_id, args.steps, 1)
+        return {"time_s": r["time_s"], "tok_s": r["tok_s"]}
 
-    tok = load_tokenizer(args.tokenizer)
-    items = G.w_items(tok)
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model("qwen2", **G.QWEN05_SHAPE, eos_token_id=tok.eos_token_id)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).cuda()
-    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    res: dict = {}
-    for _ in range(2):
-        for name, overrides in args.parsed.items():
-            try:
-                with tiled(overrides):
-                    r = G.bench_engine(model, items, tok.eos_token_id, args.steps, 1)
-            except Exception as err:  # noqa: BLE001 - a tiling that does not compile or fit is a result
-                res[name] = {"failed": repr(err)[:200]}
-                print(name, "failed", repr(err)[:200], flush=True)
-                continue
-            if r["time_s"] < res.get(name, {}).get("time_s", float("inf")):
-                res[name] = {"time_s": r["time_s"], "tok_s": r["tok_s"]}
-            print(name, json.dumps(res[name]), flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps(res, indent=1))
+    variants = {name: (lambda o=overrides: tiled(o)) for name, overrides in args.parsed.items()}
+    res = G.best_of_rounds(variants, measure, args.json)
     for name, r in sorted(res.items(), key=lambda kv: kv[1].get("time_s", 1e9)):
         print(f"{name:60} {r.get('time_s', float('nan')):8.4f} s")
 

@@ -20,11 +20,8 @@ import grpo_step as G  # noqa: E402  (W's model and prompts, `timed`)
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = G.gpu_bench_parser(__doc__, "layout")
     p.add_argument("--parts", default="2,4", help="comma-separated numbers of concurrent engines")
-    p.add_argument("--steps", type=int, default=3, help="timed rollouts per layout (median reported)")
-    p.add_argument("--tokenizer", default="models/smollm2-135m-instruct", help="a 49,152-token tokenizer folder")
-    p.add_argument("--json", help="write every figure here")
     args = p.parse_args()
     try:
         args.parts = [int(x) for x in args.parts.split(",")]
@@ -37,21 +34,13 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    tok, items, model = G.random_w_on_gpu("split_batch", args.tokenizer)
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not torch.cuda.is_available():
-        sys.exit("split_batch: needs a CUDA GPU")
     from rollout.api import SamplingParams
     from rollout.engine import EmbeddedEngine
-    from rollout.loading import load_tokenizer
 
-    tok = load_tokenizer(args.tokenizer)
-    prompts = [it["prompt_ids"] for it in G.w_items(tok)]
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model("qwen2", **G.QWEN05_SHAPE, eos_token_id=tok.eos_token_id)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).cuda()
-    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    prompts = [it["prompt_ids"] for it in items]
     params = SamplingParams(n=G.W["group"], temperature=1.0, max_new_tokens=G.W["new_tokens"], seed=0)
     res: dict = {}
 
