@@ -1,8 +1,9 @@
 """Triton kernels for the GPU decode step: one launch per fused stage, no host syncs, so a step replays as a graph.
 
-A decode step at a few dozen rows reads every weight once for a few dozen tokens; besides the weight reads its time
-is a chain of dependent launches, each microseconds of latency (bench/ablate_step.py), so these kernels fuse what
-eager PyTorch runs as many small ops. A decoder layer is six launches: qkv, attention, o, gate_up, down, rms_prep.
+A decode step at a few dozen rows reads every weight once for a few dozen tokens and is a chain of dependent
+kernels, most far from the memory's bandwidth (bench/ablate_step.py measures each family's share of the chain), so
+these kernels fuse what eager PyTorch runs as many small ops. A decoder layer is six launches: qkv, attention, o,
+gate_up, down, rms_prep.
 - RMSNorm is applied by the projection that reads it (`RowNorm`, `linear` of a RowNorm: qkv, gate_up scale their
   output rows by rsqrt(mean + eps) in the epilogue). It is written by whoever adds into the residual stream: o in
   its epilogue (`linear_residual`), `rms_prep` for the embeddings and for down's fp32 K-slice partials; `finish`
