@@ -98,6 +98,17 @@ def graph_time(calls, reps: int) -> float:
     return statistics.median(times) / len(calls)
 
 
+def reference(x, w, b, glu: bool):
+    """The projection in fp32 (SwiGLU'd for glu): what every candidate is checked against."""
+    import torch.nn.functional as F
+
+    want = F.linear(x.float(), w.float(), None if b is None else b.float())
+    if glu:
+        gate, up = want.chunk(2, -1)
+        want = F.silu(gate) * up
+    return want
+
+
 def time_case(case: dict, reps: int) -> list[dict]:
     import torch
     import torch.nn.functional as F
@@ -110,10 +121,7 @@ def time_case(case: dict, reps: int) -> list[dict]:
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * k**-0.5 for _ in range(copies)]
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen) if case["bias"] else None
     x = torch.randn(ROWS, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-    want = F.linear(x.float(), ws[0].float(), None if b is None else b.float())
-    if glu:
-        gate, up = want.chunk(2, -1)
-        want = F.silu(gate) * up
+    want = reference(x, ws[0], b, glu)
 
     resid, g = torch.zeros(ROWS, n, device="cuda", dtype=torch.bfloat16), torch.ones(n, device="cuda")
 

@@ -189,6 +189,19 @@ def _rope_attention_kernel(
     # the new token first, from registers: the loop reads only slots written by earlier steps (no barrier between
     # this program's cache write and its reads), and the running max starts finite
     m_i = tl.sum(q1.to(tl.float32) * k1.to(tl.float32) + q2.to(tl.float32) * k2.to(tl.float32), 1) * scale
+    acc = _attend_cache(q1, q2, m_i, v_new, k_base, v_base, kc_st, vc_st, pad, slot, scale, GP, D, BLOCK_N, IEEE)
+    tl.store(out_ptr + b * H * D + (j * G + g)[:, None] * D + d[None, :], acc.to(dt), mask=gmask)
+
+
+@triton.jit
+def _attend_cache(
+    q1, q2, m_i, v_new, k_base, v_base, kc_st, vc_st, pad, slot, scale,
+    GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over the cached slots pad .. slot-1, starting from the new token's score m_i and value v_new;
+    the attention output [GP, D] in fp32."""
+    half = tl.arange(0, D // 2)
+    d = tl.arange(0, D)
     l_i = tl.full([GP], 1.0, tl.float32)
     acc = tl.zeros([GP, D], tl.float32) + v_new.to(tl.float32)[None, :]
     for start in range((pad // BLOCK_N) * BLOCK_N, slot, BLOCK_N):
@@ -212,8 +225,7 @@ def _rope_attention_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    out = (acc / l_i[:, None]).to(dt)
-    tl.store(out_ptr + b * H * D + (j * G + g)[:, None] * D + d[None, :], out, mask=gmask)
+    return acc / l_i[:, None]
 
 
 def rope_attention(
