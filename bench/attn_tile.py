@@ -11,6 +11,7 @@ fit the GPU's shared memory is reported as failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -21,46 +22,38 @@ from w2 import SHAPES  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = G.gpu_bench_parser(__doc__, "tile and round")
     p.add_argument("--tiles", default="64:4,128:4,256:4,128:8,256:8", help="comma-separated BLOCK_N:warps")
     p.add_argument("--models", default="w,1.5b", help=f"comma-separated, of {sorted(SHAPES)}")
-    p.add_argument("--steps", type=int, default=3, help="timed rollouts per tile and round (median reported)")
-    p.add_argument("--tokenizer", default="models/smollm2-135m-instruct", help="a 49,152-token tokenizer folder")
-    p.add_argument("--json", help="write every figure here (after each model)")
     return p.parse_args()
+
+
+@contextlib.contextmanager
+def tile(t: tuple[int, int]):
+    import rollout.kernels as K
+
+    saved, K.ATTN_TILE = K.ATTN_TILE, t
+    try:
+        yield
+    finally:
+        K.ATTN_TILE = saved
 
 
 def main() -> None:
     args = parse_args()
+    tok, items = G.gpu_or_exit("attn_tile", args.tokenizer)
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not torch.cuda.is_available():
-        sys.exit("attn_tile: needs a CUDA GPU")
-    import rollout.kernels as K
-    from rollout.loading import load_tokenizer
-
-    tok = load_tokenizer(args.tokenizer)
-    items = G.w_items(tok)
     tiles = [tuple(int(x) for x in t.split(":")) for t in args.tiles.split(",")]
-    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     res: dict = {}
     for name in args.models.split(","):
-        torch.manual_seed(0)
-        cfg = AutoConfig.for_model("qwen2", **SHAPES[name], eos_token_id=tok.eos_token_id)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).cuda()
-        res[name] = {}
-        for _ in range(2):
-            for tile in tiles:
-                K.ATTN_TILE, key = tile, f"{tile[0]}:{tile[1]}"
-                try:
-                    r = G.bench_engine(model, items, tok.eos_token_id, args.steps, 1)
-                except Exception as err:  # noqa: BLE001 - a tile that does not compile is a result
-                    res[name][key] = {"failed": repr(err)[:200]}
-                    continue
-                best = res[name].get(key, {}).get("time_s", float("inf"))
-                if r["time_s"] < best:
-                    res[name][key] = r
+        model = G.random_model(SHAPES[name], tok)
+
+        def measure(model=model) -> dict:
+            return G.bench_engine(model, items, tok.eos_token_id, args.steps, 1)
+
+        variants = {f"{t[0]}:{t[1]}": (lambda t=t: tile(t)) for t in tiles}
+        res[name] = G.best_of_rounds(variants, measure, None)
         base = res[name].get("64:4", {}).get("time_s")
         for key, r in res[name].items():
             if "failed" in r:

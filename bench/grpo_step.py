@@ -112,22 +112,34 @@ def gpu_bench_parser(doc: str, what: str) -> argparse.ArgumentParser:
     return p
 
 
-def random_w_on_gpu(script: str, tokenizer: str):
-    """For a GPU bench over W's rollout: one line and exit without a GPU; else (tokenizer, W's items, the random-init
-    W model (seed 0) in fp32 on the GPU), after printing the GPU."""
+def gpu_or_exit(script: str, tokenizer: str):
+    """For a GPU bench over W's rollout: one line and exit without a GPU; else (tokenizer, W's items), after
+    printing the GPU."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     if not torch.cuda.is_available():
         sys.exit(f"{script}: needs a CUDA GPU")
     from rollout.loading import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model("qwen2", **QWEN05_SHAPE, eos_token_id=tok.eos_token_id)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).cuda()
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    return tok, w_items(tok), model
+    return tok, w_items(tok)
+
+
+def random_model(shape: dict, tok):
+    """A random-init (seed 0) Qwen2 of `shape` in fp32 on the GPU."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("qwen2", **shape, eos_token_id=tok.eos_token_id)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).cuda()
+
+
+def random_w_on_gpu(script: str, tokenizer: str):
+    """`gpu_or_exit`, then the random-init W model: (tokenizer, W's items, model)."""
+    tok, items = gpu_or_exit(script, tokenizer)
+    return tok, items, random_model(QWEN05_SHAPE, tok)
 
 
 def best_of_rounds(variants: dict, measure, json_path: str | None, rounds: int = 2) -> dict:
