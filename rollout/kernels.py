@@ -145,7 +145,7 @@ def _rope(x1, x2, c, s, dt: tl.constexpr):
 
 # (key slots per loop iteration, warps): bench/attn_tile.py found 64:4 best on W and within 1.5% on the 1.5B shape
 # (H200; bench/RESULTS.md); larger blocks do not shorten the per-iteration latency that bounds the kernel
-ATTN_TILE = (64, 4)
+ATTN_TILE = ("split", 64, 4)
 
 
 @triton.jit
@@ -153,34 +153,28 @@ def _rope_attention_kernel(
     qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, out_ptr, ctr_ptr, pad_ptr, scale,
     kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
     H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (row b, KV head j): rotate the G query heads of j and its key, write k and v at the current slot,
     then attend over the row's slots pad .. slot (online softmax; q . k as the sum over the two rotated halves)."""
-    _chain(PDL)
     b = tl.program_id(0)
     j = tl.program_id(1)
-    dt = out_ptr.dtype.element_ty
+    if PREFETCH:
+        esize: tl.constexpr = kc_ptr.dtype.element_ty.primitive_bitwidth // 8
+        lo, hi = tl.load(pad_ptr + b), tl.load(ctr_ptr)
+        for s0 in range(lo, hi, 256):
+            n_rows = tl.minimum(256, hi - s0)
+            _prefetch_l2(kc_ptr + b * kc_sb + j * kc_sh + s0 * kc_st, kc_st * esize, n_rows, D * esize, 256, LINES)
+            _prefetch_l2(vc_ptr + b * vc_sb + j * vc_sh + s0 * vc_st, vc_st * esize, n_rows, D * esize, 256, LINES)
+    _chain(PDL)
     half = tl.arange(0, D // 2)
     d = tl.arange(0, D)
     g = tl.arange(0, GP)
     gmask = (g < G)[:, None]
-    row = qkv_ptr + b * (H + 2 * KV) * D
-    qh = row + (j * G + g)[:, None] * D + half[None, :]
-    kh = row + (H + j) * D + half[None, :]
-    qa, qb = (
-        tl.load(qh, mask=gmask, other=0.0).to(tl.float32),
-        tl.load(qh + D // 2, mask=gmask, other=0.0).to(tl.float32),
-    )
-    ka, kb = tl.load(kh).to(tl.float32), tl.load(kh + D // 2).to(tl.float32)
-    v_new = tl.load(row + (H + KV + j) * D + d)
     slot = tl.load(ctr_ptr)
     pad = tl.load(pad_ptr + b)
-    pos = tl.maximum(slot - pad, 0)
-    c = tl.load(cos_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
-    s = tl.load(sin_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
-    q1, q2 = _rope(qa, qb, c, s, dt)
-    k1, k2 = _rope(ka, kb, c, s, dt)
+    q1, q2, k1, k2, v_new = _rope_new(qkv_ptr, cos_ptr, sin_ptr, b, j, slot, pad, H, KV, G, GP, D)
+    dt = out_ptr.dtype.element_ty
     k_base = kc_ptr + b * kc_sb + j * kc_sh
     v_base = vc_ptr + b * vc_sb + j * vc_sh
     tl.store(k_base + slot * kc_st + half[None, :], k1)
@@ -191,6 +185,31 @@ def _rope_attention_kernel(
     m_i = tl.sum(q1.to(tl.float32) * k1.to(tl.float32) + q2.to(tl.float32) * k2.to(tl.float32), 1) * scale
     acc = _attend_cache(q1, q2, m_i, v_new, k_base, v_base, kc_st, vc_st, pad, slot, scale, GP, D, BLOCK_N, IEEE)
     tl.store(out_ptr + b * H * D + (j * G + g)[:, None] * D + d[None, :], acc.to(dt), mask=gmask)
+
+
+@triton.jit
+def _rope_new(qkv_ptr, cos_ptr, sin_ptr, b, j, slot, pad, H, KV, G, GP: tl.constexpr, D: tl.constexpr):
+    """Row b's G query heads of KV head j [GP, D/2] x 2 and its key [1, D/2] x 2, rotated at position slot - pad,
+    and its value [D], from the packed qkv GEMM output."""
+    dt = qkv_ptr.dtype.element_ty
+    half = tl.arange(0, D // 2)
+    g = tl.arange(0, GP)
+    gmask = (g < G)[:, None]
+    row = qkv_ptr + b * (H + 2 * KV) * D
+    qh = row + (j * G + g)[:, None] * D + half[None, :]
+    kh = row + (H + j) * D + half[None, :]
+    qa, qb = (
+        tl.load(qh, mask=gmask, other=0.0).to(tl.float32),
+        tl.load(qh + D // 2, mask=gmask, other=0.0).to(tl.float32),
+    )
+    ka, kb = tl.load(kh).to(tl.float32), tl.load(kh + D // 2).to(tl.float32)
+    v_new = tl.load(row + (H + KV + j) * D + tl.arange(0, D))
+    pos = tl.maximum(slot - pad, 0)
+    c = tl.load(cos_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
+    q1, q2 = _rope(qa, qb, c, s, dt)
+    k1, k2 = _rope(ka, kb, c, s, dt)
+    return q1, q2, k1, k2, v_new
 
 
 @triton.jit
@@ -228,6 +247,97 @@ def _attend_cache(
     return acc / l_i[:, None]
 
 
+@triton.jit
+def _rope_attention_split_kernel(
+    qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, out_ptr, ctr_ptr, pad_ptr, part_ptr, sync_ptr, scale,
+    kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
+    H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Program (row b, KV head j, key tile t): the tile's cached keys and values are loaded *before* the wait for
+    qkv (slots below the current one were written by earlier steps), so the cache streams in while qkv runs; then
+    the G query heads' partial softmax over the tile. The tile holding the current slot rotates q and k, writes k
+    and v and adds the new token from registers. With more than one tile in the row's range pad .. slot, each
+    writes (max, sum, acc) and the last to arrive (a per-(b, j) counter, left zero) combines them in tile order."""
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    t = tl.program_id(2)
+    slot = tl.load(ctr_ptr)
+    pad = tl.load(pad_ptr + b)
+    t0, t1 = pad // BLOCK_N, slot // BLOCK_N
+    if (t >= t0) & (t <= t1):
+        half = tl.arange(0, D // 2)
+        d = tl.arange(0, D)
+        n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid = (n >= pad) & (n < slot)
+        k_base = kc_ptr + b * kc_sb + j * kc_sh
+        v_base = vc_ptr + b * vc_sb + j * vc_sh
+        kp = k_base + n[:, None] * kc_st + half[None, :]
+        kc_a = tl.load(kp, mask=valid[:, None], other=0.0, cache_modifier=".cg")
+        kc_b = tl.load(kp + D // 2, mask=valid[:, None], other=0.0, cache_modifier=".cg")
+        v = tl.load(v_base + n[:, None] * vc_st + d[None, :], mask=valid[:, None], other=0.0, cache_modifier=".cg")
+        _chain(PDL)
+        q1, q2, k1, k2, v_new = _rope_new(qkv_ptr, cos_ptr, sin_ptr, b, j, slot, pad, H, KV, G, GP, D)
+        last = t == t1
+        if last:
+            tl.store(k_base + slot * kc_st + half[None, :], k1)
+            tl.store(k_base + slot * kc_st + D // 2 + half[None, :], k2)
+            tl.store(v_base + slot * vc_st + d, v_new)
+        s_new = tl.sum(q1.to(tl.float32) * k1.to(tl.float32) + q2.to(tl.float32) * k2.to(tl.float32), 1) * scale
+        s_new = tl.where(last, s_new, float("-inf"))
+        if IEEE:
+            sc = tl.dot(q1, tl.trans(kc_a), input_precision="ieee") + tl.dot(q2, tl.trans(kc_b), input_precision="ieee")
+        else:
+            sc = tl.dot(q1, tl.trans(kc_a)) + tl.dot(q2, tl.trans(kc_b))
+        sc = tl.where(valid[None, :], sc * scale, float("-inf"))
+        m = tl.maximum(tl.max(sc, 1), s_new)
+        p = tl.exp(sc - m[:, None])
+        p_new = tl.exp(s_new - m)
+        l_i = tl.sum(p, 1) + p_new
+        if IEEE:
+            acc = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v)
+        acc += p_new[:, None] * v_new.to(tl.float32)[None, :]
+        g = tl.arange(0, GP)
+        out = out_ptr + b * H * D + (j * G + g)[:, None] * D + d[None, :]
+        gmask = (g < G)[:, None]
+        if t0 == t1:
+            tl.store(out, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gmask)
+        else:
+            rec = GP * (D + 2)
+            pair = b * KV + j
+            base = part_ptr + (pair * tl.num_programs(2)) * rec
+            tl.store(base + t * rec + g[:, None] * D + d[None, :], acc)
+            tl.store(base + t * rec + GP * D + g, m)
+            tl.store(base + t * rec + GP * D + GP + g, l_i)
+            tl.debug_barrier()  # every thread's partial is written before the release below publishes them
+            if tl.atomic_add(sync_ptr + pair, 1, sem="acq_rel") == t1 - t0:
+                tl.store(sync_ptr + pair, 0)  # left zero for the next launch
+                _combine(base, out, gmask, t0, t1, GP, D)
+
+
+@triton.jit
+def _combine(base, out, gmask, t0, t1, GP: tl.constexpr, D: tl.constexpr):
+    """Merge the partial softmaxes (acc [GP, D], max [GP], sum [GP]) of tiles t0..t1 in tile order; store."""
+    rec = GP * (D + 2)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for t in range(t0, t1 + 1):
+        m_t = tl.load(base + t * rec + GP * D + g, cache_modifier=".cg")
+        l_t = tl.load(base + t * rec + GP * D + GP + g, cache_modifier=".cg")
+        a_t = tl.load(base + t * rec + g[:, None] * D + d[None, :], cache_modifier=".cg")
+        m_new = tl.maximum(m_i, m_t)
+        alpha, beta = tl.exp(m_i - m_new), tl.exp(m_t - m_new)
+        l_i = l_i * alpha + l_t * beta
+        acc = acc * alpha[:, None] + a_t * beta[:, None]
+        m_i = m_new
+    tl.store(out, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=gmask)
+
+
 def rope_attention(
     qkv: torch.Tensor,
     k_cache: torch.Tensor,
@@ -237,20 +347,35 @@ def rope_attention(
     ctr: torch.Tensor,
     pad_len: torch.Tensor,
     heads: int,
+    sync: torch.Tensor,
 ) -> torch.Tensor:
     """Attention of one new token per row: rotate q and k of `qkv` [B, (H+2KV)*d] at each row's position
     (slot - pad_len), write k, v into the layer's cache [B, KV, T, d] at `slot = ctr[0]`, attend over slots
-    pad_len[b] .. slot; returns [B, H*d]. cos/sin: [T, d/2] tables in the model dtype."""
-    b, kv, _, d = k_cache.shape
+    pad_len[b] .. slot; returns [B, H*d]. cos/sin: [T, d/2] tables in the model dtype; sync: a zeroed int32 buffer
+    of >= B*KV (the key tiles' counters; left zero), owned by the caller's batch."""
+    b, kv, t_cap, d = k_cache.shape
     g = heads // kv
+    gp = max(16, triton.next_power_of_2(g))
     out = torch.empty((b, heads * d), device=qkv.device, dtype=qkv.dtype)
     on = pdl(qkv)
+    mode, block, warps = ATTN_TILE
+    strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+               v_cache.stride(2))  # fmt: skip
+    ieee = qkv.dtype == torch.float32
+    if mode == "split":
+        if sync.numel() < b * kv:
+            raise ValueError(f"rope_attention: sync holds {sync.numel()} counters, needs {b * kv}")
+        tiles = triton.cdiv(t_cap, block)
+        part = torch.empty((b * kv * tiles * gp * (d + 2),), device=qkv.device, dtype=torch.float32)
+        _rope_attention_split_kernel[(b, kv, tiles)](
+            qkv, k_cache, v_cache, cos, sin, out, ctr, pad_len, part, sync, d**-0.5, *strides,
+            heads, kv, g, gp, d, block, ieee, on, num_warps=warps, launch_pdl=on,
+        )  # fmt: skip
+        return out
+    lines = max(1, triton.next_power_of_2(d * k_cache.element_size() // 128))
     _rope_attention_kernel[(b, kv)](
-        qkv, k_cache, v_cache, cos, sin, out, ctr, pad_len, d**-0.5,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        heads, kv, g, max(16, triton.next_power_of_2(g)), d, ATTN_TILE[0], qkv.dtype == torch.float32, on,
-        num_warps=ATTN_TILE[1], launch_pdl=on,
+        qkv, k_cache, v_cache, cos, sin, out, ctr, pad_len, d**-0.5, *strides,
+        heads, kv, g, gp, d, block, ieee, mode == "l2" and on, lines, on, num_warps=warps, launch_pdl=on,
     )  # fmt: skip
     return out
 
