@@ -67,7 +67,7 @@ def dropped(family: str):
         return K.RowNorm(zero(residual.shape, residual), zero((1, x.shape[0]), x, torch.float32), eps)
 
     if family == "attention":
-        K.rope_attention = lambda qkv, kc, vc, cos, sin, ctr, pad, heads, sync: zero(
+        K.rope_attention = lambda qkv, kc, vc, cos, sin, ctr, pad, heads: zero(
             (qkv.shape[0], heads * kc.shape[-1]), qkv
         )
     elif family == "sampling":

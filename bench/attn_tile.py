@@ -1,15 +1,11 @@
-"""The decode attention kernel's variant and tile (`rollout.kernels.ATTN_TILE`: mode, key slots per tile, warps), swept on
+"""The decode attention kernel's tile (`rollout.kernels.ATTN_TILE`: key slots per loop iteration, warps), swept on
 workload W's rollout (bench/grpo_step.py: 64 rows x 256 new tokens, prompts of 32) for W's model (head dim 64, 7
 query heads per KV head) and a Qwen2.5-1.5B-shape model (head dim 128, 6 per KV head), random init. Each tile: a
 fresh engine (graphs captured with it), the median of --steps rollouts; the tiles are run in two interleaved rounds
 and each keeps its better median (the machine drifts by a few percent between minutes). A tile whose kernel does not
 fit the GPU's shared memory is reported as failed.
 
-Modes: `loop` (one program per row and KV head loops over the cache after qkv's end), `l2` (the same, the row's
-cache asked into L2 before the wait for qkv), `split` (one program per key tile, loaded before the wait; partial
-softmaxes merged by the last tile to finish).
-
-    python bench/attn_tile.py [--tiles loop:64:4,l2:64:4,split:64:4,split:32:4] [--tokenizer DIR] [--json out.json]
+    python bench/attn_tile.py [--tiles 64:4,128:4,256:4,128:8,256:8] [--tokenizer DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,15 +23,13 @@ from w2 import SHAPES  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     p = G.gpu_bench_parser(__doc__, "tile and round")
-    p.add_argument(
-        "--tiles", default="loop:64:4,l2:64:4,split:64:4,split:32:4", help="comma-separated mode:BLOCK_N:warps"
-    )
+    p.add_argument("--tiles", default="64:4,128:4,256:4,128:8,256:8", help="comma-separated BLOCK_N:warps")
     p.add_argument("--models", default="w,1.5b", help=f"comma-separated, of {sorted(SHAPES)}")
     return p.parse_args()
 
 
 @contextlib.contextmanager
-def tile(t: tuple[str, int, int]):
+def tile(t: tuple[int, int]):
     import rollout.kernels as K
 
     saved, K.ATTN_TILE = K.ATTN_TILE, t
@@ -50,7 +44,7 @@ def main() -> None:
     tok, items = G.gpu_or_exit("attn_tile", args.tokenizer)
     import torch
 
-    tiles = [(m, int(bn), int(w)) for m, bn, w in (t.split(":") for t in args.tiles.split(","))]
+    tiles = [tuple(int(x) for x in t.split(":")) for t in args.tiles.split(",")]
     res: dict = {}
     for name in args.models.split(","):
         model = G.random_model(SHAPES[name], tok)
@@ -58,16 +52,15 @@ def main() -> None:
         def measure(model=model) -> dict:
             return G.bench_engine(model, items, tok.eos_token_id, args.steps, 1)
 
-        variants = {":".join(map(str, t)): (lambda t=t: tile(t)) for t in tiles}
+        variants = {f"{t[0]}:{t[1]}": (lambda t=t: tile(t)) for t in tiles}
         res[name] = G.best_of_rounds(variants, measure, None)
-        first = next(iter(variants))
-        base = res[name].get(first, {}).get("time_s")
+        base = res[name].get("64:4", {}).get("time_s")
         for key, r in res[name].items():
             if "failed" in r:
-                print(f"{name:5s} tile {key:12s} failed: {r['failed']}", flush=True)
+                print(f"{name:5s} tile {key:6s} failed: {r['failed']}", flush=True)
             else:
-                ratio = f"  x{base / r['time_s']:.3f} vs {first}" if base else ""
-                print(f"{name:5s} tile {key:12s} {r['time_s']:.4f} s  {r['tok_s']:8.0f} tok/s{ratio}", flush=True)
+                ratio = f"  x{base / r['time_s']:.3f} vs 64:4" if base else ""
+                print(f"{name:5s} tile {key:6s} {r['time_s']:.4f} s  {r['tok_s']:8.0f} tok/s{ratio}", flush=True)
         del model
         torch.cuda.empty_cache()
         if args.json:

@@ -94,7 +94,6 @@ class _Runner:
         self.seed = torch.zeros((), dtype=torch.long, device=dev)
         self.generator = torch.Generator(dev)
         self.cos, self.sin = self.model.rope_tables(t_cap) if self.fast else (None, None)
-        self.sync = torch.zeros(b_cap * self.model.cfg.num_kv_heads, dtype=torch.int32, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None  # one step
         self.chunk: torch.cuda.CUDAGraph | None = None  # CHECK_EVERY steps
         self.pad, self.p, self.rows = 0, 1, 0
@@ -149,7 +148,7 @@ class _Runner:
     def _step(self) -> None:
         if self.fast:
             logits = self.model.decode_fast(
-                self.last, self.ctr, self.pad_len, self.k_cache, self.v_cache, self.cos, self.sin, self.sync
+                self.last, self.ctr, self.pad_len, self.k_cache, self.v_cache, self.cos, self.sin
             )
         else:
             kv_len = self.t_cap if self.cuda else int(self.ctr[0]) + 1  # CPU: only the slots written so far

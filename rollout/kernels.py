@@ -20,8 +20,8 @@ The slot / step counters live in device memory (`ctr = [slot, col]`) so the same
 
 Programmatic dependent launch (Hopper and later): every kernel here waits for the previous kernel's writes before it
 touches activations, then lets the next one start (`_chain`). What a kernel does before the
-wait may read only weights: `linear` pulls its weight slab into L2 there, so the weight reads of a projection overlap
-the kernel before it.
+wait may read only what no kernel still running writes: `linear` pulls its weight slab into L2 there, attention the
+row's cache slots written by earlier steps, so those reads overlap the kernel before.
 """
 
 from __future__ import annotations
@@ -58,6 +58,16 @@ def _chain(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _prefetch_l2(ptr, row_stride, nrows, row_bytes, ROWS: tl.constexpr, LINES: tl.constexpr):
+    """Ask L2 for `row_bytes` from each of `nrows` rows `row_stride` bytes apart, one 128-byte line per lane (no
+    registers are filled)."""
+    r = tl.minimum(tl.arange(0, ROWS), nrows - 1)
+    c = tl.minimum(tl.arange(0, LINES) * 128, row_bytes - 1)
+    lines = ptr.to(tl.pointer_type(tl.int8)) + r[:, None].to(tl.int64) * row_stride + c[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [lines], dtype=tl.int32, is_pure=False, pack=1)
 
 
 # ---------------------------------------------------------------------------------------------- norm
@@ -145,7 +155,7 @@ def _rope(x1, x2, c, s, dt: tl.constexpr):
 
 # (key slots per loop iteration, warps): bench/attn_tile.py found 64:4 best on W and within 1.5% on the 1.5B shape
 # (H200; bench/RESULTS.md); larger blocks do not shorten the per-iteration latency that bounds the kernel
-ATTN_TILE = ("split", 64, 4)
+ATTN_TILE = (64, 4)
 
 
 @triton.jit
@@ -153,13 +163,15 @@ def _rope_attention_kernel(
     qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, out_ptr, ctr_ptr, pad_ptr, scale,
     kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
     H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr, LINES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (row b, KV head j): rotate the G query heads of j and its key, write k and v at the current slot,
-    then attend over the row's slots pad .. slot (online softmax; q . k as the sum over the two rotated halves)."""
+    then attend over the row's slots pad .. slot (online softmax; q . k as the sum over the two rotated halves).
+    Before the wait for qkv, the row's cached slots (written by earlier steps) are asked into L2, so the loop after
+    it reads from L2 instead of memory (bench/attn_tile.py: 2-4% of W's rollout, bench/RESULTS.md)."""
     b = tl.program_id(0)
     j = tl.program_id(1)
-    if PREFETCH:
+    if PDL:
         esize: tl.constexpr = kc_ptr.dtype.element_ty.primitive_bitwidth // 8
         lo, hi = tl.load(pad_ptr + b), tl.load(ctr_ptr)
         for s0 in range(lo, hi, 256):
@@ -247,97 +259,6 @@ def _attend_cache(
     return acc / l_i[:, None]
 
 
-@triton.jit
-def _rope_attention_split_kernel(
-    qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, out_ptr, ctr_ptr, pad_ptr, part_ptr, sync_ptr, scale,
-    kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
-    H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
-    """Program (row b, KV head j, key tile t): the tile's cached keys and values are loaded *before* the wait for
-    qkv (slots below the current one were written by earlier steps), so the cache streams in while qkv runs; then
-    the G query heads' partial softmax over the tile. The tile holding the current slot rotates q and k, writes k
-    and v and adds the new token from registers. With more than one tile in the row's range pad .. slot, each
-    writes (max, sum, acc) and the last to arrive (a per-(b, j) counter, left zero) combines them in tile order."""
-    b = tl.program_id(0)
-    j = tl.program_id(1)
-    t = tl.program_id(2)
-    slot = tl.load(ctr_ptr)
-    pad = tl.load(pad_ptr + b)
-    t0, t1 = pad // BLOCK_N, slot // BLOCK_N
-    if (t >= t0) & (t <= t1):
-        half = tl.arange(0, D // 2)
-        d = tl.arange(0, D)
-        n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid = (n >= pad) & (n < slot)
-        k_base = kc_ptr + b * kc_sb + j * kc_sh
-        v_base = vc_ptr + b * vc_sb + j * vc_sh
-        kp = k_base + n[:, None] * kc_st + half[None, :]
-        kc_a = tl.load(kp, mask=valid[:, None], other=0.0, cache_modifier=".cg")
-        kc_b = tl.load(kp + D // 2, mask=valid[:, None], other=0.0, cache_modifier=".cg")
-        v = tl.load(v_base + n[:, None] * vc_st + d[None, :], mask=valid[:, None], other=0.0, cache_modifier=".cg")
-        _chain(PDL)
-        q1, q2, k1, k2, v_new = _rope_new(qkv_ptr, cos_ptr, sin_ptr, b, j, slot, pad, H, KV, G, GP, D)
-        last = t == t1
-        if last:
-            tl.store(k_base + slot * kc_st + half[None, :], k1)
-            tl.store(k_base + slot * kc_st + D // 2 + half[None, :], k2)
-            tl.store(v_base + slot * vc_st + d, v_new)
-        s_new = tl.sum(q1.to(tl.float32) * k1.to(tl.float32) + q2.to(tl.float32) * k2.to(tl.float32), 1) * scale
-        s_new = tl.where(last, s_new, float("-inf"))
-        if IEEE:
-            sc = tl.dot(q1, tl.trans(kc_a), input_precision="ieee") + tl.dot(q2, tl.trans(kc_b), input_precision="ieee")
-        else:
-            sc = tl.dot(q1, tl.trans(kc_a)) + tl.dot(q2, tl.trans(kc_b))
-        sc = tl.where(valid[None, :], sc * scale, float("-inf"))
-        m = tl.maximum(tl.max(sc, 1), s_new)
-        p = tl.exp(sc - m[:, None])
-        p_new = tl.exp(s_new - m)
-        l_i = tl.sum(p, 1) + p_new
-        if IEEE:
-            acc = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v)
-        acc += p_new[:, None] * v_new.to(tl.float32)[None, :]
-        g = tl.arange(0, GP)
-        out = out_ptr + b * H * D + (j * G + g)[:, None] * D + d[None, :]
-        gmask = (g < G)[:, None]
-        if t0 == t1:
-            tl.store(out, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gmask)
-        else:
-            rec = GP * (D + 2)
-            pair = b * KV + j
-            base = part_ptr + (pair * tl.num_programs(2)) * rec
-            tl.store(base + t * rec + g[:, None] * D + d[None, :], acc)
-            tl.store(base + t * rec + GP * D + g, m)
-            tl.store(base + t * rec + GP * D + GP + g, l_i)
-            tl.debug_barrier()  # every thread's partial is written before the release below publishes them
-            if tl.atomic_add(sync_ptr + pair, 1, sem="acq_rel") == t1 - t0:
-                tl.store(sync_ptr + pair, 0)  # left zero for the next launch
-                _combine(base, out, gmask, t0, t1, GP, D)
-
-
-@triton.jit
-def _combine(base, out, gmask, t0, t1, GP: tl.constexpr, D: tl.constexpr):
-    """Merge the partial softmaxes (acc [GP, D], max [GP], sum [GP]) of tiles t0..t1 in tile order; store."""
-    rec = GP * (D + 2)
-    g = tl.arange(0, GP)
-    d = tl.arange(0, D)
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
-    for t in range(t0, t1 + 1):
-        m_t = tl.load(base + t * rec + GP * D + g, cache_modifier=".cg")
-        l_t = tl.load(base + t * rec + GP * D + GP + g, cache_modifier=".cg")
-        a_t = tl.load(base + t * rec + g[:, None] * D + d[None, :], cache_modifier=".cg")
-        m_new = tl.maximum(m_i, m_t)
-        alpha, beta = tl.exp(m_i - m_new), tl.exp(m_t - m_new)
-        l_i = l_i * alpha + l_t * beta
-        acc = acc * alpha[:, None] + a_t * beta[:, None]
-        m_i = m_new
-    tl.store(out, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=gmask)
-
-
 def rope_attention(
     qkv: torch.Tensor,
     k_cache: torch.Tensor,
@@ -347,35 +268,21 @@ def rope_attention(
     ctr: torch.Tensor,
     pad_len: torch.Tensor,
     heads: int,
-    sync: torch.Tensor,
 ) -> torch.Tensor:
     """Attention of one new token per row: rotate q and k of `qkv` [B, (H+2KV)*d] at each row's position
     (slot - pad_len), write k, v into the layer's cache [B, KV, T, d] at `slot = ctr[0]`, attend over slots
-    pad_len[b] .. slot; returns [B, H*d]. cos/sin: [T, d/2] tables in the model dtype; sync: a zeroed int32 buffer
-    of >= B*KV (the key tiles' counters; left zero), owned by the caller's batch."""
-    b, kv, t_cap, d = k_cache.shape
+    pad_len[b] .. slot; returns [B, H*d]. cos/sin: [T, d/2] tables in the model dtype."""
+    b, kv, _, d = k_cache.shape
     g = heads // kv
-    gp = max(16, triton.next_power_of_2(g))
     out = torch.empty((b, heads * d), device=qkv.device, dtype=qkv.dtype)
     on = pdl(qkv)
-    mode, block, warps = ATTN_TILE
-    strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-               v_cache.stride(2))  # fmt: skip
-    ieee = qkv.dtype == torch.float32
-    if mode == "split":
-        if sync.numel() < b * kv:
-            raise ValueError(f"rope_attention: sync holds {sync.numel()} counters, needs {b * kv}")
-        tiles = triton.cdiv(t_cap, block)
-        part = torch.empty((b * kv * tiles * gp * (d + 2),), device=qkv.device, dtype=torch.float32)
-        _rope_attention_split_kernel[(b, kv, tiles)](
-            qkv, k_cache, v_cache, cos, sin, out, ctr, pad_len, part, sync, d**-0.5, *strides,
-            heads, kv, g, gp, d, block, ieee, on, num_warps=warps, launch_pdl=on,
-        )  # fmt: skip
-        return out
-    lines = max(1, triton.next_power_of_2(d * k_cache.element_size() // 128))
+    lines = max(1, triton.next_power_of_2(d * k_cache.element_size() // 128))  # 128-byte lines per cached slot
     _rope_attention_kernel[(b, kv)](
-        qkv, k_cache, v_cache, cos, sin, out, ctr, pad_len, d**-0.5, *strides,
-        heads, kv, g, gp, d, block, ieee, mode == "l2" and on, lines, on, num_warps=warps, launch_pdl=on,
+        qkv, k_cache, v_cache, cos, sin, out, ctr, pad_len, d**-0.5,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        heads, kv, g, max(16, triton.next_power_of_2(g)), d, ATTN_TILE[0], qkv.dtype == torch.float32, lines, on,
+        num_warps=ATTN_TILE[1], launch_pdl=on,
     )  # fmt: skip
     return out
 
@@ -439,16 +346,6 @@ def finish(y: torch.Tensor, norm: RowNorm | None = None, bias: torch.Tensor | No
 
 
 # ---------------------------------------------------------------------------------------------- projections
-
-
-@triton.jit
-def _prefetch_l2(ptr, row_stride, nrows, row_bytes, ROWS: tl.constexpr, LINES: tl.constexpr):
-    """Ask L2 for `row_bytes` from each of `nrows` rows `row_stride` bytes apart, one 128-byte line per lane (no
-    registers are filled)."""
-    r = tl.minimum(tl.arange(0, ROWS), nrows - 1)
-    c = tl.minimum(tl.arange(0, LINES) * 128, row_bytes - 1)
-    lines = ptr.to(tl.pointer_type(tl.int8)) + r[:, None].to(tl.int64) * row_stride + c[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [lines], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -290,11 +290,9 @@ class CausalLM(nn.Module):
         v_cache: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        sync: torch.Tensor,
     ) -> torch.Tensor:
         """One decode step on CUDA through the fused Triton kernels (needs `pack_()`): feed `last` [B] at cache slot
-        ctr[0] and return the logits [B, V] in the model dtype. sync: zeroed int32 [B * KV heads], the attention's
-        counters (`kernels.rope_attention`). No host syncs: capturable as a CUDA graph."""
+        ctr[0] and return the logits [B, V] in the model dtype. No host syncs: capturable as a CUDA graph."""
         from rollout import kernels as K
 
         c, layers = self.cfg, self.model.layers
@@ -303,7 +301,7 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(layers):
             a, m = layer.self_attn, layer.mlp
             qkv = K.linear(norm, a.qkv_weight, a.qkv_bias)
-            attn = K.rope_attention(qkv, k_cache[i], v_cache[i], cos, sin, ctr, pad_len, c.num_heads, sync)
+            attn = K.rope_attention(qkv, k_cache[i], v_cache[i], cos, sin, ctr, pad_len, c.num_heads)
             w = layer.post_attention_layernorm.weight
             norm = K.linear_residual(attn, a.o_proj.weight, a.o_proj.bias, x, w, c.rms_norm_eps)
             act = K.linear(norm, m.gate_up_weight, m.gate_up_bias, glu=True)
