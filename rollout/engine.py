@@ -56,6 +56,21 @@ _MAX_RUNNERS_COMPACT = 12
 # boundary is a gap in the GPU's chain of dependent launches (bench/RESULTS.md)
 CHECK_EVERY = 16
 
+# On CUDA a batch's prompt slots are rounded up to a multiple of PREFILL_ALIGN (more left padding), so prefills of
+# similar lengths share a shape, and a prefill of at most PREFILL_GRAPH_TOKENS tokens (distinct prompts x slots)
+# replays as a CUDA graph once its shape has been seen twice: eagerly, W's prefill is ~1,000 launches that keep the
+# host busy ~3x longer than the GPU (bench/phases.py --profile, bench/RESULTS.md); above the bound the GPU's work
+# dominates and a graph would pin that much activation memory. A runner keeps PREFILL_GRAPHS of them (one memory pool).
+PREFILL_ALIGN = 16
+PREFILL_GRAPH_TOKENS = 8192
+PREFILL_GRAPHS = 4
+
+
+def _prompt_slots(prompts: list[list[int]], cuda: bool) -> int:
+    """Cache slots a batch's left-padded prompts take."""
+    p = max(map(len, prompts))
+    return _round_up(p, PREFILL_ALIGN) if cuda else p
+
 
 def _ladder(b_cap: int, live: int) -> int:
     """The smallest capacity of the halving ladder below `b_cap` that holds `live` rows (at least 8)."""
@@ -79,7 +94,6 @@ class _Runner:
         self.stream = engine._stream
         dev = engine.device
         self.k_cache, self.v_cache = self.model.new_cache(b_cap, t_cap)
-        self.ids: torch.Tensor | None = None
         self.pad_len = torch.zeros(b_cap, dtype=torch.long, device=dev)
         self.tokens = torch.zeros((b_cap, t_cap), dtype=torch.long, device=dev)
         self.logprobs = torch.zeros((b_cap, t_cap), dtype=torch.float32, device=dev)
@@ -96,22 +110,32 @@ class _Runner:
         self.cos, self.sin = self.model.rope_tables(t_cap) if self.fast else (None, None)
         self.graph: torch.cuda.CUDAGraph | None = None  # one step
         self.chunk: torch.cuda.CUDAGraph | None = None  # CHECK_EVERY steps
+        self.src = torch.zeros(b_cap, dtype=torch.long, device=dev)  # each row's prompt among the distinct ones
+        self.prompts: tuple[torch.Tensor, torch.Tensor] | None = None  # distinct prompts [U, p] and their pad lengths
+        # (U, p) -> its static inputs and graph (None until captured), and how often each shape was seen
+        self.prefills: OrderedDict[tuple[int, int], tuple[tuple, torch.cuda.CUDAGraph | None]] = OrderedDict()
+        self.seen: dict[tuple[int, int], int] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.cuda and engine.cuda_graphs else None
         self.pad, self.p, self.rows = 0, 1, 0
 
     def load(
         self, prompts: list[list[int]], caps: list[int], params: SamplingParams, stop: list[int], seed: int
     ) -> None:
-        """Left-pad `prompts` into the batch, each row capped at its `caps` entry (rows beyond them are idle: done
-        from the start), and reset the state."""
-        self.rows, self.p, self.pad = len(prompts), max(map(len, prompts)), stop[0]
-        ids = torch.full((self.b_cap, self.p), self.pad, dtype=torch.long)
-        pad_len = torch.full((self.b_cap,), self.p - 1, dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, self.p - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            pad_len[i] = self.p - len(prompt)
-        dev = self.pad_len.device
-        self.ids = ids.to(dev, non_blocking=True)
-        self.pad_len.copy_(pad_len)
+        """Left-pad the distinct `prompts` for the prefill, each row capped at its `caps` entry (rows beyond them
+        are idle: done from the start, prompt 0's cache), and reset the state."""
+        self.rows, self.p, self.pad = len(prompts), _prompt_slots(prompts, self.cuda), stop[0]
+        index: dict[tuple[int, ...], int] = {}
+        src = [index.setdefault(tuple(prompt), len(index)) for prompt in prompts] + [0] * (self.b_cap - self.rows)
+        ids = torch.full((len(index), self.p), self.pad, dtype=torch.long)
+        pad_u = torch.empty(len(index), dtype=torch.long)
+        for prompt, u in index.items():
+            ids[u, self.p - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            pad_u[u] = self.p - len(prompt)
+        self.prompts = self._prefill_inputs(ids.shape)
+        for buf, val in zip(self.prompts, (ids, pad_u), strict=True):
+            buf.copy_(val, non_blocking=True)
+        self.src.copy_(torch.tensor(src))
+        self.pad_len.copy_(pad_u[src])
         self.done.copy_(torch.arange(self.b_cap) >= self.rows)
         self.limit.fill_(1)
         self.limit[: self.rows] = torch.tensor(caps)
@@ -124,18 +148,51 @@ class _Runner:
         self.generator.manual_seed(seed)
         self.params = params
 
+    def _prefill_inputs(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, pad lengths) buffers for distinct prompts of `shape`: a graph-able shape's own static ones."""
+        dev = self.pad_len.device
+        fresh = (torch.empty(shape, dtype=torch.long, device=dev), torch.empty(shape[0], dtype=torch.long, device=dev))
+        if self.pool is None or shape.numel() > PREFILL_GRAPH_TOKENS:
+            return fresh
+        key = tuple(shape)
+        if key not in self.prefills:
+            if len(self.prefills) >= PREFILL_GRAPHS:
+                self.prefills.popitem(last=False)
+            self.prefills[key] = (fresh, None)
+        self.prefills.move_to_end(key)
+        return self.prefills[key][0]
+
     def prefill(self, max_tokens: int = 32768) -> None:
-        """Run the prompts (row chunks of at most `max_tokens` tokens) and draw the first token."""
-        dev, p = self.pad_len.device, self.p
-        slots = torch.arange(p, device=dev)
+        """Run the distinct prompts (row chunks of at most `max_tokens` tokens), give every row its prompt's cache,
+        draw the first token; replayed as a graph when this shape has one, captured the second time it is seen."""
+        self.ctr.copy_(torch.tensor([self.p, 0]))
+        key = tuple(self.prompts[0].shape)
+        inputs, graph = self.prefills.get(key, (None, None))
+        if graph is not None:
+            graph.replay()
+            return
+        self._prefill(max_tokens)
+        self.seen[key] = self.seen.get(key, 0) + 1
+        if inputs is not None and self.seen[key] >= 2:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                self._prefill(max_tokens)
+            self.prefills[key] = (inputs, graph)
+
+    def _prefill(self, max_tokens: int) -> None:
+        ids, pad_u = self.prompts
+        u, p = ids.shape
+        slots = torch.arange(p, device=ids.device)
+        kc, vc = self.model.new_cache(u, p)
         rows = max(1, max_tokens // p)
         logits = []
-        for r in range(0, self.b_cap, rows):
-            st = self.model.make_step(slots, self.pad_len[r : r + rows], p)
-            kc, vc = self.k_cache[:, r : r + rows], self.v_cache[:, r : r + rows]
-            logits.append(self.model(self.ids[r : r + rows], st, kc, vc))
-        self.ctr.copy_(torch.tensor([p, 0]))
-        self.record(torch.cat(logits))
+        for r in range(0, u, rows):
+            st = self.model.make_step(slots, pad_u[r : r + rows], p)
+            logits.append(self.model(ids[r : r + rows], st, kc[:, r : r + rows], vc[:, r : r + rows]))
+        for layer in range(kc.shape[0]):  # a layer at a time: the rows' copy of the prompts' cache stays small
+            self.k_cache[layer, :, :, :p].copy_(kc[layer, self.src])
+            self.v_cache[layer, :, :, :p].copy_(vc[layer, self.src])
+        self.record(torch.cat(logits)[self.src])
         self.ctr[1] += 1
 
     def step(self) -> None:
@@ -408,7 +465,9 @@ class EmbeddedEngine(ServedEngine):
                 idx = rows[start : start + self.max_batch_size]
                 chunk, chunk_caps = [prompts[i] for i in idx], [caps[i] for i in idx]
                 new = max(chunk_caps)
-                runner = self._runner(len(chunk), max(map(len, chunk)) + new, params, len(stop))
+                runner = self._runner(
+                    len(chunk), _prompt_slots(chunk, self.device.type == "cuda") + new, params, len(stop)
+                )
                 runner.load(chunk, chunk_caps, params, stop, int(torch.randint(2**62, (1,), generator=seeds)))
                 runner.prefill()
                 out += [

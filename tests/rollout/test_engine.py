@@ -116,6 +116,20 @@ def test_ragged_rows_equal_each_prompt_alone(tiny_engine):
         assert max(abs(a - b) for a, b in zip(c.logprobs, alone.logprobs, strict=True)) < 1e-5
 
 
+def test_repeated_prompts_prefilled_once_decode_as_their_own_rows(tiny_engine, tiny):
+    """A batch with a prompt given twice (not adjacent) and n=3 copies of each: the prefill runs the distinct
+    prompts only, every row still decodes on its own: greedy rows of one prompt equal that prompt alone, sampled
+    rows of one prompt differ, and their logprobs match the HF forward."""
+    prompts = [TINY_PROMPTS[0], TINY_PROMPTS[1], TINY_PROMPTS[0]]
+    greedy = tiny_engine.generate(prompts, SamplingParams(n=3, temperature=0, max_new_tokens=10))
+    for c in greedy:
+        alone = tiny_engine.generate([c.prompt_ids], SamplingParams(temperature=0, max_new_tokens=10))[0]
+        assert c.token_ids == alone.token_ids
+    sampled = tiny_engine.generate(prompts, SamplingParams(n=3, temperature=1.5, max_new_tokens=10, seed=4))
+    assert len({tuple(c.token_ids) for c in sampled if c.prompt_ids == TINY_PROMPTS[0]}) > 1
+    assert max_diff(tiny, sampled) < TOL
+
+
 def test_n_expands_and_groups_by_prompt(tiny_engine):
     out = tiny_engine.generate(TINY_PROMPTS, SamplingParams(n=4, temperature=1.5, max_new_tokens=8, seed=1))
     assert [c.prompt_index for c in out] == [0] * 4 + [1] * 4 + [2] * 4
@@ -362,6 +376,24 @@ def test_gpu_graph_replay_equals_eager_kernels():
         a, b = graphed.generate(GPU_PROMPTS, params), eager.generate(GPU_PROMPTS, params)
         assert [c.token_ids for c in a] == [c.token_ids for c in b]
         assert [c.logprobs for c in a] == [c.logprobs for c in b]
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_graph_replays_equal_eager():
+    """A prefill shape (distinct prompts x slots) seen twice is captured; later calls of that shape replay it with
+    their own prompts in its static inputs (other tokens, a repeated prompt): tokens and logprobs equal an engine
+    without graphs."""
+    model = gpu_model()
+    graphed = EmbeddedEngine.from_module(model)
+    eager = EmbeddedEngine.from_module(model, cuda_graphs=False)
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=20, seed=3)
+    other = [[t + 1 for t in p] for p in GPU_PROMPTS]  # the same lengths, so the same shape
+    for prompts in (GPU_PROMPTS, GPU_PROMPTS, other, GPU_PROMPTS + GPU_PROMPTS[:1]):
+        a, b = graphed.generate(prompts, params), eager.generate(prompts, params)
+        assert [c.token_ids for c in a] == [c.token_ids for c in b]
+        assert [c.logprobs for c in a] == [c.logprobs for c in b]
+    (runner,) = graphed._runners.values()
+    assert [graph is not None for _, graph in runner.prefills.values()] == [True]
 
 
 @pytest.mark.gpu
