@@ -304,7 +304,7 @@ def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batc
 
     run = rldock_run(path, tok, micro_batch)
     source = make_source(run.engine, run.workflow, lambda: (items, list(range(len(items)))), staleness)
-    phases: list[tuple[float, float, float]] = []
+    phases: list[tuple[float, float, float, int]] = []  # rollout, update, sync s; CUDA graphs captured so far
     version = run.engine.weight_version
 
     def step():
@@ -318,7 +318,7 @@ def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batc
         t2 = time.perf_counter()
         version = run.sync.push(run.model, version + 1)
         torch.cuda.synchronize()
-        phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+        phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2, run.engine.captures))
 
     med, times = timed(step, steps, warmup)
     timed_phases = phases[-steps:]

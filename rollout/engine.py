@@ -162,22 +162,25 @@ class _Runner:
         self.prefills.move_to_end(key)
         return self.prefills[key][0]
 
-    def prefill(self, max_tokens: int = 32768) -> None:
+    def prefill(self, max_tokens: int = 32768) -> bool:
         """Run the distinct prompts (row chunks of at most `max_tokens` tokens), give every row its prompt's cache,
-        draw the first token; replayed as a graph when this shape has one, captured the second time it is seen."""
+        draw the first token; replayed as a graph when this shape has one, captured the second time it is seen
+        (returns whether it was captured now)."""
         self.ctr.copy_(torch.tensor([self.p, 0]))
         key = tuple(self.prompts[0].shape)
         inputs, graph = self.prefills.get(key, (None, None))
         if graph is not None:
             graph.replay()
-            return
+            return False
         self._prefill(max_tokens)
         self.seen[key] = self.seen.get(key, 0) + 1
-        if inputs is not None and self.seen[key] >= 2:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-                self._prefill(max_tokens)
-            self.prefills[key] = (inputs, graph)
+        if inputs is None or self.seen[key] < 2:
+            return False
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            self._prefill(max_tokens)
+        self.prefills[key] = (inputs, graph)
+        return True
 
     def _prefill(self, max_tokens: int) -> None:
         ids, pad_u = self.prompts
@@ -399,6 +402,7 @@ class EmbeddedEngine(ServedEngine):
             model.pack_()
         self.seed, self.compact = seed, compact
         self.compactions = 0  # batches moved into a smaller one (compact=True)
+        self.captures = 0  # CUDA graphs captured (each costs about one eager run of what it holds, and a GC pass)
         self._generator = torch.Generator().manual_seed(seed)  # draws each call's seed when params.seed is None
         self._runners: OrderedDict[tuple, _Runner] = OrderedDict()
         self._lock = threading.RLock()
@@ -469,7 +473,7 @@ class EmbeddedEngine(ServedEngine):
                     len(chunk), _prompt_slots(chunk, self.device.type == "cuda") + new, params, len(stop)
                 )
                 runner.load(chunk, chunk_caps, params, stop, int(torch.randint(2**62, (1,), generator=seeds)))
-                runner.prefill()
+                self.captures += runner.prefill()
                 out += [
                     Completion(prompts[i], tok, lp, fin, self._version, i)
                     for i, (tok, lp, fin) in zip(idx, self._decode(runner, new, len(stop)), strict=True)
@@ -519,6 +523,7 @@ class EmbeddedEngine(ServedEngine):
         runner = _Runner(self, b_cap, _round_up(length, 64), mode, nstop)
         if self.cuda_graphs:
             runner.capture()
+            self.captures += 2
         self._runners[(b_cap, runner.t_cap, mode, nstop)] = runner
         self._runners.move_to_end((b_cap, runner.t_cap, mode, nstop), last=False)
         return runner

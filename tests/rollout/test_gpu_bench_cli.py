@@ -1,6 +1,6 @@
-"""The GPU-only benches (sm_share, attn_tile, ablate_step, linear_tile, split_batch, timeline) on the CPU: `--help` describes
-them, a bad sweep argument is one usage line, and without a GPU they stop with one line and a non-zero exit instead
-of a traceback. Their figures need a GPU (bench/RESULTS.md)."""
+"""The GPU-only benches (sm_share, attn_tile, ablate_step, linear_tile, split_batch, timeline, phases) on the CPU:
+`--help` describes them, a bad sweep argument is one usage line, and without a GPU they stop with one line and a
+non-zero exit instead of a traceback. Their figures need a GPU (bench/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ BENCHES = {
     "linear_tile": "--variants",
     "split_batch": "--parts",
     "timeline": "--steps",
+    "phases": "--profile",
 }
 # a malformed value of each sweep option, for the benches that check theirs before importing torch
 BAD = {"ablate_step": "lm_head,nope", "linear_tile": "gate_up=16:128", "split_batch": "3"}
