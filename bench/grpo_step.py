@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import statistics
 import sys
@@ -301,11 +302,23 @@ def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batc
     import torch
 
     from trainer.async_rollout import make_source
+    from trainer.loop import settle_gc
 
     run = rldock_run(path, tok, micro_batch)
     source = make_source(run.engine, run.workflow, lambda: (items, list(range(len(items)))), staleness)
-    phases: list[tuple[float, float, float, int]] = []  # rollout, update, sync s; CUDA graphs captured so far
+    # rollout, update, sync s; CUDA graphs captured so far; s in full (generation 2) garbage collections
+    phases: list[tuple[float, float, float, int, float]] = []
     version = run.engine.weight_version
+    full_gc = [0.0, 0.0]  # start time, seconds this step
+
+    def on_gc(phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                full_gc[0] = time.perf_counter()
+            else:
+                full_gc[1] += time.perf_counter() - full_gc[0]
+
+    gc.callbacks.append(on_gc)
 
     def step():
         nonlocal version
@@ -318,9 +331,14 @@ def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batc
         t2 = time.perf_counter()
         version = run.sync.push(run.model, version + 1)
         torch.cuda.synchronize()
-        phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2, run.engine.captures))
+        phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2, run.engine.captures, full_gc[1]))
+        full_gc[1] = 0.0
 
-    med, times = timed(step, steps, warmup)
+    for _ in range(warmup):
+        step()
+    settle_gc()  # as trainer.loop.train after its first step
+    med, times = timed(step, steps, 0)
+    gc.callbacks.remove(on_gc)
     timed_phases = phases[-steps:]
     out = {"time_s": med, "times": times, "phases": phases, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     for i, name in enumerate(("rollout_s", "update_s", "sync_s")):

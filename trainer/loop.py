@@ -10,6 +10,7 @@ groups, so advantages need no communication); losses are normalised by the globa
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import random
@@ -96,15 +97,20 @@ def train(cfg: Config) -> dict:
             bar.set_postfix({**bar_postfix(run.logger.latest), "now": phase})
 
         with bar:
+            first = True
             while run.step < run.total_steps and not out_of_time(run):
                 try:
                     stats = train_step(run, on_phase)
                 except SERVICE_DOWN as err:
                     raise ServiceDown(stop_with_checkpoint(run, err)) from None
                 after_step(run, stats, bar)
+                if first:
+                    settle_gc()
+                    first = False
         finish(run)
         return summary(run)
     finally:
+        gc.unfreeze()  # what settle_gc froze is collectable again once this run's objects go
         shutdown(run)
         dist.close(d)
 
@@ -339,6 +345,14 @@ def make_rollout_source(run: Run):
 
 
 # ---------------------------------------------------------------------------------------------------------- a step
+
+
+def settle_gc() -> None:
+    """Once the first step has built everything long-lived (model, optimizer state, compiled code, captured CUDA
+    graphs): collect, then move every object alive into the collector's permanent generation, so the full
+    collections that a rollout's many small objects trigger scan only what later steps create."""
+    gc.collect()
+    gc.freeze()
 
 
 def train_step(run: Run, on_phase: Callable[[str], None] = lambda phase: None) -> dict[str, Any]:
