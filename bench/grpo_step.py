@@ -320,24 +320,33 @@ def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batc
 
     gc.callbacks.append(on_gc)
 
+    # the trainer thread's stream only, never the whole device: the producer thread may be capturing a CUDA graph,
+    # and a device-wide synchronize during a capture is an error
+    wait = torch.cuda.current_stream().synchronize
+
     def step():
         nonlocal version
         t0 = time.perf_counter()
         trajs = [t for t in source.next_batch(version) if t is not None]
-        torch.cuda.synchronize()
+        wait()
         t1 = time.perf_counter()
         run.learner.update(trajs)
-        torch.cuda.synchronize()
+        wait()
         t2 = time.perf_counter()
         version = run.sync.push(run.model, version + 1)
-        torch.cuda.synchronize()
+        wait()
         phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2, run.engine.captures, full_gc[1]))
         full_gc[1] = 0.0
 
     for _ in range(warmup):
         step()
     settle_gc()  # as trainer.loop.train after its first step
-    med, times = timed(step, steps, 0)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
     gc.callbacks.remove(on_gc)
     timed_phases = phases[-steps:]
     out = {"time_s": med, "times": times, "phases": phases, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}

@@ -60,10 +60,12 @@ CHECK_EVERY = 16
 # similar lengths share a shape, and a prefill of at most PREFILL_GRAPH_TOKENS tokens (distinct prompts x slots)
 # replays as a CUDA graph once its shape has been seen twice: eagerly, W's prefill is ~1,000 launches that keep the
 # host busy ~3x longer than the GPU (bench/phases.py --profile, bench/RESULTS.md); above the bound the GPU's work
-# dominates and a graph would pin that much activation memory. A runner keeps PREFILL_GRAPHS of them (one memory pool).
+# dominates and a graph would pin that much activation memory. A runner keeps PREFILL_GRAPHS of them: they share one
+# memory pool (they never run at once), so more graphs cost their static inputs, not activations; a capture costs
+# ~0.25 s (bench/grpo_step.py), so the bound is set above the prompt-length buckets a training run meets.
 PREFILL_ALIGN = 16
 PREFILL_GRAPH_TOKENS = 8192
-PREFILL_GRAPHS = 4
+PREFILL_GRAPHS = 16
 
 
 def _prompt_slots(prompts: list[list[int]], cuda: bool) -> int:
@@ -315,7 +317,9 @@ class EmbeddedEngine(ServedEngine):
 
     device: "cpu" or "cuda[:i]"; dtype: default bfloat16 on CUDA, float32 on CPU; max_batch_size: most sequences
     decoded at once (bigger requests run in several batches); eos_token_ids: default from the model's
-    generation_config / config; cuda_graphs: replay each decode step as a CUDA graph on GPU; seed: seeds the engine's
+    generation_config / config; cuda_graphs: replay decode steps (and small recurring prefills) as CUDA graphs on GPU,
+    captured in a generate call when a batch shape is new (`captures` counts them; while one is captured, another
+    thread must not synchronize the whole device: sync its own stream); seed: seeds the engine's
     generator, used when `SamplingParams.seed` is None; compact: once at most half of a batch's rows still decode,
     move them into the smallest batch of the halving ladder (b/2, b/4, ... rows, at least 8) that holds them, so
     finished rows stop costing work (bench/w2.py on an H200: x1.9 faster than the static batch on a realistic spread
