@@ -70,6 +70,31 @@ def _prefetch_l2(ptr, row_stride, nrows, row_bytes, ROWS: tl.constexpr, LINES: t
     tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [lines], dtype=tl.int32, is_pure=False, pack=1)
 
 
+@triton.jit
+def _prefetch_cache(kc_ptr, vc_ptr, pad_ptr, ctr_ptr, b, kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
+                    KV: tl.constexpr, D: tl.constexpr, LINES: tl.constexpr):  # fmt: skip
+    """Ask L2 for row b's cached keys and values, every KV head, slots pad .. slot-1 (written by earlier steps)."""
+    esize: tl.constexpr = kc_ptr.dtype.element_ty.primitive_bitwidth // 8
+    lo, hi = tl.load(pad_ptr + b), tl.load(ctr_ptr)
+    for j in tl.static_range(KV):
+        for s0 in range(lo, hi, 256):
+            n_rows = tl.minimum(256, hi - s0)
+            _prefetch_l2(kc_ptr + b * kc_sb + j * kc_sh + s0 * kc_st, kc_st * esize, n_rows, D * esize, 256, LINES)
+            _prefetch_l2(vc_ptr + b * vc_sb + j * vc_sh + s0 * vc_st, vc_st * esize, n_rows, D * esize, 256, LINES)
+
+
+# which kernel asks L2 for a layer's KV cache before its wait: the layer's attention, or the rms_prep before its qkv
+KV_PREFETCH = "attention"
+
+
+def _cache_args(cache) -> tuple:
+    """(k, v, ctr, pad_len, strides..., KV, D, LINES) for `_prefetch_cache`, from (k_cache, v_cache, ctr, pad_len)."""
+    kc, vc, ctr, pad_len = cache
+    lines = max(1, triton.next_power_of_2(kc.shape[-1] * kc.element_size() // 128))
+    return (kc, vc, ctr, pad_len, kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+            kc.shape[1], kc.shape[-1], lines)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- norm
 
 
@@ -110,8 +135,13 @@ def _residual_out(acc, x_ptr, g_ptr, xg_ptr, ss_ptr, rm, rn, M, N, tile):
 @triton.jit
 def _rms_prep_kernel(
     x_ptr, d_ptr, g_ptr, xg_ptr, ss_ptr, M, n,
+    kc_ptr, vc_ptr, ctr_ptr, pad_ptr, kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
+    KV: tl.constexpr, D: tl.constexpr, LINES: tl.constexpr, PREFETCH: tl.constexpr,
     HAS_DELTA: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PREFETCH and PDL:
+        _prefetch_cache(kc_ptr, vc_ptr, pad_ptr, ctr_ptr, tl.program_id(0), kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
+                        KV, D, LINES)  # fmt: skip
     _chain(PDL)
     rm = tl.program_id(0) + tl.zeros([1], tl.int32)
     rn = tl.arange(0, BLOCK)
@@ -124,15 +154,20 @@ def _rms_prep_kernel(
     _residual_out(acc, x_ptr, g_ptr, xg_ptr, ss_ptr, rm, rn, M, n, 0)
 
 
-def rms_prep(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> RowNorm:
+def rms_prep(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, cache: tuple | None = None
+) -> RowNorm:
     """x += delta (in place, delta rounded to x's dtype), and the RowNorm of the new x [B, n] (one tile). delta:
-    [B, n], or fp32 partial sums [S, B, n] added in order first."""
+    [B, n], or fp32 partial sums [S, B, n] added in order first. cache: (k_cache, v_cache, ctr, pad_len) of the
+    layer that reads this norm, asked into L2 before the wait."""
     b, n = x.shape
     xg = torch.empty_like(x)
     ss = torch.empty((1, b), device=x.device, dtype=torch.float32)
     on = pdl(x)
+    fetch = cache is not None and KV_PREFETCH == "rms_prep"
+    cargs = _cache_args(cache) if fetch else (x, x, x, x, 0, 0, 0, 0, 0, 0, 1, 16, 1)
     _rms_prep_kernel[(b,)](
-        x, x if delta is None else delta, weight, xg, ss, b, n, delta is not None,
+        x, x if delta is None else delta, weight, xg, ss, b, n, *cargs, fetch, delta is not None,
         delta.shape[0] if delta is not None and delta.dim() == 3 else 1, triton.next_power_of_2(n), on,
         launch_pdl=on,
     )  # fmt: skip
@@ -163,7 +198,7 @@ def _rope_attention_kernel(
     qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, out_ptr, ctr_ptr, pad_ptr, scale,
     kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
     H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, LINES: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr, LINES: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (row b, KV head j): rotate the G query heads of j and its key, write k and v at the current slot,
     then attend over the row's slots pad .. slot (online softmax; q . k as the sum over the two rotated halves).
@@ -171,13 +206,9 @@ def _rope_attention_kernel(
     it reads from L2 instead of memory (bench/attn_tile.py: 2-4% of W's rollout, bench/RESULTS.md)."""
     b = tl.program_id(0)
     j = tl.program_id(1)
-    if PDL:
-        esize: tl.constexpr = kc_ptr.dtype.element_ty.primitive_bitwidth // 8
-        lo, hi = tl.load(pad_ptr + b), tl.load(ctr_ptr)
-        for s0 in range(lo, hi, 256):
-            n_rows = tl.minimum(256, hi - s0)
-            _prefetch_l2(kc_ptr + b * kc_sb + j * kc_sh + s0 * kc_st, kc_st * esize, n_rows, D * esize, 256, LINES)
-            _prefetch_l2(vc_ptr + b * vc_sb + j * vc_sh + s0 * vc_st, vc_st * esize, n_rows, D * esize, 256, LINES)
+    if PREFETCH and PDL:
+        _prefetch_cache(kc_ptr + j * kc_sh, vc_ptr + j * vc_sh, pad_ptr, ctr_ptr, b, kc_sb, kc_sh, kc_st, vc_sb, vc_sh,
+                        vc_st, 1, D, LINES)  # fmt: skip
     _chain(PDL)
     half = tl.arange(0, D // 2)
     d = tl.arange(0, D)
@@ -281,7 +312,8 @@ def rope_attention(
         qkv, k_cache, v_cache, cos, sin, out, ctr, pad_len, d**-0.5,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        heads, kv, g, max(16, triton.next_power_of_2(g)), d, ATTN_TILE[0], qkv.dtype == torch.float32, lines, on,
+        heads, kv, g, max(16, triton.next_power_of_2(g)), d, ATTN_TILE[0], qkv.dtype == torch.float32, lines,
+        KV_PREFETCH == "attention", on,
         num_warps=ATTN_TILE[1], launch_pdl=on,
     )  # fmt: skip
     return out
@@ -478,15 +510,16 @@ def linear_residual(
     residual: torch.Tensor,
     next_weight: torch.Tensor,
     eps: float,
+    cache: tuple | None = None,
 ) -> RowNorm:
     """residual += x @ weight.T (+ bias) in place (the projection rounded to residual's dtype, then the sum, as HF
     adds), and the RowNorm of the new residual for the RMSNorm with weight `next_weight`: in the projection's
     epilogue, or where K is cut into slices (down: more programs) by `rms_prep` over its fp32 partials. (Each
     column tile's last slice adding the partials instead, counted with atomics, was slower: bench/RESULTS.md.)"""
     if _cublas(x.shape[0], weight):
-        return rms_prep(residual, F.linear(x, weight, bias), next_weight, eps)
+        return rms_prep(residual, F.linear(x, weight, bias), next_weight, eps, cache)
     out, ss = _launch(x, weight, bias, weight.shape[0], False, None, (residual, next_weight))
-    return rms_prep(residual, out, next_weight, eps) if out.dim() == 3 else RowNorm(out, ss, eps)
+    return rms_prep(residual, out, next_weight, eps, cache) if out.dim() == 3 else RowNorm(out, ss, eps)
 
 
 # ---------------------------------------------------------------------------------------------- sampling

@@ -297,7 +297,9 @@ class CausalLM(nn.Module):
 
         c, layers = self.cfg, self.model.layers
         x = self.model.embed_tokens(last)  # the residual stream, updated in place
-        norm = K.rms_prep(x, None, layers[0].input_layernorm.weight, c.rms_norm_eps)
+        norm = K.rms_prep(
+            x, None, layers[0].input_layernorm.weight, c.rms_norm_eps, (k_cache[0], v_cache[0], ctr, pad_len)
+        )
         for i, layer in enumerate(layers):
             a, m = layer.self_attn, layer.mlp
             qkv = K.linear(norm, a.qkv_weight, a.qkv_bias)
@@ -306,7 +308,8 @@ class CausalLM(nn.Module):
             norm = K.linear_residual(attn, a.o_proj.weight, a.o_proj.bias, x, w, c.rms_norm_eps)
             act = K.linear(norm, m.gate_up_weight, m.gate_up_bias, glu=True)
             w = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else self.model.norm.weight
-            norm = K.linear_residual(act, m.down_proj.weight, m.down_proj.bias, x, w, c.rms_norm_eps)
+            nxt = (k_cache[i + 1], v_cache[i + 1], ctr, pad_len) if i + 1 < len(layers) else None
+            norm = K.linear_residual(act, m.down_proj.weight, m.down_proj.bias, x, w, c.rms_norm_eps, nxt)
         return K.linear(K.finish(norm.xg, norm), self.lm_head.weight)
 
     def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
