@@ -20,8 +20,8 @@ The slot / step counters live in device memory (`ctr = [slot, col]`) so the same
 
 Programmatic dependent launch (Hopper and later): every kernel here waits for the previous kernel's writes before it
 touches activations, then lets the next one start (`_chain`). What a kernel does before the
-wait may read only what no kernel still running writes: `linear` pulls its weight slab into L2 there, attention the
-row's cache slots written by earlier steps, so those reads overlap the kernel before.
+wait may read only what no kernel still running writes: `linear` pulls its weight slab into L2 there, `rms_prep` the
+next layer's cache slots written by earlier steps, so those reads overlap the kernel before.
 """
 
 from __future__ import annotations
@@ -81,10 +81,6 @@ def _prefetch_cache(kc_ptr, vc_ptr, pad_ptr, ctr_ptr, b, kc_sb, kc_sh, kc_st, vc
             n_rows = tl.minimum(256, hi - s0)
             _prefetch_l2(kc_ptr + b * kc_sb + j * kc_sh + s0 * kc_st, kc_st * esize, n_rows, D * esize, 256, LINES)
             _prefetch_l2(vc_ptr + b * vc_sb + j * vc_sh + s0 * vc_st, vc_st * esize, n_rows, D * esize, 256, LINES)
-
-
-# which kernel asks L2 for a layer's KV cache before its wait: the layer's attention, or the rms_prep before its qkv
-KV_PREFETCH = "attention"
 
 
 def _cache_args(cache) -> tuple:
@@ -159,12 +155,14 @@ def rms_prep(
 ) -> RowNorm:
     """x += delta (in place, delta rounded to x's dtype), and the RowNorm of the new x [B, n] (one tile). delta:
     [B, n], or fp32 partial sums [S, B, n] added in order first. cache: (k_cache, v_cache, ctr, pad_len) of the
-    layer that reads this norm, asked into L2 before the wait."""
+    layer that reads this norm: its slots below ctr[0] (written by earlier steps) are asked into L2 before the wait,
+    while the projection before streams its weights, so that layer's attention reads them from L2 (W's rollout
+    x1.033 over no prefetch, x1.012 over the attention asking for them itself: bench/RESULTS.md)."""
     b, n = x.shape
     xg = torch.empty_like(x)
     ss = torch.empty((1, b), device=x.device, dtype=torch.float32)
     on = pdl(x)
-    fetch = cache is not None and KV_PREFETCH == "rms_prep"
+    fetch = cache is not None
     cargs = _cache_args(cache) if fetch else (x, x, x, x, 0, 0, 0, 0, 0, 0, 1, 16, 1)
     _rms_prep_kernel[(b,)](
         x, x if delta is None else delta, weight, xg, ss, b, n, *cargs, fetch, delta is not None,
@@ -198,18 +196,14 @@ def _rope_attention_kernel(
     qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, out_ptr, ctr_ptr, pad_ptr, scale,
     kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
     H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, LINES: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (row b, KV head j): rotate the G query heads of j and its key, write k and v at the current slot,
     then attend over the row's slots pad .. slot (online softmax; q . k as the sum over the two rotated halves).
-    Before the wait for qkv, the row's cached slots (written by earlier steps) are asked into L2, so the loop after
-    it reads from L2 instead of memory (bench/attn_tile.py: 2-4% of W's rollout, bench/RESULTS.md)."""
+    The loop reads the cached slots from L2: the rms_prep before qkv asked for them (`rms_prep`'s cache)."""
+    _chain(PDL)
     b = tl.program_id(0)
     j = tl.program_id(1)
-    if PREFETCH and PDL:
-        _prefetch_cache(kc_ptr + j * kc_sh, vc_ptr + j * vc_sh, pad_ptr, ctr_ptr, b, kc_sb, kc_sh, kc_st, vc_sb, vc_sh,
-                        vc_st, 1, D, LINES)  # fmt: skip
-    _chain(PDL)
     half = tl.arange(0, D // 2)
     d = tl.arange(0, D)
     g = tl.arange(0, GP)
@@ -307,13 +301,11 @@ def rope_attention(
     g = heads // kv
     out = torch.empty((b, heads * d), device=qkv.device, dtype=qkv.dtype)
     on = pdl(qkv)
-    lines = max(1, triton.next_power_of_2(d * k_cache.element_size() // 128))  # 128-byte lines per cached slot
     _rope_attention_kernel[(b, kv)](
         qkv, k_cache, v_cache, cos, sin, out, ctr, pad_len, d**-0.5,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        heads, kv, g, max(16, triton.next_power_of_2(g)), d, ATTN_TILE[0], qkv.dtype == torch.float32, lines,
-        KV_PREFETCH == "attention", on,
+        heads, kv, g, max(16, triton.next_power_of_2(g)), d, ATTN_TILE[0], qkv.dtype == torch.float32, on,
         num_warps=ATTN_TILE[1], launch_pdl=on,
     )  # fmt: skip
     return out
