@@ -2,7 +2,8 @@
 CHECK_EVERY-step graph replays, and the gaps between them (the GPU idle while the host checks for finished rows and
 launches the next replay), from CUDA events recorded around each on the engine's stream. W: bench/grpo_step.py's
 64 rows x 256 new tokens, random-init W model; the last of --steps timed rollouts is broken down. --profile: then
-one more rollout whose prefill runs under torch.profiler (its ops by GPU and by host time).
+one more rollout whose prefill runs under torch.profiler (its ops by GPU and by host time; a prefill the engine
+replays as a CUDA graph shows as the graph's launch).
 
     python bench/phases.py [--profile] [--tokenizer DIR] [--json out.json]
 """
@@ -55,16 +56,16 @@ def traced(log: list, profiles: list):
         capture(runner)
         runner.graph, runner.chunk = _Timed(runner.graph, "1-step replay", log), _Timed(runner.chunk, "chunk", log)
 
-    def prefilled(runner, *a, **kw) -> None:
+    def prefilled(runner, *a, **kw) -> bool:
         if None in profiles:
             acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             with torch.profiler.profile(activities=acts) as prof:
-                prefill(runner, *a, **kw)
+                captured = prefill(runner, *a, **kw)
                 torch.cuda.synchronize()
             profiles[profiles.index(None)] = prof
-            return
+            return captured
         with _span("prefill", log):
-            prefill(runner, *a, **kw)
+            return prefill(runner, *a, **kw)
 
     E._Runner.capture, E._Runner.prefill = captured, prefilled
     try:

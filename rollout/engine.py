@@ -1,10 +1,10 @@
 """The embedded rollout engine: batched generation on PyTorch with a static KV cache, in the trainer's process.
 
-One `generate` call expands every prompt n times, left-pads the batch (each row has its own position ids), runs the
-prompt in one forward pass, then decodes one token per step for every row until all rows hit a stop token or their
-cap (`max_new_tokens`, one for all or one per prompt). On CUDA the decode steps (forward + sampling + logprob + stop
-bookkeeping) replay as CUDA graphs of `CHECK_EVERY` steps, one host check for finished rows between two (fused Triton
-kernels: `rollout/kernels.py`); on CPU the same step runs eagerly.
+One `generate` call expands every prompt n times, left-pads the batch (each row has its own position ids), runs each
+distinct prompt once in one forward pass (its rows copy its KV cache), then decodes one token per step for every row
+until all rows hit a stop token or their cap (`max_new_tokens`, one for all or one per prompt). On CUDA the decode
+steps (forward + sampling + logprob + stop bookkeeping) replay as CUDA graphs of `CHECK_EVERY` steps, one host check
+for finished rows between two (fused Triton kernels: `rollout/kernels.py`); on CPU the same step runs eagerly.
 
 Weights: `EmbeddedEngine(path)` loads an HF safetensors folder; `EmbeddedEngine.from_module(hf_model)` shares the
 trainer's live parameters when dtype and device match (no copy: an optimizer step is seen by the next generation),
