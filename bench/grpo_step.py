@@ -294,6 +294,32 @@ def rldock_run(
     )  # fmt: skip
 
 
+class FullGCTimer:
+    """Seconds spent in full (generation-2) garbage collections, through `gc.callbacks` while entered; `take()`
+    returns them since the last take."""
+
+    def __init__(self):
+        self.start, self.total = 0.0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                self.start = time.perf_counter()
+            else:
+                self.total += time.perf_counter() - self.start
+
+    def take(self) -> float:
+        total, self.total = self.total, 0.0
+        return total
+
+    def __enter__(self) -> FullGCTimer:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
+
+
 def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batch: int, staleness: int = 0) -> dict:
     """One rldock GRPO step as the trainer's loop drives it: the batch from its rollout source (workflow rollout:
     engine + GSM8K reward), learner update, weight push. `staleness` = rollout.max_staleness: 0 generates the batch
@@ -306,25 +332,14 @@ def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batc
 
     run = rldock_run(path, tok, micro_batch)
     source = make_source(run.engine, run.workflow, lambda: (items, list(range(len(items)))), staleness)
-    # rollout, update, sync s; CUDA graphs captured so far; s in full (generation 2) garbage collections
+    # rollout, update, sync s; CUDA graphs captured so far; s in full garbage collections
     phases: list[tuple[float, float, float, int, float]] = []
     version = run.engine.weight_version
-    full_gc = [0.0, 0.0]  # start time, seconds this step
-
-    def on_gc(phase: str, info: dict) -> None:
-        if info["generation"] == 2:
-            if phase == "start":
-                full_gc[0] = time.perf_counter()
-            else:
-                full_gc[1] += time.perf_counter() - full_gc[0]
-
-    gc.callbacks.append(on_gc)
-
     # the trainer thread's stream only, never the whole device: the producer thread may be capturing a CUDA graph,
     # and a device-wide synchronize during a capture is an error
     wait = torch.cuda.current_stream().synchronize
 
-    def step():
+    def step(full_gc: FullGCTimer) -> float:
         nonlocal version
         t0 = time.perf_counter()
         trajs = [t for t in source.next_batch(version) if t is not None]
@@ -335,23 +350,20 @@ def bench_rldock_step(path: str, tok, items, steps: int, warmup: int, micro_batc
         t2 = time.perf_counter()
         version = run.sync.push(run.model, version + 1)
         wait()
-        phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2, run.engine.captures, full_gc[1]))
-        full_gc[1] = 0.0
+        t3 = time.perf_counter()
+        phases.append((t1 - t0, t2 - t1, t3 - t2, run.engine.captures, full_gc.take()))
+        return t3 - t0
 
-    for _ in range(warmup):
-        step()
-    settle_gc()  # as trainer.loop.train after its first step
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    gc.callbacks.remove(on_gc)
-    timed_phases = phases[-steps:]
-    out = {"time_s": med, "times": times, "phases": phases, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    with FullGCTimer() as full_gc:
+        for _ in range(warmup):
+            step(full_gc)
+        settle_gc()  # as trainer.loop.train after its first step
+        full_gc.take()
+        times = [step(full_gc) for _ in range(steps)]
+    out = {"time_s": statistics.median(times), "times": times, "phases": phases,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
     for i, name in enumerate(("rollout_s", "update_s", "sync_s")):
-        out[name] = statistics.median(p[i] for p in timed_phases)
+        out[name] = statistics.median(p[i] for p in phases[-steps:])
     out.update(source.stats)
     source.close()
     run.engine.close()
