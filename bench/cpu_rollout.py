@@ -13,6 +13,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,24 +31,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: time the tree at this path
+    p.add_argument("--prompts-file", help=argparse.SUPPRESS)  # internal: the prompts' token ids (JSON)
     return p.parse_args()
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Time `generate` with the rldock checkout at args.worker first on sys.path; one JSON line."""
+    """Time `generate` over the prompts in args.prompts_file with the rldock checkout at args.worker first on
+    sys.path; one JSON line."""
     sys.path.insert(0, args.worker)
     import torch
 
-    from env_servers.gsm8k import PROMPT_TEMPLATE, load_gsm8k
     from rollout.api import SamplingParams
     from rollout.engine import EmbeddedEngine
-    from rollout.loading import load_tokenizer
 
     torch.set_num_threads(2)
-    tok = load_tokenizer(args.model)
-    rows = load_gsm8k(ROOT / "data/gsm8k/test.jsonl")[: args.prompts]
-    chats = [[{"role": "user", "content": PROMPT_TEMPLATE.format(question=r["question"])}] for r in rows]
-    prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in chats]
+    prompts = json.loads(Path(args.prompts_file).read_text())
     engine = EmbeddedEngine(args.model, seed=0)
     params = SamplingParams(n=args.n, temperature=1.0, max_new_tokens=args.new, seed=1)
     engine.generate(prompts, params)
@@ -60,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def time_tree(tree: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", tree, "--model", args.model, "--prompts", str(args.prompts),
+    cmd = [sys.executable, __file__, "--worker", tree, "--model", args.model, "--prompts-file", args.prompts_file,
            "--n", str(args.n), "--new", str(args.new), "--steps", str(args.steps)]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tree)
     if out.returncode != 0:
@@ -85,12 +83,18 @@ def main() -> None:
     for tree in trees:
         if not Path(tree, "rollout/engine.py").is_file():
             sys.exit(f"cpu_rollout: --tree {tree} is not an rldock checkout (no rollout/engine.py)")
+    from bench.w2 import gsm8k_chat_prompts
+    from rollout.loading import load_tokenizer
+
     best: dict[str, dict] = {}
-    for _ in range(args.rounds):
-        for tree in trees:
-            r = time_tree(tree, args)
-            if r["median_s"] < best.get(tree, {}).get("median_s", float("inf")):
-                best[tree] = r
+    with tempfile.TemporaryDirectory() as tmp:  # one prompt list for every tree, tokenized here
+        args.prompts_file = str(Path(tmp, "prompts.json"))
+        Path(args.prompts_file).write_text(json.dumps(gsm8k_chat_prompts(load_tokenizer(args.model), args.prompts)))
+        for _ in range(args.rounds):
+            for tree in trees:
+                r = time_tree(tree, args)
+                if r["median_s"] < best.get(tree, {}).get("median_s", float("inf")):
+                    best[tree] = r
     for tree, r in best.items():
         ratio = best[trees[0]]["median_s"] / r["median_s"]
         print(f"{tree:40} {r['median_s']:7.3f} s  {r['tokens']} tokens  x{ratio:.2f} vs this tree")

@@ -78,13 +78,18 @@ def model_folder(args, name: str, tok) -> str:
     return str(path)
 
 
-def realistic_prompts(tok, count: int) -> list[list[int]]:
-    """The first 32 GSM8K test questions in the chat template, each repeated GROUP times (one per completion)."""
+def gsm8k_chat_prompts(tok, count: int) -> list[list[int]]:
+    """The first `count` GSM8K test questions in the chat template, as token ids."""
     from env_servers.gsm8k import PROMPT_TEMPLATE, load_gsm8k
 
-    rows = load_gsm8k(ROOT / "data/gsm8k/test.jsonl")[:PROMPTS]
+    rows = load_gsm8k(ROOT / "data/gsm8k/test.jsonl")[:count]
     chats = [[{"role": "user", "content": PROMPT_TEMPLATE.format(question=r["question"])}] for r in rows]
-    ids = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in chats]
+    return [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in chats]
+
+
+def realistic_prompts(tok, count: int) -> list[list[int]]:
+    """The first 32 GSM8K test questions in the chat template, each repeated GROUP times (one per completion)."""
+    ids = gsm8k_chat_prompts(tok, PROMPTS)
     return [ids[i // GROUP] for i in range(count)]
 
 
