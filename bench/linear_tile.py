@@ -7,7 +7,8 @@ median of --steps rollouts, two interleaved rounds of which each variant keeps i
     python bench/linear_tile.py --variants default,gate_up=32:128:1:3:4,down=64:128:8:4:4 [--tokenizer DIR]
 
 A variant is `family=bn:bk:splits:stages:warps`; families: qkv, o, gate_up, down; several overrides joined by `+`
-form one variant.
+form one variant. `pointer` (alone or joined by `+`) loads x and the weights with pointer arithmetic instead of TMA
+descriptors (`kernels.LINEAR_TMA`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ FAMILIES = ("qkv", "o", "gate_up", "down")
 
 
 def parse_variant(spec: str) -> dict:
-    """'gate_up=32:128:1:3:4+down=64:128:8:4:4' -> {family: (bn, bk, splits, stages, warps)}; 'default' -> {}."""
+    """'gate_up=32:128:1:3:4+down=64:128:8:4:4' -> {family: (bn, bk, splits, stages, warps)}; 'default' -> {};
+    a `pointer` part -> {"pointer": True}."""
     if spec == "default":
         return {}
     out = {}
     for part in spec.split("+"):
+        if part == "pointer":
+            out["pointer"] = True
+            continue
         fam, _, tiling = part.partition("=")
         fields = tiling.split(":")
         if fam not in FAMILIES or len(fields) != 5 or not all(f.isdigit() for f in fields):
@@ -53,17 +58,17 @@ def tiled(overrides: dict):
     """`kernels.linear_config` answering `overrides[family]` for the families it names."""
     import rollout.kernels as K
 
-    default = K.linear_config
+    default, tma = K.linear_config, K.LINEAR_TMA
 
     def config(n: int, k: int, glu: bool, residual: bool):
         fam = "gate_up" if glu else ("o" if n == k else "down") if residual else "qkv"
         return K.LinearConfig(*overrides[fam]) if fam in overrides else default(n, k, glu, residual)
 
-    K.linear_config = config
+    K.linear_config, K.LINEAR_TMA = config, tma and not overrides.get("pointer")
     try:
         yield
     finally:
-        K.linear_config = default
+        K.linear_config, K.LINEAR_TMA = default, tma
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ gate_up, down, rms_prep.
 - `sample_rows`: logsumexp + greedy or inverse-CDF draw + logprob of the drawn token + stop bookkeeping: row chunks
   reduced in parallel (max and sum of exp), then per row one uniform (Philox keyed by (seed + step, row)) picks the
   chunk and a running sum inside it the column.
-- `linear`: x @ W.T (+ bias) for decode-sized row counts, optionally with SwiGLU in the epilogue (gate_up -> act);
+- `linear`: x @ W.T (+ bias) for decode-sized row counts, optionally with SwiGLU in the epilogue (gate_up -> act),
+  x and the weight tiles loaded by the TMA copy engine on Hopper;
   `linear_residual` cuts long K into slices (more programs) whose fp32 partials `rms_prep` adds in a fixed order;
   larger batches and weights go to cuBLAS.
 The slot / step counters live in device memory (`ctr = [slot, col]`) so the same launches serve every step.
@@ -33,11 +34,15 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # `linear` takes batches up to this many rows and weights up to this size; above either the GEMM is bound by
 # bandwidth, not latency, and cuBLAS reads faster (an lm_head: 27.6 us vs 33.5 on the H200, bench/RESULTS.md)
 LINEAR_MAX_ROWS = 64
 LINEAR_MAX_BYTES = 32 * 2**20
+# bf16 projections on Hopper load x and the weight through TMA descriptors: W's rollout 0.1967 s vs 0.2036 s with
+# pointer loads (x1.035, bench/linear_tile.py, bench/RESULTS.md); fp32 (the exact-match tests) keeps pointer loads
+LINEAR_TMA = True
 
 
 @functools.cache
@@ -374,14 +379,17 @@ def finish(y: torch.Tensor, norm: RowNorm | None = None, bias: torch.Tensor | No
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_per, ss_in_ptr, T, eps, res_ptr, g_ptr, ss_out_ptr,
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_per, ss_in_ptr, T, eps, res_ptr, g_ptr, ss_out_ptr, x_desc, w_desc,
     HAS_BIAS: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, TP: tl.constexpr, RESID: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LINES: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     """One column tile x one K slice (program ids 0 and 2). GLU: the weight is [gate; up] (2N rows) and the tile is
     silu(gate) * up, rounded where the unfused path rounds. NORM: x is a RowNorm's xg, rows scaled by its sumsq.
     RESID: the tile is added into the residual stream res and writes the next RowNorm's xg (to out) and sums (to
-    ss_out). With K slices the output is fp32 partials [S, M, N] (for `rms_prep`)."""
+    ss_out). With K slices the output is fp32 partials [S, M, N] (for `rms_prep`). TMA: x and the weight arrive
+    through tensor descriptors (x_desc, w_desc: the copy engine fills shared memory, no address arithmetic per
+    element; out of range reads as zero)."""
     n0 = tl.program_id(0) * BN
     k_lo = tl.program_id(2) * k_per
     esize: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
@@ -398,14 +406,20 @@ def _linear_kernel(
     acc_up = tl.zeros([BM, BN], tl.float32)
     k_hi = tl.minimum(k_lo + k_per, K)
     for k0 in range(k_lo, k_hi, BK):
-        rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
-        wmask = (rn[None, :] < N) & (rk[:, None] < k_hi)
-        w = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=wmask, other=0.0)
-        acc = tl.dot(x, w, acc, input_precision="ieee" if IEEE else None)
-        if GLU:
-            u = tl.load(w_ptr + (N + rn)[None, :] * K + rk[:, None], mask=wmask, other=0.0)
-            acc_up = tl.dot(x, u, acc_up, input_precision="ieee" if IEEE else None)
+        if TMA:  # slices are whole BK blocks (`_launch`), so a block never crosses into the next slice
+            x = x_desc.load([tl.program_id(1) * BM, k0])
+            acc = tl.dot(x, w_desc.load([n0, k0]).T, acc)
+            if GLU:
+                acc_up = tl.dot(x, w_desc.load([N + n0, k0]).T, acc_up)
+        else:
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
+            wmask = (rn[None, :] < N) & (rk[:, None] < k_hi)
+            w = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=wmask, other=0.0)
+            acc = tl.dot(x, w, acc, input_precision="ieee" if IEEE else None)
+            if GLU:
+                u = tl.load(w_ptr + (N + rn)[None, :] * K + rk[:, None], mask=wmask, other=0.0)
+                acc_up = tl.dot(x, u, acc_up, input_precision="ieee" if IEEE else None)
     if NORM:
         r = _row_scale(ss_in_ptr, rm, M, T, K, eps, TP)[:, None]
         acc = acc * r
@@ -469,11 +483,17 @@ def _launch(x, weight, bias, n, glu, norm, resid):
     res, g = resid if resid is not None else (x, x)
     lines = triton.next_power_of_2(triton.cdiv(k_per * weight.element_size(), 128))
     on = pdl(x)
+    tma = on and LINEAR_TMA and not ieee
+    descs = (
+        (TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(weight, [cfg.bn, bk]))
+        if tma
+        else (x, x)
+    )
     _linear_kernel[grid](
         x, weight, weight if bias is None else bias, out, m, n, k, k_per,
-        ss_in, ss_in.shape[0], 0.0 if norm is None else norm.eps, res, g, ss_out,
+        ss_in, ss_in.shape[0], 0.0 if norm is None else norm.eps, res, g, ss_out, *descs,
         bias is not None, glu, norm is not None, max(2, triton.next_power_of_2(ss_in.shape[0])), resid is not None,
-        bm, cfg.bn, bk, lines, ieee, on,
+        bm, cfg.bn, bk, lines, ieee, on, tma,
         num_warps=cfg.warps, num_stages=cfg.stages, launch_pdl=on,
     )  # fmt: skip
     return out, ss_out
