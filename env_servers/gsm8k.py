@@ -10,6 +10,7 @@ inputs that could make sympy run for ever (towers of powers, factorials) away fr
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -83,10 +84,19 @@ def _as_decimal(s: str) -> Decimal | None:
         return None
 
 
+@functools.cache
+def load_verifier() -> tuple[Callable, Callable]:
+    """math-verify's (parse, verify), imported on first use: sympy takes ~1 s to import, which tools that only
+    need the prompt template should not pay. Whoever scores call this up front (`factory`, the trainer's workflow),
+    so the import does not land in the middle of the first step whose completions hold a number."""
+    from math_verify import parse, verify
+
+    return parse, verify
+
+
 def answers_match(pred: str, gold: str) -> bool:
     """Whether `pred` (a boxed content or a number) equals the gold answer, by value."""
-    from math_verify import parse, verify  # imported lazily: sympy takes ~1 s to import
-
+    parse, verify = load_verifier()
     pred_num, gold_num = _as_decimal(pred.replace(",", "")), _as_decimal(gold)
     if pred_num is not None and gold_num is not None:
         return pred_num == gold_num
@@ -189,4 +199,5 @@ PROMPT_TEMPLATE = "{question}\nPlease reason step by step, and put your final an
 def factory(data: str | None = None, format_reward: float = 0.0) -> Callable[[], Env]:
     """Load the data once; return a constructor of env slots sharing it (used by the server and the adapter)."""
     items = load_gsm8k(data or DEFAULT_DATA, "test")
+    load_verifier()
     return lambda: GSM8KEnv(items, format_reward)

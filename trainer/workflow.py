@@ -17,8 +17,9 @@ ScoreFn = Callable[[str, str, float], dict[str, Any]]
 
 
 def _default_score() -> ScoreFn:
-    from env_servers.gsm8k import score
+    from env_servers.gsm8k import load_verifier, score
 
+    load_verifier()  # now, not inside the first step that scores a number
     return score
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -120,3 +122,22 @@ def test_env_single_turn():
     for bad in (2, -1, "0", True):
         with pytest.raises(EnvError):
             env.reset(bad)
+
+
+def test_verifier_imported_by_the_scorers_setup_not_by_the_module():
+    """Importing the module stays light (tools that only need the prompt template); building the env factory or the
+    trainer's default workflow imports math-verify up front, so no step pays its ~1 s import mid-rollout."""
+    code = (
+        "import sys\n"
+        "import env_servers.gsm8k as g\n"
+        "print('math_verify' in sys.modules)\n"
+        "g.factory()\n"
+        "print('math_verify' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split()
+    assert out == ["False", "True"]
+    code = "import sys\nfrom trainer.workflow import SingleTurnWorkflow\nSingleTurnWorkflow(None, None)\nprint('math_verify' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert run.stdout.strip() == "True"
