@@ -23,6 +23,16 @@ def _default_score() -> ScoreFn:
     return score
 
 
+def decode_texts(tokenizer, ids: list[list[int]]) -> list[str]:
+    """Each completion's text, special tokens dropped, as `tokenizer.batch_decode` gives it. A fast tokenizer that
+    cleans up no spaces decodes the batch in its Rust backend at once (in parallel, the GIL released: the producer
+    thread of an async rollout leaves the learner's thread alone); batch_decode decodes one sequence at a time in
+    Python (W's 64 x 256 tokens: 17 ms vs 8-10 ms on this project's 2-core machine)."""
+    if tokenizer.is_fast and not tokenizer.clean_up_tokenization_spaces:
+        return tokenizer.backend_tokenizer.decode_batch(ids, skip_special_tokens=True)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
 class SingleTurnWorkflow(Workflow):
     """Items carry `prompt_ids` and a gold `answer`; `score(text, gold, format_reward)` returns at least `reward`.
 
@@ -43,7 +53,7 @@ class SingleTurnWorkflow(Workflow):
         if not items:
             return []
         completions = engine.generate([item["prompt_ids"] for item in items], self.params)
-        texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+        texts = decode_texts(self.tokenizer, [c.token_ids for c in completions])
         return [
             self._trajectory(c, text, items[c.prompt_index], group_ids[c.prompt_index])
             for c, text in zip(completions, texts, strict=True)

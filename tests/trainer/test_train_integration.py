@@ -235,3 +235,22 @@ def test_settle_gc_moves_live_objects_out_of_full_collections():
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0
+
+
+def test_decode_texts_equals_batch_decode(tokenizer):
+    """The workflow's batched Rust decode gives batch_decode's texts (special tokens dropped, byte-level pieces
+    joined), and a tokenizer that cleans up spaces takes batch_decode itself."""
+    import copy
+    import random
+
+    from trainer.workflow import decode_texts
+
+    rng = random.Random(0)
+    special = tokenizer.all_special_ids
+    ids = [[rng.choice(special) if rng.random() < 0.05 else rng.randrange(len(tokenizer)) for _ in range(n)]
+           for n in (0, 1, 37, 256)]  # fmt: skip
+    ids.append(tokenizer("Ünïcödé 3 + 4 = 7, so  the answer is \\boxed{7}.")["input_ids"])
+    assert decode_texts(tokenizer, ids) == tokenizer.batch_decode(ids, skip_special_tokens=True)
+    cleaning = copy.deepcopy(tokenizer)
+    cleaning.clean_up_tokenization_spaces = True
+    assert decode_texts(cleaning, ids) == cleaning.batch_decode(ids, skip_special_tokens=True)
