@@ -454,10 +454,10 @@ def linear_config(n: int, k: int, glu: bool, residual: bool) -> LinearConfig:
     """The tiling of a decode projection, from bench/decode_gemm.py's sweep on an H200 (bench/RESULTS.md) and
     bench/linear_tile.py's inside W's rollout. 32 weight rows per program (16 gate + 16 up with GLU): every program
     reads all of x, so narrower tiles spend more on x than on weights; where the result is added into the residual
-    stream (o and down), K in slices of >= ~600; four pipeline stages where slices are short, three for GLU's two
-    tiles or long slices."""
-    splits = 1 << min(3, max(0, (k // 600).bit_length() - 1)) if residual else 1
-    return LinearConfig(16 if glu else 32, 128, splits, 3 if glu or k // splits > 1024 else 4, 4)
+    stream (o and down), K in slices of >= ~1200 (W's down: 4 slices, x1.011-1.015 over 8 in two runs with TMA
+    loads); four pipeline stages, three for GLU's two tiles."""
+    splits = 1 << min(3, max(0, (k // 1200).bit_length() - 1)) if residual else 1
+    return LinearConfig(16 if glu else 32, 128, splits, 3 if glu else 4, 4)
 
 
 def _cublas(m: int, weight: torch.Tensor) -> bool:
