@@ -1,9 +1,11 @@
-"""The GPU-only benches (sm_share, attn_tile, ablate_step, linear_tile, split_batch, timeline, phases) on the CPU:
+"""The GPU-only benches (sm_share, attn_tile, ablate_step, linear_tile, split_batch, timeline, phases, ncu_layer) on
+the CPU:
 `--help` describes them, a bad sweep argument is one usage line, and without a GPU they stop with one line and a
 non-zero exit instead of a traceback. Their figures need a GPU (bench/RESULTS.md)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -20,6 +22,7 @@ BENCHES = {
     "split_batch": "--parts",
     "timeline": "--steps",
     "phases": "--profile",
+    "ncu_layer": "--summary",
 }
 # a malformed value of each sweep option, for the benches that check theirs before importing torch
 BAD = {"ablate_step": "lm_head,nope", "linear_tile": "gate_up=16:128", "split_batch": "3"}
@@ -49,3 +52,25 @@ def test_without_a_gpu_one_line_and_non_zero_exit(script):
 def test_bad_sweep_value_is_a_usage_error(script):
     out = run(script, BENCHES[script], BAD[script])
     assert out.returncode == 2 and BENCHES[script] in out.stderr.strip().splitlines()[-1]
+
+
+def test_ncu_summary_reads_a_raw_csv(tmp_path):
+    """ncu_layer --summary: one line per kernel from ncu's raw CSV (header, units, rows), stalls largest first; a
+    file without the table is one line and a non-zero exit."""
+    stall = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    head = ["ID", "Kernel Name", "gpu__time_duration.sum", "launch__grid_size", stall.format("wait"),
+            stall.format("long_scoreboard")]  # fmt: skip
+    rows = [head, ["", "", "ns", "", "", ""], ["0", "_linear_kernel", "11,200", "304", "0.88", "2.42"]]
+    table = tmp_path / "ncu.csv"
+    table.write_text("==PROF== Connected\n" + "\n".join(",".join(f'"{c}"' for c in r) for r in rows) + "\n")
+    out = run("ncu_layer", "--summary", str(table), "--json", str(tmp_path / "k.json"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "k.json").read_text())[0]["gpu__time_duration.sum"] == "11,200"
+    line = out.stdout.strip()
+    assert line.startswith("_linear_kernel") and "11,200 ns" in line and "grid  304" in line
+    assert line.index("long_scoreboard 2.42") < line.index("wait 0.88")
+    (tmp_path / "empty.csv").write_text("no table\n")
+    out = run("ncu_layer", "--summary", str(tmp_path / "empty.csv"))
+    assert out.returncode != 0 and out.stderr.strip().splitlines() == [
+        f"ncu_layer: {tmp_path / 'empty.csv'} holds no ncu --csv --page raw table"
+    ]
