@@ -290,7 +290,7 @@ def rldock_run(
     learner = Learner.for_config(cfg, weights, optimizer, scheduler, d, dtype, tok.pad_token_id)
     return SimpleNamespace(
         cfg=cfg, model=model, engine=engine, learner=learner,
-        sync=make_weight_sync(cfg, engine, d), workflow=SingleTurnWorkflow(tok, params),
+        sync=make_weight_sync(cfg, engine, d, weights), workflow=SingleTurnWorkflow(tok, params),
     )  # fmt: skip
 
 

@@ -173,7 +173,7 @@ def build(cfg: Config, d: Dist) -> Run:
     learner = Learner.for_config(cfg, weights, optimizer, scheduler, d, dtype, tokenizer.pad_token_id, ref_model)
     run = Run(cfg, d, model, tokenizer, engine, learner, cursor, eval_items, total, dtype)
     run.task = task
-    run.sync = make_weight_sync(cfg, engine, d)
+    run.sync = make_weight_sync(cfg, engine, d, weights)
     return run
 
 

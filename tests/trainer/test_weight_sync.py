@@ -182,3 +182,31 @@ def test_inprocess_sync_and_config_wiring(model_path, trainer_model, client, tmp
     with pytest.raises(ConfigError, match="nccl does not reach rollout.backend=embedded"):
         cfg("weight_sync=nccl")
     engine.close()
+
+
+def test_inprocess_sync_loads_the_compute_copy_of_its_dtype(model_path, trainer_model):
+    """An engine in the learner's compute dtype loads the compute copy (the master rounded to bf16, one batched
+    same-dtype copy); an engine of another dtype loads the fp32 master; a state dict with a parameter missing raises
+    and changes no weight."""
+    from rollout.engine import EmbeddedEngine
+    from rollout.model import load_state
+    from trainer.precision import ComputeWeights
+
+    weights = ComputeWeights(trainer_model, torch.bfloat16, copy_weights=True)
+    train_step(trainer_model)
+    weights.refresh()
+    copy_sum = checksum(unique_tensors(weights.forward_model.state_dict()))
+    bf16 = EmbeddedEngine(model_path, max_batch_size=2, dtype=torch.bfloat16)
+    fp32 = EmbeddedEngine(model_path, max_batch_size=2)
+    assert InProcessSync(bf16, compute=weights.forward_model).push(trainer_model, 3) == 3
+    assert checksum(bf16.model.named_parameters()) == copy_sum
+    assert InProcessSync(fp32, compute=weights.forward_model).push(trainer_model, 3) == 3
+    assert checksum(fp32.model.named_parameters()) == checksum(unique_tensors(trainer_model.state_dict()))
+    partial = dict(trainer_model.state_dict())
+    partial.pop("model.norm.weight")
+    before = checksum(fp32.model.named_parameters())
+    with pytest.raises(ValueError, match="missing 1 parameters"):
+        load_state(fp32.model, {k: v + 1 for k, v in partial.items()})
+    assert checksum(fp32.model.named_parameters()) == before
+    bf16.close()
+    fp32.close()
