@@ -60,7 +60,8 @@ class InProcessSync(WeightSync):
     """Each rank's embedded engine: shared memory (an aliasing engine only bumps its version). `compute`: the
     learner's compute-dtype copy of the weights (trainer/precision.py: refreshed from the master before every push)
     or None; an engine of its dtype loads from it in one batched same-dtype copy instead of casting the fp32 master
-    tensor by tensor (W: 5 ms of the GRPO step)."""
+    tensor by tensor: half the bytes read, a few launches instead of one per tensor (on the CPU, SmolLM2's load
+    105 -> 58 ms; on W's H200 step the push stays ~5 ms, most of it the host's state_dict walk)."""
 
     def __init__(self, engine: EmbeddedEngine, d: Dist | None = None, compute: nn.Module | None = None):
         super().__init__(d)
