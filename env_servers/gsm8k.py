@@ -87,7 +87,7 @@ def _as_decimal(s: str) -> Decimal | None:
 @functools.cache
 def load_verifier() -> tuple[Callable, Callable]:
     """math-verify's (parse, verify), imported on first use: sympy takes ~1 s to import, which tools that only
-    need the prompt template should not pay. Whoever scores call this up front (`factory`, the trainer's workflow),
+    need the prompt template should not pay. Whoever scores calls this up front (`factory`, the trainer's workflow),
     so the import does not land in the middle of the first step whose completions hold a number."""
     from math_verify import parse, verify
 
