@@ -1,7 +1,6 @@
 """The GPU-only benches (sm_share, attn_tile, ablate_step, linear_tile, split_batch, timeline, phases, ncu_layer) on
-the CPU:
-`--help` describes them, a bad sweep argument is one usage line, and without a GPU they stop with one line and a
-non-zero exit instead of a traceback. Their figures need a GPU (bench/RESULTS.md)."""
+the CPU: `--help` describes them, a bad sweep argument is one usage line, and without a GPU they stop with one line
+and a non-zero exit instead of a traceback. Their figures need a GPU (bench/RESULTS.md)."""
 
 from __future__ import annotations
 
