@@ -362,12 +362,14 @@ def load_state(model: CausalLM, state: dict[str, torch.Tensor]) -> None:
         if name in params:
             pairs[name] = (params[name], full_tensor(tensor).detach())
     check_complete(model, pairs)
-    same = [(dst, src) for dst, src in pairs.values() if (dst.dtype, dst.device) == (src.dtype, src.device)]
+    same: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for dst, src in pairs.values():
+        if (dst.dtype, dst.device) == (src.dtype, src.device):
+            same.append((dst, src))
+        else:
+            dst.copy_(src)
     if same:
         torch._foreach_copy_([dst for dst, _ in same], [src for _, src in same])
-    for dst, src in pairs.values():
-        if (dst.dtype, dst.device) != (src.dtype, src.device):
-            dst.copy_(src)
 
 
 def check_complete(model: CausalLM, names) -> None:
