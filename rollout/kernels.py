@@ -22,7 +22,9 @@ The slot / step counters live in device memory (`ctr = [slot, col]`) so the same
 Programmatic dependent launch (Hopper and later): every kernel here waits for the previous kernel's writes before it
 touches activations, then lets the next one start (`_chain`). What a kernel does before the
 wait may read only what no kernel still running writes: `linear` pulls its weight slab into L2 there, `rms_prep` the
-next layer's cache slots written by earlier steps, so those reads overlap the kernel before.
+next layer's cache slots written by earlier steps, so those reads overlap the kernel before; o, down's `rms_prep`
+and the attention load what the kernel just before does not write (the residual stream; the counters, the rotation
+and the first cached block).
 """
 
 from __future__ import annotations
@@ -119,15 +121,22 @@ def _row_scale(ss_ptr, rows, M, T, n, eps, TP: tl.constexpr):
 
 
 @triton.jit
-def _residual_out(acc, x_ptr, g_ptr, xg_ptr, ss_ptr, rm, rn, M, N, tile):
+def _residual_in(x_ptr, g_ptr, rm, rn, M, N):
+    """The residual stream's tile and the next norm's weight for `_residual_out`. Loaded before the kernel's wait:
+    the residual's last writer is never the kernel just before (attention precedes o, down precedes rms_prep)."""
+    x = tl.load(x_ptr + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+    return x, tl.load(g_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _residual_out(acc, x, g, x_ptr, xg_ptr, ss_ptr, rm, rn, M, N, tile):
     """x += acc (acc rounded to x's dtype first, as HF adds a projection's output), then the RowNorm of the new x
-    over these columns: xg = x * g and the rows' sums of x**2 into sumsq[tile]."""
+    over these columns: xg = x * g and the rows' sums of x**2 into sumsq[tile]. x, g: from `_residual_in`."""
     dt = x_ptr.dtype.element_ty
     msk = (rm[:, None] < M) & (rn[None, :] < N)
     offs = rm[:, None] * N + rn[None, :]
-    x = (tl.load(x_ptr + offs, mask=msk, other=0.0).to(tl.float32) + acc.to(dt).to(tl.float32)).to(dt)
+    x = (x.to(tl.float32) + acc.to(dt).to(tl.float32)).to(dt)
     tl.store(x_ptr + offs, x, mask=msk)
-    g = tl.load(g_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     xf = x.to(tl.float32)
     tl.store(xg_ptr + offs, (xf * g[None, :]).to(dt), mask=msk)
     tl.store(ss_ptr + tile * M + rm, tl.sum(tl.where(msk, xf * xf, 0.0), axis=1), mask=rm < M)
@@ -143,16 +152,17 @@ def _rms_prep_kernel(
     if PREFETCH and PDL:
         _prefetch_cache(kc_ptr, vc_ptr, pad_ptr, ctr_ptr, tl.program_id(0), kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
                         KV, D, LINES)  # fmt: skip
-    _chain(PDL)
     rm = tl.program_id(0) + tl.zeros([1], tl.int32)
     rn = tl.arange(0, BLOCK)
+    x, g = _residual_in(x_ptr, g_ptr, rm, rn, M, n)
+    _chain(PDL)
     acc = tl.zeros([1, BLOCK], tl.float32)
     if HAS_DELTA:
         for s in tl.static_range(SPLITS):  # fp32 partial sums over K slices: added in slice order
             acc += tl.load(d_ptr + (s * M + rm[:, None]) * n + rn[None, :], mask=rn[None, :] < n, other=0.0).to(
                 tl.float32
             )
-    _residual_out(acc, x_ptr, g_ptr, xg_ptr, ss_ptr, rm, rn, M, n, 0)
+    _residual_out(acc, x, g, x_ptr, xg_ptr, ss_ptr, rm, rn, M, n, 0)
 
 
 def rms_prep(
@@ -205,34 +215,42 @@ def _rope_attention_kernel(
 ):  # fmt: skip
     """Program (row b, KV head j): rotate the G query heads of j and its key, write k and v at the current slot,
     then attend over the row's slots pad .. slot (online softmax; q . k as the sum over the two rotated halves).
-    The loop reads the cached slots from L2: the rms_prep before qkv asked for them (`rms_prep`'s cache)."""
-    _chain(PDL)
+    Before the wait it reads what the kernels still running do not write (the counters, the rotation at this
+    position, the first block of cached slots: the rms_prep before qkv asked L2 for them), so after the wait one
+    round trip to qkv's output stands before the arithmetic."""
     b = tl.program_id(0)
     j = tl.program_id(1)
+    slot = tl.load(ctr_ptr)
+    pad = tl.load(pad_ptr + b)
+    pos = tl.maximum(slot - pad, 0)
     half = tl.arange(0, D // 2)
+    c = tl.load(cos_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
+    k_base = kc_ptr + b * kc_sb + j * kc_sh
+    v_base = vc_ptr + b * vc_sb + j * vc_sh
+    start = (pad // BLOCK_N) * BLOCK_N
+    kc_a, kc_b, v = _cache_block(k_base, v_base, kc_st, vc_st, start, pad, slot, D, BLOCK_N)
+    _chain(PDL)
     d = tl.arange(0, D)
     g = tl.arange(0, GP)
     gmask = (g < G)[:, None]
-    slot = tl.load(ctr_ptr)
-    pad = tl.load(pad_ptr + b)
-    q1, q2, k1, k2, v_new = _rope_new(qkv_ptr, cos_ptr, sin_ptr, b, j, slot, pad, H, KV, G, GP, D)
+    q1, q2, k1, k2, v_new = _rope_new(qkv_ptr, c, s, b, j, H, KV, G, GP, D)
     dt = out_ptr.dtype.element_ty
-    k_base = kc_ptr + b * kc_sb + j * kc_sh
-    v_base = vc_ptr + b * vc_sb + j * vc_sh
     tl.store(k_base + slot * kc_st + half[None, :], k1)
     tl.store(k_base + slot * kc_st + D // 2 + half[None, :], k2)
     tl.store(v_base + slot * vc_st + d, v_new)
     # the new token first, from registers: the loop reads only slots written by earlier steps (no barrier between
     # this program's cache write and its reads), and the running max starts finite
     m_i = tl.sum(q1.to(tl.float32) * k1.to(tl.float32) + q2.to(tl.float32) * k2.to(tl.float32), 1) * scale
-    acc = _attend_cache(q1, q2, m_i, v_new, k_base, v_base, kc_st, vc_st, pad, slot, scale, GP, D, BLOCK_N, IEEE)
+    acc = _attend_cache(q1, q2, m_i, v_new, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, start, pad, slot, scale,
+                        GP, D, BLOCK_N, IEEE)  # fmt: skip
     tl.store(out_ptr + b * H * D + (j * G + g)[:, None] * D + d[None, :], acc.to(dt), mask=gmask)
 
 
 @triton.jit
-def _rope_new(qkv_ptr, cos_ptr, sin_ptr, b, j, slot, pad, H, KV, G, GP: tl.constexpr, D: tl.constexpr):
-    """Row b's G query heads of KV head j [GP, D/2] x 2 and its key [1, D/2] x 2, rotated at position slot - pad,
-    and its value [D], from the packed qkv GEMM output."""
+def _rope_new(qkv_ptr, c, s, b, j, H, KV, G, GP: tl.constexpr, D: tl.constexpr):
+    """Row b's G query heads of KV head j [GP, D/2] x 2 and its key [1, D/2] x 2, rotated by the row's cos and sin
+    [1, D/2], and its value [D], from the packed qkv GEMM output."""
     dt = qkv_ptr.dtype.element_ty
     half = tl.arange(0, D // 2)
     g = tl.arange(0, GP)
@@ -246,32 +264,38 @@ def _rope_new(qkv_ptr, cos_ptr, sin_ptr, b, j, slot, pad, H, KV, G, GP: tl.const
     )
     ka, kb = tl.load(kh).to(tl.float32), tl.load(kh + D // 2).to(tl.float32)
     v_new = tl.load(row + (H + KV + j) * D + tl.arange(0, D))
-    pos = tl.maximum(slot - pad, 0)
-    c = tl.load(cos_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
-    s = tl.load(sin_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
     q1, q2 = _rope(qa, qb, c, s, dt)
     k1, k2 = _rope(ka, kb, c, s, dt)
     return q1, q2, k1, k2, v_new
 
 
 @triton.jit
+def _cache_block(k_base, v_base, kc_st, vc_st, start, pad, slot, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The cached keys (two halves [BLOCK_N, D/2]) and values [BLOCK_N, D] of slots start .. start+BLOCK_N-1, zero
+    outside pad .. slot-1."""
+    half = tl.arange(0, D // 2)
+    n = start + tl.arange(0, BLOCK_N)
+    valid = ((n >= pad) & (n < slot))[:, None]
+    kp = k_base + n[:, None] * kc_st + half[None, :]
+    kc_a = tl.load(kp, mask=valid, other=0.0)
+    kc_b = tl.load(kp + D // 2, mask=valid, other=0.0)
+    v = tl.load(v_base + n[:, None] * vc_st + tl.arange(0, D)[None, :], mask=valid, other=0.0)
+    return kc_a, kc_b, v
+
+
+@triton.jit
 def _attend_cache(
-    q1, q2, m_i, v_new, k_base, v_base, kc_st, vc_st, pad, slot, scale,
+    q1, q2, m_i, v_new, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, start, pad, slot, scale,
     GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Online softmax over the cached slots pad .. slot-1, starting from the new token's score m_i and value v_new;
-    the attention output [GP, D] in fp32."""
-    half = tl.arange(0, D // 2)
-    d = tl.arange(0, D)
+    """Online softmax over the cached slots pad .. slot-1, starting from the new token's score m_i and value v_new
+    and the block at `start` already loaded (kc_a, kc_b, v); each iteration loads the next block before it
+    computes on the one it holds. The attention output [GP, D] in fp32."""
     l_i = tl.full([GP], 1.0, tl.float32)
     acc = tl.zeros([GP, D], tl.float32) + v_new.to(tl.float32)[None, :]
-    for start in range((pad // BLOCK_N) * BLOCK_N, slot, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        valid = (n >= pad) & (n < slot)
-        kp = k_base + n[:, None] * kc_st + half[None, :]
-        kc_a = tl.load(kp, mask=valid[:, None], other=0.0)
-        kc_b = tl.load(kp + D // 2, mask=valid[:, None], other=0.0)
-        v = tl.load(v_base + n[:, None] * vc_st + d[None, :], mask=valid[:, None], other=0.0)
+    for blk in range(start, slot, BLOCK_N):
+        valid = (blk + tl.arange(0, BLOCK_N) >= pad) & (blk + tl.arange(0, BLOCK_N) < slot)
+        nxt_a, nxt_b, nxt_v = _cache_block(k_base, v_base, kc_st, vc_st, blk + BLOCK_N, pad, slot, D, BLOCK_N)
         if IEEE:
             sc = tl.dot(q1, tl.trans(kc_a), input_precision="ieee") + tl.dot(q2, tl.trans(kc_b), input_precision="ieee")
         else:
@@ -286,6 +310,7 @@ def _attend_cache(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+        kc_a, kc_b, v = nxt_a, nxt_b, nxt_v
     return acc / l_i[:, None]
 
 
@@ -382,7 +407,7 @@ def _linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_per, ss_in_ptr, T, eps, res_ptr, g_ptr, ss_out_ptr, x_desc, w_desc,
     HAS_BIAS: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, TP: tl.constexpr, RESID: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LINES: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, SLICED: tl.constexpr,
 ):  # fmt: skip
     """One column tile x one K slice (program ids 0 and 2). GLU: the weight is [gate; up] (2N rows) and the tile is
     silu(gate) * up, rounded where the unfused path rounds. NORM: x is a RowNorm's xg, rows scaled by its sumsq.
@@ -399,9 +424,11 @@ def _linear_kernel(
         _prefetch_l2(w_ptr + n0 * K + k_lo, K * esize, nrows, nbytes, BN, LINES)
         if GLU:
             _prefetch_l2(w_ptr + (N + n0) * K + k_lo, K * esize, nrows, nbytes, BN, LINES)
-    _chain(PDL)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = n0 + tl.arange(0, BN)
+    if RESID and not SLICED:
+        res, g = _residual_in(res_ptr, g_ptr, rm, rn, M, N)
+    _chain(PDL)
     acc = tl.zeros([BM, BN], tl.float32)
     acc_up = tl.zeros([BM, BN], tl.float32)
     k_hi = tl.minimum(k_lo + k_per, K)
@@ -429,8 +456,8 @@ def _linear_kernel(
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         if GLU:
             acc_up += tl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    if RESID and tl.num_programs(2) == 1:
-        _residual_out(acc, res_ptr, g_ptr, out_ptr, ss_out_ptr, rm, rn, M, N, tl.program_id(0))
+    if RESID and not SLICED:
+        _residual_out(acc, res, g, res_ptr, out_ptr, ss_out_ptr, rm, rn, M, N, tl.program_id(0))
     else:
         dt = out_ptr.dtype.element_ty
         if GLU:
@@ -493,7 +520,7 @@ def _launch(x, weight, bias, n, glu, norm, resid):
         x, weight, weight if bias is None else bias, out, m, n, k, k_per,
         ss_in, ss_in.shape[0], 0.0 if norm is None else norm.eps, res, g, ss_out, *descs,
         bias is not None, glu, norm is not None, max(2, triton.next_power_of_2(ss_in.shape[0])), resid is not None,
-        bm, cfg.bn, bk, lines, ieee, on, tma,
+        bm, cfg.bn, bk, lines, ieee, on, tma, splits > 1,
         num_warps=cfg.warps, num_stages=cfg.stages, launch_pdl=on,
     )  # fmt: skip
     return out, ss_out
