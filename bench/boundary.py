@@ -105,12 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for grid in (36, 128, sms):
-        for name, fn in (
-            ("launch chain", lambda: chain(grid, args.stages, False, args.reps)),
-            ("PDL chain", lambda: chain(grid, args.stages, True, args.reps)),
-            ("persistent + grid barrier", lambda: persistent(grid, args.stages, args.reps)),
+        for name, us, ok in (
+            ("launch chain", *chain(grid, args.stages, False, args.reps)),
+            ("PDL chain", *chain(grid, args.stages, True, args.reps)),
+            ("persistent + grid barrier", *persistent(grid, args.stages, args.reps)),
         ):
-            us, ok = fn()
             rows.append({"grid": grid, "kind": name, "us_per_stage": round(us, 3), "correct": ok})
             print(f"grid {grid:4d}  {name:28s} {us:7.3f} µs per stage  {'ok' if ok else 'WRONG'}", flush=True)
     if args.json:
