@@ -428,6 +428,11 @@ def _linear_kernel(
     rn = n0 + tl.arange(0, BN)
     if RESID and not SLICED:
         res, g = _residual_in(res_ptr, g_ptr, rm, rn, M, N)
+    if HAS_BIAS:  # the bias once, with K slice 0
+        bmask = (rn < N) & (tl.program_id(2) == 0)
+        bias = tl.load(b_ptr + rn, mask=bmask, other=0.0).to(tl.float32)[None, :]
+        if GLU:
+            bias_up = tl.load(b_ptr + N + rn, mask=bmask, other=0.0).to(tl.float32)[None, :]
     _chain(PDL)
     acc = tl.zeros([BM, BN], tl.float32)
     acc_up = tl.zeros([BM, BN], tl.float32)
@@ -452,10 +457,10 @@ def _linear_kernel(
         acc = acc * r
         if GLU:
             acc_up = acc_up * r
-    if HAS_BIAS and tl.program_id(2) == 0:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += bias
         if GLU:
-            acc_up += tl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            acc_up += bias_up
     if RESID and not SLICED:
         _residual_out(acc, res, g, res_ptr, out_ptr, ss_out_ptr, rm, rn, M, N, tl.program_id(0))
     else:
