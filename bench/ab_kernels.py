@@ -50,15 +50,9 @@ def kernels_from(path: str | None):
 
 def main() -> None:
     args = parse_args()
-    tok, items, model = G.random_w_on_gpu("ab_kernels", args.tokenizer)
-
-    def measure() -> dict:
-        r = G.bench_engine(model, items, tok.eos_token_id, args.steps, 1)
-        return {"time_s": r["time_s"], "tok_s": r["tok_s"]}
-
     variants = {"working tree": lambda: kernels_from(None)}
     variants.update({path: (lambda p=path: kernels_from(p)) for path in args.ref})
-    res = G.best_of_rounds(variants, measure, args.json)
+    res = G.sweep_w_rollout("ab_kernels", args, variants)
     base = res["working tree"].get("time_s", float("nan"))
     for name, r in sorted(res.items(), key=lambda kv: kv[1].get("time_s", 1e9)):
         t = r.get("time_s", float("nan"))

@@ -143,6 +143,18 @@ def random_w_on_gpu(script: str, tokenizer: str):
     return tok, items, random_model(QWEN05_SHAPE, tok)
 
 
+def sweep_w_rollout(script: str, args, variants: dict) -> dict:
+    """W's rollout on the random-init W model under each variant (name -> a context manager factory): the median of
+    args.steps rollouts each, `best_of_rounds` (time_s, tok_s), written to args.json."""
+    tok, items, model = random_w_on_gpu(script, args.tokenizer)
+
+    def measure() -> dict:
+        r = bench_engine(model, items, tok.eos_token_id, args.steps, 1)
+        return {"time_s": r["time_s"], "tok_s": r["tok_s"]}
+
+    return best_of_rounds(variants, measure, args.json)
+
+
 def best_of_rounds(variants: dict, measure, json_path: str | None, rounds: int = 2) -> dict:
     """Each variant (name -> a context manager factory) measured by `measure()` (a dict with time_s) in `rounds`
     interleaved rounds (the machine drifts by a few percent between minutes); each keeps its fastest. A variant

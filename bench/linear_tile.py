@@ -73,14 +73,8 @@ def tiled(overrides: dict):
 
 def main() -> None:
     args = parse_args()
-    tok, items, model = G.random_w_on_gpu("linear_tile", args.tokenizer)
-
-    def measure() -> dict:
-        r = G.bench_engine(model, items, tok.eos_token_id, args.steps, 1)
-        return {"time_s": r["time_s"], "tok_s": r["tok_s"]}
-
     variants = {name: (lambda o=overrides: tiled(o)) for name, overrides in args.parsed.items()}
-    res = G.best_of_rounds(variants, measure, args.json)
+    res = G.sweep_w_rollout("linear_tile", args, variants)
     for name, r in sorted(res.items(), key=lambda kv: kv[1].get("time_s", 1e9)):
         print(f"{name:60} {r.get('time_s', float('nan')):8.4f} s")
 
