@@ -1,7 +1,6 @@
 """The GPU-only benches (sm_share, attn_tile, ablate_step, linear_tile, split_batch, timeline, phases, ncu_layer,
-ab_kernels) on
-the CPU: `--help` describes them, a bad sweep argument is one usage line, and without a GPU they stop with one line
-and a non-zero exit instead of a traceback. Their figures need a GPU (bench/RESULTS.md)."""
+ab_kernels, gluon_proj) on the CPU: `--help` describes them, a bad sweep argument is one usage line, and without a
+GPU they stop with one line and a non-zero exit instead of a traceback. Their figures need a GPU (bench/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ BENCHES = {
     "phases": "--profile",
     "ncu_layer": "--summary",
     "ab_kernels": "--ref",
+    "gluon_proj": "--layers",
 }
 # a malformed value of each sweep option, for the benches that check theirs before importing torch
 BAD = {"ablate_step": "lm_head,nope", "linear_tile": "gate_up=16:128", "split_batch": "3", "ab_kernels": "no/such.py"}
