@@ -45,6 +45,9 @@ LINEAR_MAX_BYTES = 32 * 2**20
 # bf16 projections on Hopper load x and the weight through TMA descriptors: W's rollout 0.1967 s vs 0.2036 s with
 # pointer loads (x1.035, bench/linear_tile.py, bench/RESULTS.md); fp32 (the exact-match tests) keeps pointer loads
 LINEAR_TMA = True
+# bf16 projections on Hopper whose weight slab and x fit in shared memory at once (W's qkv and o) run the Gluon kernel
+# of `kernels_gluon`, which copies the weight in before its wait (x1.38 per projection in a chain, bench/RESULTS.md)
+LINEAR_GLUON = True
 
 
 @functools.cache
@@ -511,11 +514,17 @@ def _launch(x, weight, bias, n, glu, norm, resid):
     else:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         ss_out = torch.empty((grid[0], m), device=x.device, dtype=torch.float32) if resid is not None else x
+    on = pdl(x)
+    tma = on and LINEAR_TMA and not ieee
+    if tma and LINEAR_GLUON and splits == 1 and not glu and x.dtype == torch.bfloat16:
+        from rollout import kernels_gluon
+
+        if kernels_gluon.fits(m, k, cfg.bn, x.element_size()):
+            kernels_gluon.launch(x, weight, bias, out, cfg.bn, norm, resid, ss_out)
+            return out, ss_out
     ss_in = x if norm is None else norm.sumsq
     res, g = resid if resid is not None else (x, x)
     lines = triton.next_power_of_2(triton.cdiv(k_per * weight.element_size(), 128))
-    on = pdl(x)
-    tma = on and LINEAR_TMA and not ieee
     descs = (
         (TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(weight, [cfg.bn, bk]))
         if tma
