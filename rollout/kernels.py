@@ -14,7 +14,9 @@ gate_up, down, rms_prep.
   reduced in parallel (max and sum of exp), then per row one uniform (Philox keyed by (seed + step, row)) picks the
   chunk and a running sum inside it the column.
 - `linear`: x @ W.T (+ bias) for decode-sized row counts, optionally with SwiGLU in the epilogue (gate_up -> act),
-  x and the weight tiles loaded by the TMA copy engine on Hopper;
+  x and the weight tiles loaded by the TMA copy engine on Hopper; where x and the whole weight slab of a program fit
+  in shared memory (W's qkv and o) the Gluon kernel of `kernels_gluon` runs instead, its weight copied in before
+  the wait;
   `linear_residual` cuts long K into slices (more programs) whose fp32 partials `rms_prep` adds in a fixed order;
   larger batches and weights go to cuBLAS.
 The slot / step counters live in device memory (`ctr = [slot, col]`) so the same launches serve every step.
