@@ -48,7 +48,8 @@ def _persistent(buf, bar_ptr, G, N):
         _grid_sync(bar_ptr, (s + 1) * G)
 
 
-def _time(fn, reps: int) -> float:
+def median_us(fn, reps: int) -> float:
+    """Median µs of `fn()` (a GPU launch or graph replay) over `reps` timed calls after one untimed."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -76,7 +77,7 @@ def chain(grid: int, stages: int, pdl: bool, reps: int) -> tuple[float, bool]:
     with torch.cuda.graph(graph):
         bufs[0].zero_()
         run()
-    t = _time(graph.replay, reps)
+    t = median_us(graph.replay, reps)
     return t / stages, bool((bufs[stages % 2] == stages).all())
 
 
@@ -89,7 +90,7 @@ def persistent(grid: int, stages: int, reps: int) -> tuple[float, bool]:
         bar.zero_()
         _persistent[(grid,)](buf, bar, grid, stages)
 
-    t = _time(run, reps)
+    t = median_us(run, reps)
     return t / stages, bool((buf[(stages % 2) * grid : (stages % 2 + 1) * grid] == stages).all())
 
 

@@ -69,6 +69,7 @@ def chains(layers: int) -> tuple[dict, object, object]:
 def time_chain(chain, first, x0, w0, layers: int, reps: int) -> tuple[float, float]:
     """µs per projection of the chain replayed as a graph, and the first projection's max error against torch."""
     import torch
+    from boundary import median_us
 
     chain()
     torch.cuda.synchronize()
@@ -76,17 +77,7 @@ def time_chain(chain, first, x0, w0, layers: int, reps: int) -> tuple[float, flo
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         chain()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / layers)
-    return sorted(times)[len(times) // 2], err
+    return median_us(graph.replay, reps) / layers, err
 
 
 def main(argv: list[str] | None = None) -> int:
