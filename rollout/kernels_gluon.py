@@ -32,6 +32,27 @@ def _griddep():
 
 
 @gluon.jit
+def _row_scale(ss_ptr, rm, M, T, K, eps, TP: gl.constexpr):
+    """rsqrt(mean(x**2) + eps) of the rows `rm` from the producer's [T, M] tile sums, added in tile order."""
+    ss = gl.zeros_like(rm, dtype=gl.float32)
+    for t in gl.static_range(TP):
+        ss += gl.load(ss_ptr + t * M + rm, mask=(rm < M) & (t < T), other=0.0)
+    return 1.0 / gl.sqrt(ss / K + eps)
+
+
+@gluon.jit
+def _residual_out(acc, res, g, res_ptr, xg_ptr, ss_ptr, offs, tile, rm, M):
+    """x = res + acc (acc rounded to x's dtype first) into the residual stream, then the next RowNorm over these
+    columns: xg = x * g and the rows' sums of x**2 into the program's row of `ss_ptr`."""
+    dt: gl.constexpr = res_ptr.dtype.element_ty
+    x = (res.to(gl.float32) + acc.to(dt).to(gl.float32)).to(dt)
+    gl.store(res_ptr + offs, x, mask=tile)
+    xf = x.to(gl.float32)
+    gl.store(xg_ptr + offs, (xf * g[None, :]).to(dt), mask=tile)
+    gl.store(ss_ptr + gl.program_id(0) * M + rm, gl.sum(gl.where(tile, xf * xf, 0.0), axis=1), mask=rm < M)
+
+
+@gluon.jit
 def _proj_kernel(
     x_desc, w_desc, b_ptr, out_ptr, M, N, ss_in_ptr, T, eps, res_ptr, g_ptr, ss_out_ptr,
     KT: gl.constexpr, HAS_BIAS: gl.constexpr, NORM: gl.constexpr, TP: gl.constexpr, RESID: gl.constexpr,
@@ -70,11 +91,8 @@ def _proj_kernel(
     for i in gl.static_range(KT):
         mbarrier.expect(x_bar.index(i), x_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(x_desc, [0, i * BKC], x_bar.index(i), x_smem.index(i))
-    if NORM:  # rsqrt(mean(x**2) + eps) of the rows from the producer's [T, M] tile sums, in tile order
-        ss = gl.zeros([BMC], gl.float32, layout=gl.SliceLayout(1, layout))
-        for t in gl.static_range(TP):
-            ss += gl.load(ss_in_ptr + t * M + rm, mask=(rm < M) & (t < T), other=0.0)
-        r = 1.0 / gl.sqrt(ss / K + eps)
+    if NORM:
+        r = _row_scale(ss_in_ptr, rm, M, T, K, eps, TP)
     acc = gl.zeros([BMC, BN], gl.float32, layout=layout)
     mbarrier.wait(w_bar, phase=0)
     for i in gl.static_range(KT):
@@ -89,12 +107,8 @@ def _proj_kernel(
     if HAS_BIAS:
         acc = acc + bias[None, :]
     dt: gl.constexpr = out_ptr.dtype.element_ty
-    if RESID:  # x += acc (rounded first), then xg = x * g and the rows' sums of x**2 over these columns
-        x = (res.to(gl.float32) + acc.to(dt).to(gl.float32)).to(dt)
-        gl.store(res_ptr + offs, x, mask=tile)
-        xf = x.to(gl.float32)
-        gl.store(out_ptr + offs, (xf * g[None, :]).to(dt), mask=tile)
-        gl.store(ss_out_ptr + gl.program_id(0) * M + rm, gl.sum(gl.where(tile, xf * xf, 0.0), axis=1), mask=rm < M)
+    if RESID:
+        _residual_out(acc, res, g, res_ptr, out_ptr, ss_out_ptr, offs, tile, rm, M)
     else:
         gl.store(out_ptr + offs, acc.to(dt), mask=tile)
 
