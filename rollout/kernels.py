@@ -15,8 +15,8 @@ gate_up, down, rms_prep.
   chunk and a running sum inside it the column.
 - `linear`: x @ W.T (+ bias) for decode-sized row counts, optionally with SwiGLU in the epilogue (gate_up -> act),
   x and the weight tiles loaded by the TMA copy engine on Hopper; where x and the whole weight slab of a program fit
-  in shared memory (W's qkv and o), and for gate_up, the Gluon kernels of `kernels_gluon` run instead, their
-  weights copied in before the wait;
+  in shared memory (W's qkv and o) the Gluon kernel of `kernels_gluon` runs instead, its weight copied in before
+  the wait;
   `linear_residual` cuts long K into slices (more programs) whose fp32 partials `rms_prep` adds in a fixed order;
   larger batches and weights go to cuBLAS.
 The slot / step counters live in device memory (`ctr = [slot, col]`) so the same launches serve every step.
@@ -50,9 +50,6 @@ LINEAR_TMA = True
 # bf16 projections on Hopper whose weight slab and x fit in shared memory at once (W's qkv and o) run the Gluon kernel
 # of `kernels_gluon`, which copies the weight in before its wait (x1.38 per projection in a chain, bench/RESULTS.md)
 LINEAR_GLUON = True
-# ... and the MLP's gate_up with SwiGLU: (BN gate columns, column tiles per program, BK) of
-# `kernels_gluon._glu_kernel`, which holds all of x and streams its weights; None: the Triton kernel
-LINEAR_GLUON_GLU: tuple[int, int, int] | None = None
 
 
 @functools.cache
@@ -521,15 +518,11 @@ def _launch(x, weight, bias, n, glu, norm, resid):
         ss_out = torch.empty((grid[0], m), device=x.device, dtype=torch.float32) if resid is not None else x
     on = pdl(x)
     tma = on and LINEAR_TMA and not ieee
-    if tma and LINEAR_GLUON and splits == 1 and x.dtype == torch.bfloat16:
-        from rollout import kernels_gluon as KG
+    if tma and LINEAR_GLUON and splits == 1 and not glu and x.dtype == torch.bfloat16:
+        from rollout import kernels_gluon
 
-        stages = KG.glu_stages(m, k, LINEAR_GLUON_GLU, x.element_size()) if glu and LINEAR_GLUON_GLU else 0
-        if stages:
-            KG.launch_glu(x, weight, bias, out, LINEAR_GLUON_GLU, stages, norm)
-            return out, ss_out
-        if not glu and KG.fits(m, k, cfg.bn, x.element_size()):
-            KG.launch(x, weight, bias, out, cfg.bn, norm, resid, ss_out)
+        if kernels_gluon.fits(m, k, cfg.bn, x.element_size()):
+            kernels_gluon.launch(x, weight, bias, out, cfg.bn, norm, resid, ss_out)
             return out, ss_out
     ss_in = x if norm is None else norm.sumsq
     res, g = resid if resid is not None else (x, x)

@@ -1,5 +1,5 @@
 """The decode projections whose weight slab fits in shared memory, in Gluon (Hopper): `rollout.kernels.linear` hands
-them here (`_proj_kernel`; `_glu_kernel` for the MLP's gate and up). Each program copies its BN weight rows x all of K into shared memory (TMA, one mbarrier) before the
+them here. Each program copies its BN weight rows x all of K into shared memory (TMA, one mbarrier) before the
 programmatic-dependent wait, so the copy overlaps the kernel before; after the wait only x arrives (one mbarrier per
 K tile, each warpgroup MMA starts on its tile). Triton's `tl` can only ask L2 for the weight there: in a chain of W's
 o projections this kernel takes 2.49 µs against 3.43 (bench/gluon_proj.py, bench/RESULTS.md). The epilogues are
@@ -15,7 +15,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 BM, BK = 64, 128
 # shared memory a program may take for x and its weight slab (the H200/H100 allow 227 KiB per block)
-SMEM_BYTES = 220 * 1024
+SMEM_BYTES = 200 * 1024
 
 
 def fits(m: int, k: int, bn: int, esize: int) -> bool:
@@ -113,141 +113,20 @@ def _proj_kernel(
         gl.store(out_ptr + offs, acc.to(dt), mask=tile)
 
 
-@gluon.jit
-def _load_w(w_desc, gate, up, bar, n0, N, k):
-    """A weight step of a `_glu_kernel` program into a ring stage: its gate rows n0.. and its up rows, N further."""
-    mbarrier.expect(bar, 2 * w_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(w_desc, [n0, k], bar, gate)
-    tma.async_copy_global_to_shared(w_desc, [N + n0, k], bar, up)
-
-
-@gluon.jit
-def _glu_out(acc, acc_up, r, b_ptr, out_ptr, rm, n0, M, N, HAS_BIAS: gl.constexpr, NORM: gl.constexpr):
-    """A `_glu_kernel` tile's epilogue: the RowNorm's row scale r, the biases, silu(gate) * up rounded where
-    `kernels._swiglu` rounds, stored."""
-    dt: gl.constexpr = out_ptr.dtype.element_ty
-    rn = n0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
-    if NORM:
-        acc = acc * r[:, None]
-        acc_up = acc_up * r[:, None]
-    if HAS_BIAS:
-        acc = acc + gl.load(b_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[None, :]
-        acc_up = acc_up + gl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(gl.float32)[None, :]
-    gate = acc.to(dt).to(gl.float32)
-    y = (gate / (1.0 + gl.exp(-gate))).to(dt).to(gl.float32) * acc_up.to(dt).to(gl.float32)
-    gl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(dt), mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-@gluon.jit
-def _glu_kernel(
-    x_desc, w_desc, b_ptr, out_ptr, M, N, ss_in_ptr, T, eps,
-    KT: gl.constexpr, TPP: gl.constexpr, S: gl.constexpr, HAS_BIAS: gl.constexpr, NORM: gl.constexpr,
-    TP: gl.constexpr, num_warps: gl.constexpr,
-):  # fmt: skip
-    """silu(x @ Wg.T) * (x @ Wu.T) for TPP column tiles of BN, W = [gate; up] (2N rows). Every program of gate_up
-    reads all of x, so x is fetched once per program (all K tiles at once after the wait) and a program covers
-    TPP tiles, its weight streaming through a ring of S stages whose first fill is issued before the wait. Rounded
-    where `kernels._swiglu` rounds."""
-    BMC: gl.constexpr = x_desc.block_type.shape[0]
-    BKC: gl.constexpr = x_desc.block_type.shape[1]
-    BN: gl.constexpr = w_desc.block_type.shape[0]
-    K = x_desc.shape[1]
-    n_base = gl.program_id(0) * (TPP * BN)
-    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                     instr_shape=[16, BN, 16])  # fmt: skip
-    rm = gl.arange(0, BMC, layout=gl.SliceLayout(1, layout))
-
-    w_smem = gl.allocate_shared_memory(w_desc.dtype, [2 * S, BN, BKC], w_desc.layout)
-    x_smem = gl.allocate_shared_memory(x_desc.dtype, [KT, BMC, BKC], x_desc.layout)
-    w_bar = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
-    x_bar = gl.allocate_shared_memory(gl.int64, [KT, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(S):
-        mbarrier.init(w_bar.index(s), count=1)
-    for i in gl.static_range(KT):
-        mbarrier.init(x_bar.index(i), count=1)
-    for j in gl.static_range(S):  # weight step j: column tile j // KT, K tile j % KT, ring stage j % S
-        _load_w(w_desc, w_smem.index(2 * j), w_smem.index(2 * j + 1), w_bar.index(j), n_base + (j // KT) * BN, N,
-                (j % KT) * BKC)  # fmt: skip
-    _griddep()
-    for i in gl.static_range(KT):
-        mbarrier.expect(x_bar.index(i), x_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(x_desc, [0, i * BKC], x_bar.index(i), x_smem.index(i))
-    r = _row_scale(ss_in_ptr, rm, M, T, K, eps, TP) if NORM else rm
-    for t in range(TPP):
-        acc = gl.zeros([BMC, BN], gl.float32, layout=layout)
-        acc_up = gl.zeros([BMC, BN], gl.float32, layout=layout)
-        for i in gl.static_range(KT):
-            step = t * KT + i  # ring stage step % S, filled for the (step // S)-th time
-            mbarrier.wait(x_bar.index(i), phase=0)
-            mbarrier.wait(w_bar.index(step % S), phase=(step // S) % 2)
-            acc = warpgroup_mma(x_smem.index(i), w_smem.index(2 * (step % S)).permute((1, 0)), acc, is_async=True)
-            acc_up = warpgroup_mma(x_smem.index(i), w_smem.index(2 * (step % S) + 1).permute((1, 0)), acc_up,
-                                   is_async=True)  # fmt: skip
-            # step step - 1's MMAs are done once at most this step's two are in flight: its stage takes step step - 1 + S
-            acc, acc_up = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_up))
-            nxt = step - 1 + S
-            if (step >= 1) & (nxt < TPP * KT):
-                _load_w(w_desc, w_smem.index(2 * (nxt % S)), w_smem.index(2 * (nxt % S) + 1), w_bar.index(nxt % S),
-                        n_base + (nxt // KT) * BN, N, (nxt % KT) * BKC)  # fmt: skip
-        acc, acc_up = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_up))
-        _glu_out(acc, acc_up, r, b_ptr, out_ptr, rm, n_base + t * BN, M, N, HAS_BIAS, NORM)
-    for s in gl.static_range(S):
-        mbarrier.invalidate(w_bar.index(s))
-    for i in gl.static_range(KT):
-        mbarrier.invalidate(x_bar.index(i))
-
-
-def _descs(x, weight, bn: int, bk: int):
-    lay_x = gl.NVMMASharedLayout.get_default_for([BM, bk], gl.bfloat16)
-    lay_w = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.bfloat16)
-    return TensorDescriptor.from_tensor(x, [BM, bk], lay_x), TensorDescriptor.from_tensor(weight, [bn, bk], lay_w)
-
-
-def _pow2_at_least(n: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return p
-
-
-# a `_glu_kernel` program streams its weight through at least this many ring stages (fewer: the Triton kernel)
-GLU_MIN_STAGES = 4
-
-
-def glu_stages(m: int, k: int, shape: tuple[int, int, int], esize: int) -> int:
-    """The weight ring stages of a `_glu_kernel` program of `launch_glu`'s shape (as many as fit beside all of x,
-    at most its steps), 0 when fewer than GLU_MIN_STAGES fit."""
-    bn, tpp, bk = shape
-    kt = -(-k // bk)
-    free = SMEM_BYTES - kt * BM * bk * esize
-    stages = min(tpp * kt, free // (2 * bn * bk * esize))
-    return stages if m <= BM and stages >= GLU_MIN_STAGES else 0
-
-
-def launch_glu(x, weight, bias, out, shape: tuple[int, int, int], stages: int, norm) -> None:
-    """out = silu(x @ Wg.T) * (x @ Wu.T) (+ biases), weight = [gate; up], shape (BN, tiles per program, BK);
-    stages from `glu_stages`; norm: a RowNorm whose xg is x."""
-    bn, tpp, bk = shape
-    m, k = x.shape
-    n = weight.shape[0] // 2
-    x_desc, w_desc = _descs(x, weight, bn, bk)
-    ss_in = x if norm is None else norm.sumsq
-    _glu_kernel[(-(-n // (bn * tpp)),)](
-        x_desc, w_desc, weight if bias is None else bias, out, m, n, ss_in, ss_in.shape[0],
-        0.0 if norm is None else norm.eps, -(-k // bk), tpp, stages, bias is not None, norm is not None,
-        _pow2_at_least(ss_in.shape[0]), num_warps=4, launch_pdl=True,
-    )  # fmt: skip
-
-
 def launch(x, weight, bias, out, bn: int, norm, resid, ss_out) -> None:
     """out = x @ weight.T with `kernels.linear`'s epilogues (norm: a RowNorm whose xg is x; resid: (residual,
     next norm weight), then out is the next xg and ss_out its [N / bn, M] sums). Caller checks `fits`."""
     m, k = x.shape
     n = weight.shape[0]
-    x_desc, w_desc = _descs(x, weight, bn, BK)
+    lay_x = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
+    lay_w = gl.NVMMASharedLayout.get_default_for([bn, BK], gl.bfloat16)
+    x_desc = TensorDescriptor.from_tensor(x, [BM, BK], lay_x)
+    w_desc = TensorDescriptor.from_tensor(weight, [bn, BK], lay_w)
     ss_in = x if norm is None else norm.sumsq
     res, g = resid if resid is not None else (x, x)
-    tp = _pow2_at_least(ss_in.shape[0])
+    tp = 1
+    while tp < ss_in.shape[0]:
+        tp *= 2
     _proj_kernel[(-(-n // bn),)](
         x_desc, w_desc, weight if bias is None else bias, out, m, n, ss_in, ss_in.shape[0],
         0.0 if norm is None else norm.eps, res, g, ss_out, -(-k // BK), bias is not None, norm is not None,
