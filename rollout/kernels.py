@@ -50,9 +50,6 @@ LINEAR_TMA = True
 # bf16 projections on Hopper whose weight slab and x fit in shared memory at once (W's qkv and o) run the Gluon kernel
 # of `kernels_gluon`, which copies the weight in before its wait (x1.38 per projection in a chain, bench/RESULTS.md)
 LINEAR_GLUON = True
-# ... each column tile by this many programs, each for its share of the (up to 64) rows: less of x arrives per program
-# after the wait
-LINEAR_GLUON_PARTS = 1
 
 
 @functools.cache
@@ -525,7 +522,7 @@ def _launch(x, weight, bias, n, glu, norm, resid):
         from rollout import kernels_gluon
 
         if kernels_gluon.fits(m, k, cfg.bn, x.element_size()):
-            kernels_gluon.launch(x, weight, bias, out, cfg.bn, norm, resid, ss_out, LINEAR_GLUON_PARTS)
+            kernels_gluon.launch(x, weight, bias, out, cfg.bn, norm, resid, ss_out)
             return out, ss_out
     ss_in = x if norm is None else norm.sumsq
     res, g = resid if resid is not None else (x, x)

@@ -41,7 +41,7 @@ def _row_scale(ss_ptr, rm, M, T, K, eps, TP: gl.constexpr):
 
 
 @gluon.jit
-def _residual_out(acc, res, g, res_ptr, xg_ptr, ss_ptr, offs, tile, rm, rows, M):
+def _residual_out(acc, res, g, res_ptr, xg_ptr, ss_ptr, offs, tile, rm, M):
     """x = res + acc (acc rounded to x's dtype first) into the residual stream, then the next RowNorm over these
     columns: xg = x * g and the rows' sums of x**2 into the program's row of `ss_ptr`."""
     dt: gl.constexpr = res_ptr.dtype.element_ty
@@ -49,7 +49,7 @@ def _residual_out(acc, res, g, res_ptr, xg_ptr, ss_ptr, offs, tile, rm, rows, M)
     gl.store(res_ptr + offs, x, mask=tile)
     xf = x.to(gl.float32)
     gl.store(xg_ptr + offs, (xf * g[None, :]).to(dt), mask=tile)
-    gl.store(ss_ptr + gl.program_id(0) * M + rm, gl.sum(gl.where(tile, xf * xf, 0.0), axis=1), mask=rows)
+    gl.store(ss_ptr + gl.program_id(0) * M + rm, gl.sum(gl.where(tile, xf * xf, 0.0), axis=1), mask=rm < M)
 
 
 @gluon.jit
@@ -58,27 +58,21 @@ def _proj_kernel(
     KT: gl.constexpr, HAS_BIAS: gl.constexpr, NORM: gl.constexpr, TP: gl.constexpr, RESID: gl.constexpr,
     num_warps: gl.constexpr,
 ):  # fmt: skip
-    """One program: columns n0 .. n0+BN of x @ W.T for XR of x's rows (program id 1 picks which), K in KT tiles of
-    BK. The warpgroup MMA is 64 rows tall: with XR < 64 only the first XR rows of its x tiles are filled (the rest
-    only feed rows that are never stored), so less of x has to arrive after the wait."""
-    MM: gl.constexpr = 64
-    XR: gl.constexpr = x_desc.block_type.shape[0]
+    """One program: columns n0 .. n0+BN of x @ W.T for x's (up to) BM rows, K in KT tiles of BK."""
+    BMC: gl.constexpr = x_desc.block_type.shape[0]
     BKC: gl.constexpr = x_desc.block_type.shape[1]
     BN: gl.constexpr = w_desc.block_type.shape[0]
     K = x_desc.shape[1]
     n0 = gl.program_id(0) * BN
-    m0 = gl.program_id(1) * XR
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, BN, 16])  # fmt: skip
-    lr = gl.arange(0, MM, layout=gl.SliceLayout(1, layout))
-    rm = m0 + lr
-    rows = (lr < XR) & (rm < M)
+    rm = gl.arange(0, BMC, layout=gl.SliceLayout(1, layout))
     rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-    tile = rows[:, None] & (rn[None, :] < N)
+    tile = (rm[:, None] < M) & (rn[None, :] < N)
     offs = rm[:, None] * N + rn[None, :]
 
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [KT, BN, BKC], w_desc.layout)
-    x_smem = gl.allocate_shared_memory(x_desc.dtype, [KT, MM, BKC], x_desc.layout)
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [KT, BMC, BKC], x_desc.layout)
     w_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     x_bar = gl.allocate_shared_memory(gl.int64, [KT, 1], mbarrier.MBarrierLayout())
     mbarrier.init(w_bar, count=1)
@@ -96,13 +90,10 @@ def _proj_kernel(
     _griddep()
     for i in gl.static_range(KT):
         mbarrier.expect(x_bar.index(i), x_desc.block_type.nbytes)
-        if XR == MM:
-            tma.async_copy_global_to_shared(x_desc, [m0, i * BKC], x_bar.index(i), x_smem.index(i))
-        else:
-            tma.async_copy_global_to_shared(x_desc, [m0, i * BKC], x_bar.index(i), x_smem.index(i).slice(0, XR))
+        tma.async_copy_global_to_shared(x_desc, [0, i * BKC], x_bar.index(i), x_smem.index(i))
     if NORM:
         r = _row_scale(ss_in_ptr, rm, M, T, K, eps, TP)
-    acc = gl.zeros([MM, BN], gl.float32, layout=layout)
+    acc = gl.zeros([BMC, BN], gl.float32, layout=layout)
     mbarrier.wait(w_bar, phase=0)
     for i in gl.static_range(KT):
         mbarrier.wait(x_bar.index(i), phase=0)
@@ -117,30 +108,27 @@ def _proj_kernel(
         acc = acc + bias[None, :]
     dt: gl.constexpr = out_ptr.dtype.element_ty
     if RESID:
-        _residual_out(acc, res, g, res_ptr, out_ptr, ss_out_ptr, offs, tile, rm, rows, M)
+        _residual_out(acc, res, g, res_ptr, out_ptr, ss_out_ptr, offs, tile, rm, M)
     else:
         gl.store(out_ptr + offs, acc.to(dt), mask=tile)
 
 
-def launch(x, weight, bias, out, bn: int, norm, resid, ss_out, parts: int = 1) -> None:
+def launch(x, weight, bias, out, bn: int, norm, resid, ss_out) -> None:
     """out = x @ weight.T with `kernels.linear`'s epilogues (norm: a RowNorm whose xg is x; resid: (residual,
-    next norm weight), then out is the next xg and ss_out its [N / bn, M] sums). parts: programs per column tile,
-    each for BM / parts of x's rows (K tiles of 64 then: a row slice of a 128-byte-swizzled tile is a whole tile of
-    its own). Caller checks `fits`."""
+    next norm weight), then out is the next xg and ss_out its [N / bn, M] sums). Caller checks `fits`."""
     m, k = x.shape
     n = weight.shape[0]
-    xr, bk = BM // parts, BK if parts == 1 else 64
-    lay_x = gl.NVMMASharedLayout.get_default_for([xr, bk], gl.bfloat16)
-    lay_w = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.bfloat16)
-    x_desc = TensorDescriptor.from_tensor(x, [xr, bk], lay_x)
-    w_desc = TensorDescriptor.from_tensor(weight, [bn, bk], lay_w)
+    lay_x = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
+    lay_w = gl.NVMMASharedLayout.get_default_for([bn, BK], gl.bfloat16)
+    x_desc = TensorDescriptor.from_tensor(x, [BM, BK], lay_x)
+    w_desc = TensorDescriptor.from_tensor(weight, [bn, BK], lay_w)
     ss_in = x if norm is None else norm.sumsq
     res, g = resid if resid is not None else (x, x)
     tp = 1
     while tp < ss_in.shape[0]:
         tp *= 2
-    _proj_kernel[(-(-n // bn), -(-m // xr))](
+    _proj_kernel[(-(-n // bn),)](
         x_desc, w_desc, weight if bias is None else bias, out, m, n, ss_in, ss_in.shape[0],
-        0.0 if norm is None else norm.eps, res, g, ss_out, -(-k // bk), bias is not None, norm is not None,
+        0.0 if norm is None else norm.eps, res, g, ss_out, -(-k // BK), bias is not None, norm is not None,
         tp, resid is not None, num_warps=4, launch_pdl=True,
     )  # fmt: skip
