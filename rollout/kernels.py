@@ -50,6 +50,11 @@ LINEAR_TMA = True
 # bf16 projections on Hopper whose weight slab and x fit in shared memory at once (W's qkv and o) run the Gluon kernel
 # of `kernels_gluon`, which copies the weight in before its wait (x1.38 per projection in a chain, bench/RESULTS.md)
 LINEAR_GLUON = True
+# ... with x through a ring of this many K tiles (0: all of x at once). Not for the bytes in flight: a program that
+# keeps less shared memory lets the next kernel's programs onto its SM early (o's 137 KB leave room for a gate_up
+# program, its 171 KB with all of x did not). W's rollout x1.037-1.039 over all of x, rings of 4 and 6 within 0.4%,
+# 2 and 3 slower (bench/ab_kernels.py, bench/RESULTS.md)
+LINEAR_GLUON_RING = 5
 
 
 @functools.cache
@@ -522,7 +527,7 @@ def _launch(x, weight, bias, n, glu, norm, resid):
         from rollout import kernels_gluon
 
         if kernels_gluon.fits(m, k, cfg.bn, x.element_size()):
-            kernels_gluon.launch(x, weight, bias, out, cfg.bn, norm, resid, ss_out)
+            kernels_gluon.launch(x, weight, bias, out, cfg.bn, norm, resid, ss_out, LINEAR_GLUON_RING)
             return out, ss_out
     ss_in = x if norm is None else norm.sumsq
     res, g = resid if resid is not None else (x, x)

@@ -1,10 +1,10 @@
 """The decode projections whose weight slab fits in shared memory, in Gluon (Hopper): `rollout.kernels.linear` hands
 them here. Each program copies its BN weight rows x all of K into shared memory (TMA, one mbarrier) before the
-programmatic-dependent wait, so the copy overlaps the kernel before; after the wait only x arrives (one mbarrier per
-K tile, each warpgroup MMA starts on its tile). Triton's `tl` can only ask L2 for the weight there: in a chain of W's
-o projections this kernel takes 2.49 µs against 3.43 (bench/gluon_proj.py, bench/RESULTS.md). The epilogues are
-`kernels._linear_kernel`'s: the RowNorm's row scale, the bias, or the residual add with the next RowNorm's xg and
-sums, rounded where it rounds."""
+programmatic-dependent wait, so the copy overlaps the kernel before; after the wait only x arrives, through a ring
+of K tiles (one mbarrier per slot, each warpgroup MMA starts on its tile; a slot is refilled once its MMA is done).
+Triton's `tl` can only ask L2 for the weight there: in a chain of W's o projections this kernel takes 2.49 µs
+against 3.43 (bench/gluon_proj.py, bench/RESULTS.md). The epilogues are `kernels._linear_kernel`'s: the RowNorm's
+row scale, the bias, or the residual add with the next RowNorm's xg and sums, rounded where it rounds."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ SMEM_BYTES = 200 * 1024
 
 
 def fits(m: int, k: int, bn: int, esize: int) -> bool:
-    """Whether x [m, k] and a [bn, k] weight slab fit in one program's shared memory at once."""
+    """Whether x [m, k] and a [bn, k] weight slab fit in one program's shared memory at once (the shapes measured;
+    with a ring the program holds less of x)."""
     return m <= BM and -(-k // BK) * (BM + bn) * BK * esize <= SMEM_BYTES
 
 
@@ -55,10 +56,11 @@ def _residual_out(acc, res, g, res_ptr, xg_ptr, ss_ptr, offs, tile, rm, M):
 @gluon.jit
 def _proj_kernel(
     x_desc, w_desc, b_ptr, out_ptr, M, N, ss_in_ptr, T, eps, res_ptr, g_ptr, ss_out_ptr,
-    KT: gl.constexpr, HAS_BIAS: gl.constexpr, NORM: gl.constexpr, TP: gl.constexpr, RESID: gl.constexpr,
-    num_warps: gl.constexpr,
+    KT: gl.constexpr, XS: gl.constexpr, HAS_BIAS: gl.constexpr, NORM: gl.constexpr, TP: gl.constexpr,
+    RESID: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
-    """One program: columns n0 .. n0+BN of x @ W.T for x's (up to) BM rows, K in KT tiles of BK."""
+    """One program: columns n0 .. n0+BN of x @ W.T for x's (up to) BM rows, K in KT tiles of BK; x arrives through a
+    ring of XS tiles (XS = KT: all of it at once)."""
     BMC: gl.constexpr = x_desc.block_type.shape[0]
     BKC: gl.constexpr = x_desc.block_type.shape[1]
     BN: gl.constexpr = w_desc.block_type.shape[0]
@@ -72,11 +74,11 @@ def _proj_kernel(
     offs = rm[:, None] * N + rn[None, :]
 
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [KT, BN, BKC], w_desc.layout)
-    x_smem = gl.allocate_shared_memory(x_desc.dtype, [KT, BMC, BKC], x_desc.layout)
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [XS, BMC, BKC], x_desc.layout)
     w_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    x_bar = gl.allocate_shared_memory(gl.int64, [KT, 1], mbarrier.MBarrierLayout())
+    x_bar = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
     mbarrier.init(w_bar, count=1)
-    for i in gl.static_range(KT):
+    for i in gl.static_range(XS):
         mbarrier.init(x_bar.index(i), count=1)
     # before the wait: what the kernel just before does not write (the weight, the bias, the residual stream)
     mbarrier.expect(w_bar, KT * w_desc.block_type.nbytes)
@@ -88,7 +90,7 @@ def _proj_kernel(
         res = gl.load(res_ptr + offs, mask=tile, other=0.0)
         g = gl.load(g_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)
     _griddep()
-    for i in gl.static_range(KT):
+    for i in gl.static_range(XS):
         mbarrier.expect(x_bar.index(i), x_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(x_desc, [0, i * BKC], x_bar.index(i), x_smem.index(i))
     if NORM:
@@ -96,11 +98,15 @@ def _proj_kernel(
     acc = gl.zeros([BMC, BN], gl.float32, layout=layout)
     mbarrier.wait(w_bar, phase=0)
     for i in gl.static_range(KT):
-        mbarrier.wait(x_bar.index(i), phase=0)
-        acc = warpgroup_mma(x_smem.index(i), w_smem.index(i).permute((1, 0)), acc, is_async=True)
+        mbarrier.wait(x_bar.index(i % XS), phase=(i // XS) % 2)
+        acc = warpgroup_mma(x_smem.index(i % XS), w_smem.index(i).permute((1, 0)), acc, is_async=True)
+        if i + XS < KT:  # the ring slot takes tile i + XS once this MMA is done
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.expect(x_bar.index(i % XS), x_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(x_desc, [0, (i + XS) * BKC], x_bar.index(i % XS), x_smem.index(i % XS))
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.invalidate(w_bar)
-    for i in gl.static_range(KT):
+    for i in gl.static_range(XS):
         mbarrier.invalidate(x_bar.index(i))
     if NORM:
         acc = acc * r[:, None]
@@ -113,7 +119,7 @@ def _proj_kernel(
         gl.store(out_ptr + offs, acc.to(dt), mask=tile)
 
 
-def launch(x, weight, bias, out, bn: int, norm, resid, ss_out) -> None:
+def launch(x, weight, bias, out, bn: int, norm, resid, ss_out, ring: int = 0) -> None:
     """out = x @ weight.T with `kernels.linear`'s epilogues (norm: a RowNorm whose xg is x; resid: (residual,
     next norm weight), then out is the next xg and ss_out its [N / bn, M] sums). Caller checks `fits`."""
     m, k = x.shape
@@ -129,6 +135,6 @@ def launch(x, weight, bias, out, bn: int, norm, resid, ss_out) -> None:
         tp *= 2
     _proj_kernel[(-(-n // bn),)](
         x_desc, w_desc, weight if bias is None else bias, out, m, n, ss_in, ss_in.shape[0],
-        0.0 if norm is None else norm.eps, res, g, ss_out, -(-k // BK), bias is not None, norm is not None,
+        0.0 if norm is None else norm.eps, res, g, ss_out, -(-k // BK), min(ring or k, -(-k // BK)), bias is not None, norm is not None,
         tp, resid is not None, num_warps=4, launch_pdl=True,
     )  # fmt: skip
