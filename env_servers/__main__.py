@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from env_servers.api import EnvError
     from env_servers.app import create_app
+    from env_servers.protocol import SERVER_KEEPALIVE_S
     from env_servers.registry import make_factory, wire_of
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -84,7 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(
         factory, name=args.env, wire=wire, ttl=args.ttl, max_envs=args.max_envs, http_errors=args.http_errors
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
+        timeout_keep_alive=SERVER_KEEPALIVE_S,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

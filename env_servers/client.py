@@ -21,6 +21,7 @@ import httpx
 
 from env_servers.api import Env, EnvError, Observation, StepResult
 from env_servers.pool import EnvNotFound, EpisodeDone, PoolFull
+from env_servers.protocol import CLIENT_KEEPALIVE_S
 from rollout.recovery import DEFAULT_BUDGET_S, Recovery, http_attempt
 
 _ERRORS = {404: EnvNotFound, 409: EpisodeDone, 429: PoolFull}
@@ -69,7 +70,12 @@ class EnvClient:
         self.timeout, self.recovery = timeout, Recovery(recovery_s)
         self.bare: bool | None = None  # searchqa-style server (bare int/str responses); known after create
         headers = {"Authorization": f"Bearer {token}"} if token else {}  # RLDOCK_ENV_TOKEN (env_servers/app.py)
-        self._http = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0), headers=headers)
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            headers=headers,
+            limits=httpx.Limits(keepalive_expiry=CLIENT_KEEPALIVE_S),
+        )
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         # only a refused connection is safe to retry: nothing was sent (a step is not idempotent)

@@ -20,6 +20,12 @@ from env_servers.api import EnvError, Observation, StepResult
 MAX_BODY_BYTES = 1 << 20
 MAX_ACTION_CHARS = 65536
 MAX_ID = 2**53  # JSON-safe integers; larger ones are certainly not ours
+# Idle keep-alive connections: the client drops its own well before our servers close theirs. With both at httpx's
+# and uvicorn's default (5 s) a step sent on a connection the server was closing at that moment failed with "Server
+# disconnected without sending a response" (a step is not retried: it is not idempotent); 2 s also stays under
+# gunicorn's default for AgentGym servers run that way.
+CLIENT_KEEPALIVE_S = 2.0
+SERVER_KEEPALIVE_S = 30
 _DECIMAL = re.compile(r"-?[0-9]{1,16}")
 
 

@@ -351,3 +351,27 @@ def test_a_client_gone_mid_body_is_no_server_error(tmp_path_factory):
         stop_server(proc)
     text = log.read_text()
     assert "Traceback" not in text and "internal error" not in text, text[-2000:]
+
+
+def test_an_idle_connection_outlives_the_clients_keepalive(searchqa_url):
+    """The server keeps an idle keep-alive connection open well past the client's expiry (`protocol`'s two numbers),
+    so a step never goes out on a connection the server is closing: the same connection answers a second request
+    after CLIENT_KEEPALIVE_S + 4 s idle (uvicorn's default, 5 s, had closed it by then)."""
+    import http.client
+
+    from env_servers.protocol import CLIENT_KEEPALIVE_S, SERVER_KEEPALIVE_S
+
+    assert CLIENT_KEEPALIVE_S + 4 < SERVER_KEEPALIVE_S
+    host, port = searchqa_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        sockets = []
+        for _ in range(2):
+            conn.request("GET", "/health")
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
+            sockets.append(conn.sock)
+            time.sleep(CLIENT_KEEPALIVE_S + 4)
+        assert sockets[0] is sockets[1]  # not a reconnect: the idle connection itself answered
+    finally:
+        conn.close()
