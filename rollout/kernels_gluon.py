@@ -54,6 +54,27 @@ def _residual_out(acc, res, g, res_ptr, xg_ptr, ss_ptr, offs, tile, rm, M):
 
 
 @gluon.jit
+def _load_x(x_desc, bar, dst, k):
+    """x's K tile at column k into a ring slot, counted on its mbarrier."""
+    mbarrier.expect(bar, x_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(x_desc, [0, k], bar, dst)
+
+
+@gluon.jit
+def _mma_ring(x_desc, x_smem, x_bar, w_smem, acc, KT: gl.constexpr, XS: gl.constexpr):
+    """acc + x @ W.T over KT K tiles, the weight's all in shared memory, x's arriving in a ring of XS slots whose
+    first fill is under way; a slot takes tile i + XS once tile i's MMA is done."""
+    BKC: gl.constexpr = x_desc.block_type.shape[1]
+    for i in gl.static_range(KT):
+        mbarrier.wait(x_bar.index(i % XS), phase=(i // XS) % 2)
+        acc = warpgroup_mma(x_smem.index(i % XS), w_smem.index(i).permute((1, 0)), acc, is_async=True)
+        if i + XS < KT:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            _load_x(x_desc, x_bar.index(i % XS), x_smem.index(i % XS), (i + XS) * BKC)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+
+@gluon.jit
 def _proj_kernel(
     x_desc, w_desc, b_ptr, out_ptr, M, N, ss_in_ptr, T, eps, res_ptr, g_ptr, ss_out_ptr,
     KT: gl.constexpr, XS: gl.constexpr, HAS_BIAS: gl.constexpr, NORM: gl.constexpr, TP: gl.constexpr,
@@ -91,20 +112,11 @@ def _proj_kernel(
         g = gl.load(g_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)
     _griddep()
     for i in gl.static_range(XS):
-        mbarrier.expect(x_bar.index(i), x_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(x_desc, [0, i * BKC], x_bar.index(i), x_smem.index(i))
+        _load_x(x_desc, x_bar.index(i), x_smem.index(i), i * BKC)
     if NORM:
         r = _row_scale(ss_in_ptr, rm, M, T, K, eps, TP)
-    acc = gl.zeros([BMC, BN], gl.float32, layout=layout)
     mbarrier.wait(w_bar, phase=0)
-    for i in gl.static_range(KT):
-        mbarrier.wait(x_bar.index(i % XS), phase=(i // XS) % 2)
-        acc = warpgroup_mma(x_smem.index(i % XS), w_smem.index(i).permute((1, 0)), acc, is_async=True)
-        if i + XS < KT:  # the ring slot takes tile i + XS once this MMA is done
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.expect(x_bar.index(i % XS), x_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(x_desc, [0, (i + XS) * BKC], x_bar.index(i % XS), x_smem.index(i % XS))
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    acc = _mma_ring(x_desc, x_smem, x_bar, w_smem, gl.zeros([BMC, BN], gl.float32, layout=layout), KT, XS)
     mbarrier.invalidate(w_bar)
     for i in gl.static_range(XS):
         mbarrier.invalidate(x_bar.index(i))
