@@ -131,11 +131,12 @@ def _proj_kernel(
         gl.store(out_ptr + offs, acc.to(dt), mask=tile)
 
 
-def launch(x, weight, bias, out, bn: int, norm, resid, ss_out, ring: int = 0) -> None:
+def launch(x, weight, bias, out, bn: int, norm, resid, ss_out, ring: int) -> None:
     """out = x @ weight.T with `kernels.linear`'s epilogues (norm: a RowNorm whose xg is x; resid: (residual,
-    next norm weight), then out is the next xg and ss_out its [N / bn, M] sums). Caller checks `fits`."""
+    next norm weight), then out is the next xg and ss_out its [N / bn, M] sums); x through a ring of `ring` K tiles
+    (0: all of them). Caller checks `fits`."""
     m, k = x.shape
-    n = weight.shape[0]
+    n, kt = weight.shape[0], -(-k // BK)
     lay_x = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
     lay_w = gl.NVMMASharedLayout.get_default_for([bn, BK], gl.bfloat16)
     x_desc = TensorDescriptor.from_tensor(x, [BM, BK], lay_x)
@@ -147,6 +148,6 @@ def launch(x, weight, bias, out, bn: int, norm, resid, ss_out, ring: int = 0) ->
         tp *= 2
     _proj_kernel[(-(-n // bn),)](
         x_desc, w_desc, weight if bias is None else bias, out, m, n, ss_in, ss_in.shape[0],
-        0.0 if norm is None else norm.eps, res, g, ss_out, -(-k // BK), min(ring or k, -(-k // BK)), bias is not None, norm is not None,
-        tp, resid is not None, num_warps=4, launch_pdl=True,
+        0.0 if norm is None else norm.eps, res, g, ss_out, kt, min(ring, kt) if ring else kt, bias is not None,
+        norm is not None, tp, resid is not None, num_warps=4, launch_pdl=True,
     )  # fmt: skip
