@@ -413,6 +413,32 @@ def finish(y: torch.Tensor, norm: RowNorm | None = None, bias: torch.Tensor | No
 
 
 @triton.jit
+def _k_slice(
+    x_ptr, w_ptr, x_desc, w_desc, rm, rn, n0, k_lo, k_hi, M, N, K,
+    GLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """`_linear_kernel`'s K loop over k_lo .. k_hi: the fp32 tiles x @ W[n0:n0+BN].T and (GLU) of the up half."""
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc_up = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        if TMA:  # slices are whole BK blocks (`_launch`), so a block never crosses into the next slice
+            x = x_desc.load([tl.program_id(1) * BM, k0])
+            acc = tl.dot(x, w_desc.load([n0, k0]).T, acc)
+            if GLU:
+                acc_up = tl.dot(x, w_desc.load([N + n0, k0]).T, acc_up)
+        else:
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
+            wmask = (rn[None, :] < N) & (rk[:, None] < k_hi)
+            w = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=wmask, other=0.0)
+            acc = tl.dot(x, w, acc, input_precision="ieee" if IEEE else None)
+            if GLU:
+                u = tl.load(w_ptr + (N + rn)[None, :] * K + rk[:, None], mask=wmask, other=0.0)
+                acc_up = tl.dot(x, u, acc_up, input_precision="ieee" if IEEE else None)
+    return acc, acc_up
+
+
+@triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_per, ss_in_ptr, T, eps, res_ptr, g_ptr, ss_out_ptr, x_desc, w_desc,
     HAS_BIAS: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, TP: tl.constexpr, RESID: tl.constexpr,
@@ -444,24 +470,8 @@ def _linear_kernel(
         if GLU:
             bias_up = tl.load(b_ptr + N + rn, mask=bmask, other=0.0).to(tl.float32)[None, :]
     _chain(PDL)
-    acc = tl.zeros([BM, BN], tl.float32)
-    acc_up = tl.zeros([BM, BN], tl.float32)
-    k_hi = tl.minimum(k_lo + k_per, K)
-    for k0 in range(k_lo, k_hi, BK):
-        if TMA:  # slices are whole BK blocks (`_launch`), so a block never crosses into the next slice
-            x = x_desc.load([tl.program_id(1) * BM, k0])
-            acc = tl.dot(x, w_desc.load([n0, k0]).T, acc)
-            if GLU:
-                acc_up = tl.dot(x, w_desc.load([N + n0, k0]).T, acc_up)
-        else:
-            rk = k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
-            wmask = (rn[None, :] < N) & (rk[:, None] < k_hi)
-            w = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=wmask, other=0.0)
-            acc = tl.dot(x, w, acc, input_precision="ieee" if IEEE else None)
-            if GLU:
-                u = tl.load(w_ptr + (N + rn)[None, :] * K + rk[:, None], mask=wmask, other=0.0)
-                acc_up = tl.dot(x, u, acc_up, input_precision="ieee" if IEEE else None)
+    acc, acc_up = _k_slice(x_ptr, w_ptr, x_desc, w_desc, rm, rn, n0, k_lo, tl.minimum(k_lo + k_per, K), M, N, K,
+                           GLU, BM, BN, BK, IEEE, TMA)  # fmt: skip
     if NORM:
         r = _row_scale(ss_in_ptr, rm, M, T, K, eps, TP)[:, None]
         acc = acc * r
