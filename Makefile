@@ -20,6 +20,9 @@ SAVE_DIR ?=
 HF_UPLOAD_PATH ?=
 MERGE_ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`, whole files each (0: one process). Most tests hold one core (servers and
+# trainers at --threads 1) or wait on a subprocess or the Docker engine, so 2 workers on 2 cores halve CI's time.
+TEST_WORKERS ?= 2
 # GPU=0: CPU mode for every docker target (docker/compose.cpu.yml drops the GPU reservations).
 GPU ?= 1
 # MULTINODE=1: the train service on the host's network, for a job over several nodes (docker/compose.multinode.yml).
@@ -92,7 +95,7 @@ train: $(VENV)/.installed ## Train locally, no Docker (CONFIG=configs/gsm8k_tiny
 
 .PHONY: test
 test: $(VENV)/.installed ## Run the test suite (CPU; GPU tests skip)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 .PHONY: merge
 merge: $(VENV)/.installed ## Merge a checkpoint into an HF folder, no Docker (LOCAL_DIR=saves/<exp> [SAVE_DIR=…] [MERGE_ARGS=--verify])

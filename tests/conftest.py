@@ -30,13 +30,27 @@ def _has_cuda() -> bool:
         return False
 
 
+@pytest.hookimpl(trylast=True)  # after tests/docker's conftest has marked its tests
 def pytest_collection_modifyitems(config, items):
+    _heavy_files_first(items)
     if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _heavy_files_first(items: list[pytest.Item]) -> None:
+    """Files with docker-tier tests first, then files with slow ones, each file's tests kept together in their order:
+    pytest-xdist (`make test`, --dist loadfile) hands out files in this order, so the longest start first and the
+    short ones fill the gaps at the end instead of one worker finishing a long file alone."""
+    rank: dict[str, tuple[int, int]] = {}
+    for item in items:
+        file = item.nodeid.split("::")[0]
+        weight = 0 if "docker" in item.keywords else 1 if "slow" in item.keywords else 2
+        rank[file] = (min(weight, rank.get(file, (2, 0))[0]), rank.get(file, (0, len(rank)))[1])
+    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,17 @@ def pytest_collection_modifyitems(items):
 MEASURED: dict[str, object] = {}
 
 
+def pytest_sessionfinish(session):
+    """Under pytest-xdist the stack lives in a worker: hand its timings to the controller, which prints the summary."""
+    if MEASURED and hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["docker_measured"] = dict(MEASURED)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    MEASURED.update(getattr(node, "workeroutput", {}).get("docker_measured", {}))
+
+
 def pytest_terminal_summary(terminalreporter):
     """Build times, sizes and start-up times of this run, for DOCS.md's table."""
     if MEASURED:
