@@ -22,7 +22,7 @@ import grpo_step as G  # noqa: E402  (W's model, prompts and engine bench)
 def parse_args():
     p = G.gpu_bench_parser(__doc__, "version and round")
     p.add_argument("--ref", action="append", default=[], help="another kernels.py to time (repeatable)")
-    args = p.parse_args()
+    args = G.parse_gpu_bench(p)
     for path in args.ref:
         if not Path(path).is_file():
             p.error(f"--ref: no file {path}")

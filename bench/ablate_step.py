@@ -31,7 +31,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--drop", default="none," + ",".join(FAMILIES), help=f"comma-separated, of none,{','.join(FAMILIES)}"
     )
-    args = p.parse_args()
+    args = G.parse_gpu_bench(p)
     bad = set(args.drop.split(",")) - {"none", *FAMILIES}
     if bad:
         p.error(f"--drop: unknown {sorted(bad)}; choose from none,{','.join(FAMILIES)}")

@@ -25,7 +25,7 @@ def parse_args() -> argparse.Namespace:
     p = G.gpu_bench_parser(__doc__, "tile and round")
     p.add_argument("--tiles", default="64:4,128:4,256:4,128:8,256:8", help="comma-separated BLOCK_N:warps")
     p.add_argument("--models", default="w,1.5b", help=f"comma-separated, of {sorted(SHAPES)}")
-    return p.parse_args()
+    return G.parse_gpu_bench(p)
 
 
 @contextlib.contextmanager

@@ -104,13 +104,23 @@ def w_items(tok) -> list[dict]:
 
 
 def gpu_bench_parser(doc: str, what: str) -> argparse.ArgumentParser:
-    """The options every W-rollout GPU bench shares (--steps: timed rollouts per `what`, --tokenizer, --json); the
-    caller adds its sweep option."""
+    """The options every W-rollout GPU bench shares (--steps: timed rollouts per `what`, --tokenizer, --json,
+    --group); the caller adds its sweep option and parses with `parse_gpu_bench`."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3, help=f"timed rollouts per {what} (median reported)")
     p.add_argument("--tokenizer", default="models/smollm2-135m-instruct", help="a 49,152-token tokenizer folder")
     p.add_argument("--json", help="write every figure here")
+    p.add_argument("--group", type=int, default=W["group"], help="completions per prompt: W's rows = 8 x this")
     return p
+
+
+def parse_gpu_bench(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """`gpu_bench_parser`'s arguments; --group sets W's completions per prompt for every bench in this process."""
+    args = p.parse_args()
+    if args.group < 1:
+        p.error("--group must be >= 1")
+    W["group"] = args.group
+    return args
 
 
 def gpu_or_exit(script: str, tokenizer: str):

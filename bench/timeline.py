@@ -76,7 +76,7 @@ def stamped(buf, labels: list[str], spans: list[tuple[int, int, int]]):
 
 def main() -> None:
     p = G.gpu_bench_parser(__doc__, "run")
-    args = p.parse_args()
+    args = G.parse_gpu_bench(p)
     tok, items, model = G.random_w_on_gpu("timeline", args.tokenizer)
     import torch
 
