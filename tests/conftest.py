@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -19,6 +20,26 @@ ROOT = Path(__file__).resolve().parent.parent
 # threads on 2 shared cores, spinning slowed the engine's CPU generation ~10x. Set before any test imports torch;
 # the servers the tests start inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# Build times, sizes and start-up times the docker tier measures (tests/docker/conftest.py), for DOCS.md's table.
+# Here, not there: under pytest-xdist the tier runs in a worker, and only this conftest is loaded in the controller.
+DOCKER_MEASURED: dict[str, object] = {}
+
+
+def pytest_sessionfinish(session):
+    if DOCKER_MEASURED and hasattr(session.config, "workeroutput"):  # a worker: hand them to the controller
+        session.config.workeroutput["docker_measured"] = dict(DOCKER_MEASURED)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    DOCKER_MEASURED.update(getattr(node, "workeroutput", {}).get("docker_measured", {}))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if DOCKER_MEASURED:
+        terminalreporter.write_line(f"docker tier measured: {json.dumps(DOCKER_MEASURED)}")
 
 
 def _has_cuda() -> bool:

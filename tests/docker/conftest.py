@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import DOCKER_MEASURED as MEASURED
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,26 +37,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
             item.add_marker(pytest.mark.docker)
-
-
-MEASURED: dict[str, object] = {}
-
-
-def pytest_sessionfinish(session):
-    """Under pytest-xdist the stack lives in a worker: hand its timings to the controller, which prints the summary."""
-    if MEASURED and hasattr(session.config, "workeroutput"):
-        session.config.workeroutput["docker_measured"] = dict(MEASURED)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node, error):
-    MEASURED.update(getattr(node, "workeroutput", {}).get("docker_measured", {}))
-
-
-def pytest_terminal_summary(terminalreporter):
-    """Build times, sizes and start-up times of this run, for DOCS.md's table."""
-    if MEASURED:
-        terminalreporter.write_line(f"docker tier measured: {json.dumps(MEASURED)}")
 
 
 def run(args: list[str], *, env: dict | None = None, cwd: Path = ROOT, timeout: float = 600, **kw):
