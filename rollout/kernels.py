@@ -55,6 +55,33 @@ LINEAR_GLUON = True
 # program, its 171 KB with all of x did not). W's rollout x1.037-1.039 over all of x, rings of 4 and 6 within 0.4%,
 # 2 and 3 slower (bench/ab_kernels.py, bench/RESULTS.md)
 LINEAR_GLUON_RING = 5
+# The activations a projection reads through TMA (the norms' xg, the attention's output, gate_up's) get at least this
+# many rows of memory, the batch's on top, and the projection reads 64-row boxes that stay inside it: a TMA box that
+# reaches past a tensor's last row (a compacted batch of 8-32 rows) made W's steps x1.15-1.16 slower than in-bounds
+# boxes (bench/ab_kernels.py --group, bench/RESULTS.md)
+LINEAR_TMA_MIN_ROWS = 64
+
+
+def _tma_path(t: torch.Tensor) -> bool:
+    """Whether projections read `t` through TMA descriptors (bf16 on Hopper; fp32 keeps pointer loads)."""
+    return pdl(t) and LINEAR_TMA and t.dtype != torch.float32
+
+
+def _activation(m: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    """torch.empty((m, n)) in like's dtype; on the TMA path the top rows of a LINEAR_TMA_MIN_ROWS-row buffer."""
+    rows = max(m, LINEAR_TMA_MIN_ROWS) if _tma_path(like) else m
+    return torch.empty((rows, n), device=like.device, dtype=like.dtype)[:m]
+
+
+def _tma_box(x: torch.Tensor) -> torch.Tensor:
+    """x, or the LINEAR_TMA_MIN_ROWS-row buffer x tops when it is one of `_activation`'s (rows below the batch hold
+    garbage: a GEMM's rows are independent, and every store is masked to the batch's rows)."""
+    rows = LINEAR_TMA_MIN_ROWS
+    if x.shape[0] >= rows or x.storage_offset() or not x.is_contiguous():
+        return x
+    if x.untyped_storage().nbytes() < rows * x.stride(0) * x.element_size():
+        return x
+    return x.as_strided((rows, x.shape[1]), x.stride())
 
 
 @functools.cache
@@ -184,7 +211,7 @@ def rms_prep(
     while the projection before streams its weights, so that layer's attention reads them from L2 (W's rollout
     x1.033 over no prefetch, x1.012 over the attention asking for them itself: bench/RESULTS.md)."""
     b, n = x.shape
-    xg = torch.empty_like(x)
+    xg = _activation(b, n, x)
     ss = torch.empty((1, b), device=x.device, dtype=torch.float32)
     on = pdl(x)
     fetch = cache is not None
@@ -339,7 +366,7 @@ def rope_attention(
     pad_len[b] .. slot; returns [B, H*d]. cos/sin: [T, d/2] tables in the model dtype."""
     b, kv, _, d = k_cache.shape
     g = heads // kv
-    out = torch.empty((b, heads * d), device=qkv.device, dtype=qkv.dtype)
+    out = _activation(b, heads * d, qkv)
     on = pdl(qkv)
     _rope_attention_kernel[(b, kv)](
         qkv, k_cache, v_cache, cos, sin, out, ctr, pad_len, d**-0.5,
@@ -521,29 +548,29 @@ def _launch(x, weight, bias, n, glu, norm, resid):
     residual projection cut into K slices, or the next RowNorm's xg (then sumsq [T, M])."""
     m, k = x.shape
     cfg = linear_config(n, k, glu, resid is not None)
-    ieee = x.dtype == torch.float32
-    bm, bk = max(16, triton.next_power_of_2(m)), 32 if ieee else cfg.bk
+    ieee, tma = x.dtype == torch.float32, _tma_path(x)
+    box = _tma_box(x) if tma else x
+    bm, bk = max(16, triton.next_power_of_2(box.shape[0])), 32 if ieee else cfg.bk
     k_per = triton.cdiv(triton.cdiv(k, cfg.splits), bk) * bk
     splits = triton.cdiv(k, k_per)
     grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, bm), splits)
     if splits > 1:
         out, ss_out = torch.empty((splits, m, n), device=x.device, dtype=torch.float32), x
     else:
-        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+        out = _activation(m, n, x)
         ss_out = torch.empty((grid[0], m), device=x.device, dtype=torch.float32) if resid is not None else x
     on = pdl(x)
-    tma = on and LINEAR_TMA and not ieee
     if tma and LINEAR_GLUON and splits == 1 and not glu and x.dtype == torch.bfloat16:
         from rollout import kernels_gluon
 
         if kernels_gluon.fits(m, k, cfg.bn, x.element_size()):
-            kernels_gluon.launch(x, weight, bias, out, cfg.bn, norm, resid, ss_out, LINEAR_GLUON_RING)
+            kernels_gluon.launch(x, weight, bias, out, cfg.bn, norm, resid, ss_out, LINEAR_GLUON_RING, box)
             return out, ss_out
     ss_in = x if norm is None else norm.sumsq
     res, g = resid if resid is not None else (x, x)
     lines = triton.next_power_of_2(triton.cdiv(k_per * weight.element_size(), 128))
     descs = (
-        (TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(weight, [cfg.bn, bk]))
+        (TensorDescriptor.from_tensor(box, [bm, bk]), TensorDescriptor.from_tensor(weight, [cfg.bn, bk]))
         if tma
         else (x, x)
     )

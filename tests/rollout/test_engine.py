@@ -481,6 +481,27 @@ def test_gpu_residual_projection_writes_the_next_norm(k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n, glu", [(1152, False), (896, False), (9728, True)])
+def test_gpu_a_small_batch_reads_in_bounds_boxes_of_a_taller_buffer(n, glu):
+    """A compacted batch's activations top a LINEAR_TMA_MIN_ROWS-row buffer, and its projections read whole boxes
+    of that buffer: the rows below the batch (NaN here) change nothing in the batch's rows (qkv's and o's shapes
+    through the Gluon kernel, gate_up's through the Triton one)."""
+    from rollout import kernels as K
+
+    gen = torch.Generator("cuda").manual_seed(2)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, w = torch.randn(8, 896, generator=gen, **bf), torch.randn(n, 896, generator=gen, **bf) * 896**-0.5
+    tall = torch.full((K.LINEAR_TMA_MIN_ROWS, 896), float("nan"), **bf)
+    tall[:8] = x
+    top = tall[:8]
+    assert K._tma_box(top).shape[0] == K.LINEAR_TMA_MIN_ROWS and K._tma_box(top).data_ptr() == tall.data_ptr()
+    assert K._tma_box(x) is x and K._tma_box(K._activation(8, 896, x)).shape[0] == K.LINEAR_TMA_MIN_ROWS
+    got, alone = K.linear(top, w, glu=glu), K.linear(x, w, glu=glu)
+    assert got.shape == alone.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), alone.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("rows", [64, 8])
 def test_gpu_gluon_projections_equal_the_triton_kernel(rows, monkeypatch):
     """The Gluon projections (weight copied into shared memory before the wait) against `_linear_kernel` on the same
