@@ -21,7 +21,7 @@ HF_UPLOAD_PATH ?=
 MERGE_ARGS ?=
 PYTEST_ARGS ?=
 # pytest-xdist workers for `make test`, whole files each (0: one process). Most tests hold one core (servers and
-# trainers at --threads 1) or wait on a subprocess or the Docker engine, so 2 workers on 2 cores halve CI's time.
+# trainers at --threads 1) or wait on a subprocess or the Docker engine: 2 workers on 2 cores x1.7 (DOCS.md, CI).
 TEST_WORKERS ?= 2
 # GPU=0: CPU mode for every docker target (docker/compose.cpu.yml drops the GPU reservations).
 GPU ?= 1

@@ -66,12 +66,13 @@ def _heavy_files_first(items: list[pytest.Item]) -> None:
     """Files with docker-tier tests first, then files with slow ones, each file's tests kept together in their order:
     pytest-xdist (`make test`, --dist loadfile) hands out files in this order, so the longest start first and the
     short ones fill the gaps at the end instead of one worker finishing a long file alone."""
-    rank: dict[str, tuple[int, int]] = {}
+    order: dict[str, int] = {}
+    weight: dict[str, int] = {}
     for item in items:
-        file = item.nodeid.split("::")[0]
-        weight = 0 if "docker" in item.keywords else 1 if "slow" in item.keywords else 2
-        rank[file] = (min(weight, rank.get(file, (2, 0))[0]), rank.get(file, (0, len(rank)))[1])
-    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
+        file = item.path
+        order.setdefault(file, len(order))
+        weight[file] = min(weight.get(file, 2), 0 if "docker" in item.keywords else 1 if "slow" in item.keywords else 2)
+    items.sort(key=lambda item: (weight[item.path], order[item.path]))
 
 
 @pytest.fixture(scope="session")
