@@ -131,16 +131,16 @@ def _proj_kernel(
         gl.store(out_ptr + offs, acc.to(dt), mask=tile)
 
 
-def launch(x, weight, bias, out, bn: int, norm, resid, ss_out, ring: int, box=None) -> None:
+def launch(x, weight, bias, out, bn: int, norm, resid, ss_out, ring: int, box) -> None:
     """out = x @ weight.T with `kernels.linear`'s epilogues (norm: a RowNorm whose xg is x; resid: (residual,
     next norm weight), then out is the next xg and ss_out its [N / bn, M] sums); x through a ring of `ring` K tiles
-    (0: all of them), its TMA boxes taken from `box` (x's rows on top of a taller buffer) when given. Caller checks
-    `fits`."""
+    (0: all of them), its TMA boxes taken from `box` (x, or the taller buffer x tops: `kernels._tma_box`). Caller
+    checks `fits`."""
     m, k = x.shape
     n, kt = weight.shape[0], -(-k // BK)
     lay_x = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
     lay_w = gl.NVMMASharedLayout.get_default_for([bn, BK], gl.bfloat16)
-    x_desc = TensorDescriptor.from_tensor(x if box is None else box, [BM, BK], lay_x)
+    x_desc = TensorDescriptor.from_tensor(box, [BM, BK], lay_x)
     w_desc = TensorDescriptor.from_tensor(weight, [bn, BK], lay_w)
     ss_in = x if norm is None else norm.sumsq
     res, g = resid if resid is not None else (x, x)
