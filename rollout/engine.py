@@ -282,11 +282,13 @@ class _Runner:
 
     def adopt(self, src: _Runner, rows: list[int]) -> None:
         """Take over `src`'s loaded rows `rows` (a compaction): their KV cache, outputs, caps, stop state and the
-        counters land in rows 0..len(rows)-1, the rest idle. Slots and columns keep their numbers (t_cap >= src's)."""
+        counters land in rows 0..len(rows)-1, the rest idle. Slots and columns keep their numbers (t_cap >= src's);
+        only the cache slots written so far are copied (after a batch's first ~100 steps, a tenth of W2's t_cap)."""
         m, t, idx = len(rows), src.t_cap, torch.tensor(rows, device=src.done.device)
+        slots = int(src.ctr[0])
         self.rows, self.p, self.pad, self.params = m, src.p, src.pad, src.params
-        self.k_cache[:, :m, :, :t].copy_(src.k_cache[:, idx])
-        self.v_cache[:, :m, :, :t].copy_(src.v_cache[:, idx])
+        self.k_cache[:, :m, :, :slots].copy_(src.k_cache[:, idx, :, :slots])
+        self.v_cache[:, :m, :, :slots].copy_(src.v_cache[:, idx, :, :slots])
         for name, idle in (("done", 1), ("limit", 1), ("pad_len", 0), ("last", src.pad), ("tokens", src.pad)):
             mine, theirs = getattr(self, name), getattr(src, name)
             mine.fill_(idle)
@@ -297,15 +299,19 @@ class _Runner:
             getattr(self, name).copy_(getattr(src, name))
         self.generator.set_state(src.generator.get_state())
 
-    def results(self, n: int) -> list[tuple[list[int], list[float], str]]:
-        """Per loaded row: tokens up to and including the first stop token within the row's cap, their logprobs,
-        the finish reason."""
-        tokens, logprobs = self.tokens[: self.rows, :n], self.logprobs[: self.rows, :n]
-        limit = self.limit[: self.rows, None]
+    def results(self, n: int, rows: list[int]) -> list[tuple[list[int], list[float], str]]:
+        """Loaded rows `rows`: tokens up to and including the first stop token within the row's cap, their logprobs,
+        the finish reason. Only those rows' outputs, up to the longest of them, leave the device (a compaction
+        collects the finished half of a batch: the whole of a 512-row batch's buffers took ~20 ms to turn to lists)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.tokens.device)
+        tokens = self.tokens[idx, :n]
+        limit = self.limit[idx, None]
         is_stop = torch.isin(tokens, self.stop) & (torch.arange(n, device=tokens.device) < limit)
         has_stop = is_stop.any(1)
         lengths = torch.where(has_stop, is_stop.int().argmax(1) + 1, limit[:, 0].clamp(max=n)).tolist()
-        tokens, logprobs, has_stop = tokens.tolist(), logprobs.tolist(), has_stop.tolist()
+        width = max(lengths, default=0)
+        tokens, logprobs = tokens[:, :width].tolist(), self.logprobs[idx, :width].tolist()
+        has_stop = has_stop.tolist()
         return [
             (tokens[i][:k], logprobs[i][:k], FINISH_STOP if has_stop[i] else FINISH_LENGTH)
             for i, k in enumerate(lengths)
@@ -492,12 +498,11 @@ class EmbeddedEngine(ServedEngine):
         while True:
             shrink = runner.b_cap // 2 if self.compact and runner.b_cap // 2 >= 8 else 0
             step = runner.decode(n, check, start=step, shrink_at=shrink)
-            rows = runner.results(n)
             live = [] if step >= n else (runner.done[: runner.rows] == 0).nonzero()[:, 0].tolist()
             decoding = set(live)
-            for i, row in enumerate(rows):
-                if i not in decoding:
-                    results[owners[i]] = row
+            finished = [i for i in range(runner.rows) if i not in decoding]
+            for i, row in zip(finished, runner.results(n, finished), strict=True):
+                results[owners[i]] = row
             if not live:
                 return results
             small = self._runner(_ladder(runner.b_cap, len(live)), runner.t_cap, runner.params, nstop)

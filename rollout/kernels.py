@@ -44,6 +44,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 # bandwidth, not latency, and cuBLAS reads faster (an lm_head: 27.6 us vs 33.5 on the H200, bench/RESULTS.md)
 LINEAR_MAX_ROWS = 64
 LINEAR_MAX_BYTES = 32 * 2**20
+# rows per program of `_linear_kernel` (more rows: more row tiles); shared memory holds 4 stages of 128 x 128 x tiles
+LINEAR_MAX_BM = 128
 # bf16 projections on Hopper load x and the weight through TMA descriptors: W's rollout 0.1967 s vs 0.2036 s with
 # pointer loads (x1.035, bench/linear_tile.py, bench/RESULTS.md); fp32 (the exact-match tests) keeps pointer loads
 LINEAR_TMA = True
@@ -550,7 +552,7 @@ def _launch(x, weight, bias, n, glu, norm, resid):
     cfg = linear_config(n, k, glu, resid is not None)
     ieee, tma = x.dtype == torch.float32, _tma_path(x)
     box = _tma_box(x) if tma else x
-    bm, bk = max(16, triton.next_power_of_2(box.shape[0])), 32 if ieee else cfg.bk
+    bm, bk = min(LINEAR_MAX_BM, max(16, triton.next_power_of_2(box.shape[0]))), 32 if ieee else cfg.bk
     k_per = triton.cdiv(triton.cdiv(k, cfg.splits), bk) * bk
     splits = triton.cdiv(k, k_per)
     grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, bm), splits)
