@@ -44,8 +44,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 # bandwidth, not latency, and cuBLAS reads faster (an lm_head: 27.6 us vs 33.5 on the H200, bench/RESULTS.md)
 LINEAR_MAX_ROWS = 64
 LINEAR_MAX_BYTES = 32 * 2**20
-# rows per program of `_linear_kernel` (more rows: more row tiles); shared memory holds 4 stages of 128 x 128 x tiles
-LINEAR_MAX_BM = 128
 # bf16 projections on Hopper load x and the weight through TMA descriptors: W's rollout 0.1967 s vs 0.2036 s with
 # pointer loads (x1.035, bench/linear_tile.py, bench/RESULTS.md); fp32 (the exact-match tests) keeps pointer loads
 LINEAR_TMA = True
@@ -243,47 +241,96 @@ def _rope(x1, x2, c, s, dt: tl.constexpr):
 # (key slots per loop iteration, warps): bench/attn_tile.py found 64:4 best on W and within 1.5% on the 1.5B shape
 # (H200; bench/RESULTS.md); larger blocks do not shorten the per-iteration latency that bounds the kernel
 ATTN_TILE = (64, 4)
+# A row's cached slots are attended in chunks of this many blocks, each chunk's softmax state merged into the running
+# one in chunk order, whoever computes it: so a row's output does not depend on how many programs share its chunks
+ATTN_CHUNK_BLOCKS = 4
+# A batch of fewer than ATTN_SPLIT_ROWS rows gives each (row, KV head) up to ATTN_SPLIT_ROWS // rows programs (at most
+# ATTN_MAX_PARTS), which take its chunks in turn and merge through a scratch buffer: a compacted batch's few rows
+# attend over the longest contexts one block after another (W2's 8-row tail, steps 384-767: 0.85 ms per step against
+# 0.66 at ~130 slots; split: 0.73, W2 x1.043). W's 64 rows stay one program each (2 parts were x1.03 slower there,
+# bench/RESULTS.md)
+ATTN_SPLIT_ROWS = 64
+ATTN_MAX_PARTS = 4
 
 
-@triton.jit
+def attention_parts(rows: int) -> int:
+    """Programs per (row, KV head) for a batch of `rows` rows."""
+    return max(1, min(ATTN_MAX_PARTS, ATTN_SPLIT_ROWS // rows))
+
+
+# PARTS and NCH are not specialized: every batch size runs one binary, so a row's output is the same bits in a
+# compacted batch as in the batch it came from (the binaries of PARTS as a constant differed in the last bit)
+@triton.jit(do_not_specialize=["PARTS", "NCH"])
 def _rope_attention_kernel(
     qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, out_ptr, ctr_ptr, pad_ptr, scale,
-    kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
+    kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st, part_ml_ptr, part_acc_ptr, sem_ptr, NCH, PARTS,
     H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, PDL: tl.constexpr,
+    CHUNK: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Program (row b, KV head j): rotate the G query heads of j and its key, write k and v at the current slot,
-    then attend over the row's slots pad .. slot (online softmax; q . k as the sum over the two rotated halves).
-    Before the wait it reads what the kernels still running do not write (the counters, the rotation at this
-    position, the first block of cached slots: the rms_prep before qkv asked L2 for them), so after the wait one
-    round trip to qkv's output stands before the arithmetic."""
-    b = tl.program_id(0)
-    j = tl.program_id(1)
+    """Program (row b, KV head j, part q): rotate the G query heads of j and its key; part 0 writes k and v at the
+    current slot. The row's slots pad .. slot-1 form chunks of CHUNK blocks; with one working part it attends them
+    in order, merging each chunk's softmax state into the new token's; with more, part q takes chunks q, q+PARTS, ...
+    into the scratch buffer and counts itself on the (row, head)'s semaphore, and the last to arrive merges every
+    chunk in order and resets it. Before the wait it reads what the kernels still running do not write (the
+    counters, the rotation at this position, its first block of cached slots: the rms_prep before qkv asked L2 for
+    them), so after the wait one round trip to qkv's output stands before the arithmetic."""
+    b, j, q = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(ctr_ptr)
     pad = tl.load(pad_ptr + b)
-    pos = tl.maximum(slot - pad, 0)
-    half = tl.arange(0, D // 2)
-    c = tl.load(cos_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
-    s = tl.load(sin_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
-    k_base = kc_ptr + b * kc_sb + j * kc_sh
-    v_base = vc_ptr + b * vc_sb + j * vc_sh
+    span = CHUNK * BLOCK_N
     start = (pad // BLOCK_N) * BLOCK_N
-    kc_a, kc_b, v = _cache_block(k_base, v_base, kc_st, vc_st, start, pad, slot, D, BLOCK_N)
-    _chain(PDL)
-    d = tl.arange(0, D)
-    g = tl.arange(0, GP)
-    gmask = (g < G)[:, None]
-    q1, q2, k1, k2, v_new = _rope_new(qkv_ptr, c, s, b, j, H, KV, G, GP, D)
-    dt = out_ptr.dtype.element_ty
-    tl.store(k_base + slot * kc_st + half[None, :], k1)
-    tl.store(k_base + slot * kc_st + D // 2 + half[None, :], k2)
-    tl.store(v_base + slot * vc_st + d, v_new)
-    # the new token first, from registers: the loop reads only slots written by earlier steps (no barrier between
-    # this program's cache write and its reads), and the running max starts finite
-    m_i = tl.sum(q1.to(tl.float32) * k1.to(tl.float32) + q2.to(tl.float32) * k2.to(tl.float32), 1) * scale
-    acc = _attend_cache(q1, q2, m_i, v_new, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, start, pad, slot, scale,
-                        GP, D, BLOCK_N, IEEE)  # fmt: skip
-    tl.store(out_ptr + b * H * D + (j * G + g)[:, None] * D + d[None, :], acc.to(dt), mask=gmask)
+    nch = tl.cdiv(slot - start, span)
+    workers = tl.minimum(nch, PARTS)
+    if q < tl.maximum(workers, 1):
+        pos = tl.maximum(slot - pad, 0)
+        half = tl.arange(0, D // 2)
+        c = tl.load(cos_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + pos * (D // 2) + half).to(tl.float32)[None, :]
+        k_base = kc_ptr + b * kc_sb + j * kc_sh
+        v_base = vc_ptr + b * vc_sb + j * vc_sh
+        kc_a, kc_b, v = _cache_block(k_base, v_base, kc_st, vc_st, start + q * span, pad, slot, D, BLOCK_N)
+        _chain(PDL)
+        d = tl.arange(0, D)
+        g = tl.arange(0, GP)
+        q1, q2, k1, k2, v_new = _rope_new(qkv_ptr, c, s, b, j, H, KV, G, GP, D)
+        if q == 0:
+            tl.store(k_base + slot * kc_st + half[None, :], k1)
+            tl.store(k_base + slot * kc_st + D // 2 + half[None, :], k2)
+            tl.store(v_base + slot * vc_st + d, v_new)
+        # the new token's state first, from registers: the chunks read only slots written by earlier steps (no
+        # barrier between part 0's cache write and the reads), and the running max starts finite
+        m = tl.sum(q1.to(tl.float32) * k1.to(tl.float32) + q2.to(tl.float32) * k2.to(tl.float32), 1) * scale
+        acc = tl.zeros([GP, D], tl.float32) + v_new.to(tl.float32)[None, :]
+        l_i = tl.full([GP], 1.0, tl.float32)
+        out = out_ptr + b * H * D + (j * G + g)[:, None] * D + d[None, :]
+        gmask = (g < G)[:, None]
+        dt = out_ptr.dtype.element_ty
+        if workers <= 1:
+            m, l_i, acc = _attend_in_order(q1, q2, m, l_i, acc, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, start,
+                                           nch, pad, slot, scale, GP, D, BLOCK_N, CHUNK, IEEE)  # fmt: skip
+            tl.store(out, (acc / l_i[:, None]).to(dt), mask=gmask)
+        else:
+            head = (b * KV + j) * NCH
+            for ch in range(q, nch, PARTS):
+                lo = start + ch * span
+                mc, lc, ac, kc_a, kc_b, v = _attend_chunk(
+                    q1, q2, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, lo, tl.minimum(lo + span, slot),
+                    lo + PARTS * span, pad, slot, scale, GP, D, BLOCK_N, IEEE,
+                )  # fmt: skip
+                tl.store(part_ml_ptr + ((head + ch) * 2) * GP + g, mc)
+                tl.store(part_ml_ptr + ((head + ch) * 2 + 1) * GP + g, lc)
+                tl.store(part_acc_ptr + (head + ch) * GP * D + g[:, None] * D + d[None, :], ac)
+            tl.debug_barrier()  # every thread's partials stored before the count releases them
+            if tl.atomic_add(sem_ptr + b * KV + j, 1, sem="acq_rel") == workers - 1:
+                for ch in range(0, nch):
+                    mc = tl.load(part_ml_ptr + ((head + ch) * 2) * GP + g, cache_modifier=".cg")
+                    lc = tl.load(part_ml_ptr + ((head + ch) * 2 + 1) * GP + g, cache_modifier=".cg")
+                    ac = tl.load(
+                        part_acc_ptr + (head + ch) * GP * D + g[:, None] * D + d[None, :], cache_modifier=".cg"
+                    )
+                    m, l_i, acc = _merge(m, l_i, acc, mc, lc, ac)
+                tl.store(out, (acc / l_i[:, None]).to(dt), mask=gmask)
+                tl.atomic_xchg(sem_ptr + b * KV + j, 0)
 
 
 @triton.jit
@@ -323,18 +370,46 @@ def _cache_block(k_base, v_base, kc_st, vc_st, start, pad, slot, D: tl.constexpr
 
 
 @triton.jit
-def _attend_cache(
-    q1, q2, m_i, v_new, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, start, pad, slot, scale,
+def _merge(m, l_i, acc, mc, lc, ac):
+    """Two softmax states (running max [GP], sum [GP], unnormalized output [GP, D]) as one."""
+    m_new = tl.maximum(m, mc)
+    a, c = tl.exp(m - m_new), tl.exp(mc - m_new)
+    return m_new, l_i * a + lc * c, acc * a[:, None] + ac * c[:, None]
+
+
+@triton.jit
+def _attend_in_order(
+    q1, q2, m, l_i, acc, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, start, nch, pad, slot, scale,
+    GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """The state (m, l_i, acc) with the `nch` chunks from `start` merged in, one after another (the first block
+    already loaded)."""
+    span = CHUNK * BLOCK_N
+    for ch in range(0, nch):
+        lo = start + ch * span
+        mc, lc, ac, kc_a, kc_b, v = _attend_chunk(q1, q2, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, lo,
+                                                  tl.minimum(lo + span, slot), lo + span, pad, slot, scale, GP, D,
+                                                  BLOCK_N, IEEE)  # fmt: skip
+        m, l_i, acc = _merge(m, l_i, acc, mc, lc, ac)
+    return m, l_i, acc
+
+
+@triton.jit
+def _attend_chunk(
+    q1, q2, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, lo, hi, nxt, pad, slot, scale,
     GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Online softmax over the cached slots pad .. slot-1, starting from the new token's score m_i and value v_new
-    and the block at `start` already loaded (kc_a, kc_b, v); each iteration loads the next block before it
-    computes on the one it holds. The attention output [GP, D] in fp32."""
-    l_i = tl.full([GP], 1.0, tl.float32)
-    acc = tl.zeros([GP, D], tl.float32) + v_new.to(tl.float32)[None, :]
-    for blk in range(start, slot, BLOCK_N):
+    """The softmax state (max, sum, unnormalized output [GP, D], fp32) of the cached slots lo .. hi-1 (lo's block
+    holds a slot of pad .. slot-1, so the max is finite after it), from the block at lo already loaded (kc_a, kc_b,
+    v); each iteration loads the next block before it computes on the one it holds, the last one the block at
+    `nxt`, which it returns."""
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for blk in range(lo, hi, BLOCK_N):
         valid = (blk + tl.arange(0, BLOCK_N) >= pad) & (blk + tl.arange(0, BLOCK_N) < slot)
-        nxt_a, nxt_b, nxt_v = _cache_block(k_base, v_base, kc_st, vc_st, blk + BLOCK_N, pad, slot, D, BLOCK_N)
+        after = tl.where(blk + BLOCK_N < hi, blk + BLOCK_N, nxt)
+        nxt_a, nxt_b, nxt_v = _cache_block(k_base, v_base, kc_st, vc_st, after, pad, slot, D, BLOCK_N)
         if IEEE:
             sc = tl.dot(q1, tl.trans(kc_a), input_precision="ieee") + tl.dot(q2, tl.trans(kc_b), input_precision="ieee")
         else:
@@ -350,7 +425,21 @@ def _attend_cache(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
         kc_a, kc_b, v = nxt_a, nxt_b, nxt_v
-    return acc / l_i[:, None]
+    return m_i, l_i, acc, kc_a, kc_b, v
+
+
+# each split runner's per-(row, KV head) arrival counters, zero between launches (the last program resets its own)
+_SEMAPHORES: dict[tuple, torch.Tensor] = {}
+
+
+def _semaphores(k_cache: torch.Tensor) -> torch.Tensor:
+    """Zeroed int32 counters [B * KV] for the cache `k_cache` is a layer of (its runner's; made outside any capture:
+    the engine runs a step eagerly before it captures one)."""
+    b, kv = k_cache.shape[:2]
+    key = (k_cache.device, k_cache.untyped_storage().data_ptr(), b, kv)
+    if key not in _SEMAPHORES:
+        _SEMAPHORES[key] = torch.zeros(b * kv, dtype=torch.int32, device=k_cache.device)
+    return _SEMAPHORES[key]
 
 
 def rope_attention(
@@ -362,19 +451,27 @@ def rope_attention(
     ctr: torch.Tensor,
     pad_len: torch.Tensor,
     heads: int,
+    parts: int | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per row: rotate q and k of `qkv` [B, (H+2KV)*d] at each row's position
     (slot - pad_len), write k, v into the layer's cache [B, KV, T, d] at `slot = ctr[0]`, attend over slots
-    pad_len[b] .. slot; returns [B, H*d]. cos/sin: [T, d/2] tables in the model dtype."""
-    b, kv, _, d = k_cache.shape
-    g = heads // kv
+    pad_len[b] .. slot; returns [B, H*d]. cos/sin: [T, d/2] tables in the model dtype. parts: programs per (row, KV
+    head), default `attention_parts(B)`; the result is the same for any."""
+    b, kv, t, d = k_cache.shape
+    g, gp = heads // kv, max(16, triton.next_power_of_2(heads // kv))
+    parts = attention_parts(b) if parts is None else parts
     out = _activation(b, heads * d, qkv)
     on = pdl(qkv)
-    _rope_attention_kernel[(b, kv)](
+    span = ATTN_CHUNK_BLOCKS * ATTN_TILE[0]
+    nch = triton.cdiv(t, span) + 1
+    scratch = b * kv * nch if parts > 1 else 1  # one program per (row, head) never touches the scratch
+    part_ml = torch.empty((scratch, 2, gp), device=qkv.device, dtype=torch.float32)
+    part_acc = torch.empty((scratch, gp, d), device=qkv.device, dtype=torch.float32)
+    _rope_attention_kernel[(b, kv, parts)](
         qkv, k_cache, v_cache, cos, sin, out, ctr, pad_len, d**-0.5,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        heads, kv, g, max(16, triton.next_power_of_2(g)), d, ATTN_TILE[0], qkv.dtype == torch.float32, on,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), part_ml, part_acc, _semaphores(k_cache), nch, parts,
+        heads, kv, g, gp, d, ATTN_TILE[0], ATTN_CHUNK_BLOCKS, qkv.dtype == torch.float32, on,
         num_warps=ATTN_TILE[1], launch_pdl=on,
     )  # fmt: skip
     return out
@@ -552,7 +649,7 @@ def _launch(x, weight, bias, n, glu, norm, resid):
     cfg = linear_config(n, k, glu, resid is not None)
     ieee, tma = x.dtype == torch.float32, _tma_path(x)
     box = _tma_box(x) if tma else x
-    bm, bk = min(LINEAR_MAX_BM, max(16, triton.next_power_of_2(box.shape[0]))), 32 if ieee else cfg.bk
+    bm, bk = max(16, triton.next_power_of_2(box.shape[0])), 32 if ieee else cfg.bk
     k_per = triton.cdiv(triton.cdiv(k, cfg.splits), bk) * bk
     splits = triton.cdiv(k, k_per)
     grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, bm), splits)

@@ -480,6 +480,56 @@ def test_gpu_residual_projection_writes_the_next_norm(k):
     torch.testing.assert_close(K.linear(norm, wq).float(), hf @ wq.float().T, atol=0.05, rtol=0.02)
 
 
+def attention_reference(qkv, k_cache, v_cache, cos, sin, slot: int, pad, heads: int) -> torch.Tensor:
+    """One new token's attention per row in fp32 torch: q and k rotated at slot - pad, the cached slots pad .. slot-1
+    and the new token attended."""
+    b, kv, _, d = k_cache.shape
+    out = []
+    for r in range(b):
+        c, s = cos[slot - pad[r]].float(), sin[slot - pad[r]].float()
+        row = qkv[r].float().view(heads + 2 * kv, d)
+
+        def rot(x, c=c, s=s):
+            return torch.cat(
+                [x[..., : d // 2] * c - x[..., d // 2 :] * s, x[..., d // 2 :] * c + x[..., : d // 2] * s], -1
+            )
+
+        q, k, v = rot(row[:heads]), rot(row[heads : heads + kv]), row[heads + kv :]
+        keys = torch.cat([k_cache[r, :, pad[r] : slot].float(), k[:, None]], 1).repeat_interleave(heads // kv, 0)
+        vals = torch.cat([v_cache[r, :, pad[r] : slot].float(), v[:, None]], 1).repeat_interleave(heads // kv, 0)
+        out.append((torch.softmax(q[:, None] @ keys.transpose(1, 2) * d**-0.5, -1) @ vals).reshape(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("slot", [40, 300, 900])
+def test_gpu_attention_split_across_programs_changes_nothing(slot):
+    """`rope_attention` with 1, 2 and 4 programs per (row, KV head) (a small batch's split, its chunks merged in
+    order through the scratch buffer and semaphore): the same output bit for bit, the new key and value written once
+    at the slot, and the output as torch computes it. Slot 40: one chunk, so the split's parts idle."""
+    from rollout import kernels as K
+
+    gen = torch.Generator("cuda").manual_seed(3)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    b, heads, kv, d, t = 8, 14, 2, 64, 1024
+    qkv = torch.randn(b, (heads + 2 * kv) * d, generator=gen, **bf)
+    k_cache, v_cache = torch.randn(b, kv, t, d, generator=gen, **bf), torch.randn(b, kv, t, d, generator=gen, **bf)
+    cos, sin = torch.randn(t, d // 2, generator=gen, **bf), torch.randn(t, d // 2, generator=gen, **bf)
+    pad = torch.tensor([0, 1, 5, 17, 30, 33, 3, 0], device="cuda")
+    ctr = torch.tensor([slot, 0], device="cuda")
+    runs = []
+    for parts in (1, 2, 4, 2):  # 2 twice: the semaphores are back at zero after a launch
+        kc, vc = k_cache.clone(), v_cache.clone()
+        runs.append((K.rope_attention(qkv, kc, vc, cos, sin, ctr, pad, heads, parts).clone(), kc, vc))
+    torch.cuda.synchronize()
+    out, kc, vc = runs[0]
+    for other, okc, ovc in runs[1:]:
+        assert torch.equal(other, out) and torch.equal(okc, kc) and torch.equal(ovc, vc)
+    assert not torch.equal(kc[:, :, slot], k_cache[:, :, slot]) and torch.equal(kc[:, :, :slot], k_cache[:, :, :slot])
+    want = attention_reference(qkv, k_cache, v_cache, cos, sin, slot, pad.tolist(), heads)
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n, glu", [(1152, False), (896, False), (9728, True)])
 def test_gpu_a_small_batch_reads_in_bounds_boxes_of_a_taller_buffer(n, glu):
