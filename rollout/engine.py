@@ -328,7 +328,7 @@ class EmbeddedEngine(ServedEngine):
     thread must not synchronize the whole device: sync its own stream); seed: seeds the engine's
     generator, used when `SamplingParams.seed` is None; compact: once at most half of a batch's rows still decode,
     move them into the smallest batch of the halving ladder (b/2, b/4, ... rows, at least 8) that holds them, so
-    finished rows stop costing work (bench/w2.py on an H200: x1.9 faster than the static batch on a realistic spread
+    finished rows stop costing work (bench/w2.py on an H200: x2.9 faster than the static batch on a realistic spread
     of lengths, for up to twice the KV-cache memory; sampled tokens then come from other random streams, greedy ones
     are the same).
     """
