@@ -187,15 +187,25 @@ def best_of_rounds(variants: dict, measure, json_path: str | None, rounds: int =
     return res
 
 
+def w_engine(model, eos: int, **engine_kw):
+    """The embedded engine as W's benches build it: bf16, `eos` its stop id, and all of W's rows (prompts x --group)
+    in one batch (the engine's default of 64 rows would cut --group > 8 into batches of 64)."""
+    import torch
+
+    from rollout.engine import EmbeddedEngine
+
+    engine_kw.setdefault("max_batch_size", W["prompts"] * W["group"])
+    return EmbeddedEngine.from_module(model, eos_token_ids=[eos], dtype=torch.bfloat16, **engine_kw)
+
+
 def bench_engine(model, items, eos: int, steps: int, warmup: int, **engine_kw) -> dict:
     """Median time of one W rollout through the engine, and its completion tokens/s."""
     import torch
 
     from rollout.api import SamplingParams
-    from rollout.engine import EmbeddedEngine
 
     free = torch.cuda.mem_get_info()[0]
-    engine = EmbeddedEngine.from_module(model, eos_token_ids=[eos], dtype=torch.bfloat16, **engine_kw)
+    engine = w_engine(model, eos, **engine_kw)
     prompts = [it["prompt_ids"] for it in items]
     counter = iter(range(10**6))
     out = {}

@@ -70,10 +70,9 @@ def main() -> None:
     import torch
 
     from rollout.api import SamplingParams
-    from rollout.engine import EmbeddedEngine
 
     tok, items, model = G.random_w_on_gpu("ncu_layer", args.tokenizer)
-    engine = EmbeddedEngine.from_module(model, eos_token_ids=[tok.eos_token_id], dtype=torch.bfloat16)
+    engine = G.w_engine(model, tok.eos_token_id)
     prompts = [it["prompt_ids"] for it in items]
     for seed in range(args.steps):  # compilation, graph capture, warm caches
         engine.generate(prompts, SamplingParams(n=G.W["group"], max_new_tokens=G.W["new_tokens"], seed=seed))

@@ -97,14 +97,13 @@ def main() -> None:
     import torch
 
     from rollout.api import SamplingParams
-    from rollout.engine import EmbeddedEngine
 
     prompts = [it["prompt_ids"] for it in items]
     params = SamplingParams(n=G.W["group"], temperature=1.0, max_new_tokens=G.W["new_tokens"], seed=0)
     log: list = []
     profiles: list = []
     with traced(log, profiles):
-        engine = EmbeddedEngine.from_module(model, eos_token_ids=[tok.eos_token_id], dtype=torch.bfloat16)
+        engine = G.w_engine(model, tok.eos_token_id)
         engine.generate(prompts, params)  # compiles and captures
         for _ in range(args.steps):
             log.clear()

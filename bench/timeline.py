@@ -81,7 +81,7 @@ def main() -> None:
     import torch
 
     from rollout.api import SamplingParams
-    from rollout.engine import CHECK_EVERY, EmbeddedEngine
+    from rollout.engine import CHECK_EVERY
 
     buf = torch.zeros(1 << 16, dtype=torch.int64, device="cuda")
     labels: list[str] = []
@@ -89,7 +89,7 @@ def main() -> None:
     prompts = [it["prompt_ids"] for it in items]
     params = SamplingParams(n=G.W["group"], temperature=1.0, max_new_tokens=G.W["new_tokens"], seed=0)
     with stamped(buf, labels, spans):
-        engine = EmbeddedEngine.from_module(model, eos_token_ids=[tok.eos_token_id], dtype=torch.bfloat16)
+        engine = G.w_engine(model, tok.eos_token_id)
         engine.generate(prompts, params)  # compiles, captures the 1-step and the CHECK_EVERY-step graph
         t_run = G.timed(lambda: engine.generate(prompts, params), args.steps, 0)[0]
     steps, first, end = next(sp for sp in reversed(spans) if sp[0] == CHECK_EVERY)

@@ -16,12 +16,16 @@ W's tok/s rate (bench/grpo_step.py's workload, measured in the same run), with t
 A model other than W also gets its own ideal: the sum of lengths at the rate the same engine reaches on W's batch
 shape (64 rows x 256 tokens) with that model.
 
-    python bench/w2.py [--models w,1.5b] [--vllm] [--skip-hf] [--hf-steps N] [--json out.json]
+--phases adds one more call of the compacted engine with its pieces timed (a device sync on each side of each):
+decode steps and ms per step at each row capacity of the ladder, the compactions' `adopt` and `results`, prefill.
+
+    python bench/w2.py [--models w,1.5b] [--vllm] [--skip-hf] [--hf-steps N] [--phases] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -56,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vllm", action="store_true", help="also vLLM (rollout/vllm_backend.py)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--hf-steps", type=int, help="timed HF repetitions (default --steps; each is tens of seconds)")
+    p.add_argument("--phases", action="store_true", help="also time the compacted engine's pieces (one more call)")
     p.add_argument("--json", help="write every figure here")
     return p.parse_args()
 
@@ -114,6 +119,59 @@ def run_engine(engine, prompts, lengths, steps: int, device: str) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
     return {"time_s": med, "times": times, "tokens": out["tokens"], "tok_s": out["tokens"] / med,
             "first_call_s": first, "peak_gib": peak}  # fmt: skip
+
+
+@contextlib.contextmanager
+def timed_pieces(sync):
+    """While entered, `rollout.engine._Runner`'s decode (keyed by the runner's row capacity), adopt, results and
+    prefill add their wall seconds, between two `sync()` calls, into the yielded dict: piece -> {"s", "steps"}."""
+    from rollout.engine import _Runner
+
+    pieces: dict[str, dict] = {}
+    saved = {name: getattr(_Runner, name) for name in ("decode", "adopt", "results", "prefill")}
+
+    def wrap(name, fn):
+        def call(runner, *args, **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            out = fn(runner, *args, **kwargs)
+            sync()
+            key = f"decode {runner.b_cap} rows" if name == "decode" else name
+            piece = pieces.setdefault(key, {"s": 0.0, "steps": 0})
+            piece["s"] += time.perf_counter() - t0
+            if name == "decode":  # decode(n, check_every, start, shrink_at) returns the step it reached
+                piece["steps"] += out - kwargs.get("start", 1)
+            return out
+
+        return call
+
+    for name, fn in saved.items():
+        setattr(_Runner, name, wrap(name, fn))
+    try:
+        yield pieces
+    finally:
+        for name, fn in saved.items():
+            setattr(_Runner, name, fn)
+
+
+def phases(engine, prompts, lengths, device: str) -> dict:
+    """One more call of `engine` with its pieces timed (`timed_pieces`)."""
+    import torch
+
+    from rollout.api import SamplingParams
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with timed_pieces(sync) as pieces:
+        engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=max(lengths)), lengths)
+    return dict(sorted(pieces.items(), key=lambda kv: -kv[1]["s"]))
+
+
+def phase_lines(pieces: dict) -> str:
+    return "\n".join(
+        f"      {key:18s} {p['s'] * 1e3:9.2f} ms"
+        + (f"  {p['steps']:4d} steps  {p['s'] / p['steps'] * 1e3:.3f} ms/step" if p["steps"] else "")
+        for key, p in pieces.items()
+    )
 
 
 def decode_steps(lengths: list[int], batch: int) -> int:
@@ -177,6 +235,8 @@ def bench_model(args, name: str, tok, lengths, res: dict, save) -> None:
         res[key] = run_engine(engine, prompts, lengths, args.steps, args.device)
         res[key]["decode_steps"] = decode_steps(lengths, args.max_batch_size)
         res[key]["compactions"] = engine.compactions
+        if compact and args.phases:
+            res[key]["phases"] = phases(engine, prompts, lengths, args.device)
         engine.close()
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -222,6 +282,8 @@ def main() -> None:
 
     def save(name: str, key: str) -> None:
         print(line(name, key, res[name]), flush=True)
+        if "phases" in res[name][key]:
+            print(phase_lines(res[name][key]["phases"]), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
 
