@@ -311,24 +311,11 @@ def _rope_attention_kernel(
             tl.store(out, (acc / l_i[:, None]).to(dt), mask=gmask)
         else:
             head = (b * KV + j) * NCH
-            for ch in range(q, nch, PARTS):
-                lo = start + ch * span
-                mc, lc, ac, kc_a, kc_b, v = _attend_chunk(
-                    q1, q2, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, lo, tl.minimum(lo + span, slot),
-                    lo + PARTS * span, pad, slot, scale, GP, D, BLOCK_N, IEEE,
-                )  # fmt: skip
-                tl.store(part_ml_ptr + ((head + ch) * 2) * GP + g, mc)
-                tl.store(part_ml_ptr + ((head + ch) * 2 + 1) * GP + g, lc)
-                tl.store(part_acc_ptr + (head + ch) * GP * D + g[:, None] * D + d[None, :], ac)
+            _store_chunks(q1, q2, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, start, nch, q, PARTS, pad, slot, scale,
+                          part_ml_ptr, part_acc_ptr, head, GP, D, BLOCK_N, CHUNK, IEEE)  # fmt: skip
             tl.debug_barrier()  # every thread's partials stored before the count releases them
             if tl.atomic_add(sem_ptr + b * KV + j, 1, sem="acq_rel") == workers - 1:
-                for ch in range(0, nch):
-                    mc = tl.load(part_ml_ptr + ((head + ch) * 2) * GP + g, cache_modifier=".cg")
-                    lc = tl.load(part_ml_ptr + ((head + ch) * 2 + 1) * GP + g, cache_modifier=".cg")
-                    ac = tl.load(
-                        part_acc_ptr + (head + ch) * GP * D + g[:, None] * D + d[None, :], cache_modifier=".cg"
-                    )
-                    m, l_i, acc = _merge(m, l_i, acc, mc, lc, ac)
+                m, l_i, acc = _merge_stored(m, l_i, acc, part_ml_ptr, part_acc_ptr, head, nch, GP, D)
                 tl.store(out, (acc / l_i[:, None]).to(dt), mask=gmask)
                 tl.atomic_xchg(sem_ptr + b * KV + j, 0)
 
@@ -375,6 +362,41 @@ def _merge(m, l_i, acc, mc, lc, ac):
     m_new = tl.maximum(m, mc)
     a, c = tl.exp(m - m_new), tl.exp(mc - m_new)
     return m_new, l_i * a + lc * c, acc * a[:, None] + ac * c[:, None]
+
+
+@triton.jit
+def _store_chunks(
+    q1, q2, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, start, nch, q, PARTS, pad, slot, scale, part_ml_ptr,
+    part_acc_ptr, head, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    """Part q's chunks (q, q+PARTS, ... of `nch` from `start`; its first block already loaded): each one's softmax
+    state into the scratch buffer at row `head` + chunk."""
+    span = CHUNK * BLOCK_N
+    g = tl.arange(0, GP)
+    for ch in range(q, nch, PARTS):
+        lo = start + ch * span
+        mc, lc, ac, kc_a, kc_b, v = _attend_chunk(q1, q2, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, lo,
+                                                  tl.minimum(lo + span, slot), lo + PARTS * span, pad, slot, scale,
+                                                  GP, D, BLOCK_N, IEEE)  # fmt: skip
+        tl.store(part_ml_ptr + ((head + ch) * 2) * GP + g, mc)
+        tl.store(part_ml_ptr + ((head + ch) * 2 + 1) * GP + g, lc)
+        tl.store(part_acc_ptr + (head + ch) * GP * D + g[:, None] * D + tl.arange(0, D)[None, :], ac)
+
+
+@triton.jit
+def _merge_stored(m, l_i, acc, part_ml_ptr, part_acc_ptr, head, nch, GP: tl.constexpr, D: tl.constexpr):
+    """The state (m, l_i, acc) with the `nch` chunk states stored from row `head` merged in, in chunk order (read
+    from L2: other programs wrote them)."""
+    g = tl.arange(0, GP)
+    for ch in range(0, nch):
+        mc = tl.load(part_ml_ptr + ((head + ch) * 2) * GP + g, cache_modifier=".cg")
+        lc = tl.load(part_ml_ptr + ((head + ch) * 2 + 1) * GP + g, cache_modifier=".cg")
+        ac = tl.load(
+            part_acc_ptr + (head + ch) * GP * D + g[:, None] * D + tl.arange(0, D)[None, :], cache_modifier=".cg"
+        )
+        m, l_i, acc = _merge(m, l_i, acc, mc, lc, ac)
+    return m, l_i, acc
 
 
 @triton.jit
