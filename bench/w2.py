@@ -98,12 +98,17 @@ def realistic_prompts(tok, count: int) -> list[list[int]]:
     return [ids[i // GROUP] for i in range(count)]
 
 
+def sampling(lengths: list[int]):
+    """W2's sampling: temperature 1, room for the longest drawn length (each row stops at its own cap)."""
+    from rollout.api import SamplingParams
+
+    return SamplingParams(temperature=1.0, max_new_tokens=max(lengths))
+
+
 def run_engine(engine, prompts, lengths, steps: int, device: str) -> dict:
     import torch
 
-    from rollout.api import SamplingParams
-
-    params = SamplingParams(temperature=1.0, max_new_tokens=max(lengths))
+    params = sampling(lengths)
     out = {}
 
     def once():
@@ -158,11 +163,9 @@ def phases(engine, prompts, lengths, device: str) -> dict:
     """One more call of `engine` with its pieces timed (`timed_pieces`)."""
     import torch
 
-    from rollout.api import SamplingParams
-
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with timed_pieces(sync) as pieces:
-        engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=max(lengths)), lengths)
+        engine.generate(prompts, sampling(lengths), lengths)
     return dict(sorted(pieces.items(), key=lambda kv: -kv[1]["s"]))
 
 
