@@ -1,5 +1,5 @@
 """The GPU-only benches (sm_share, attn_tile, ablate_step, linear_tile, split_batch, timeline, phases, ncu_layer,
-ab_kernels, gluon_proj) on the CPU: `--help` describes them, a bad sweep argument is one usage line, and without a
+ab_kernels, gluon_proj, attn_chain) on the CPU: `--help` describes them, a bad sweep argument is one usage line, and without a
 GPU they stop with one line and a non-zero exit instead of a traceback. Their figures need a GPU (bench/RESULTS.md)."""
 
 from __future__ import annotations
@@ -24,9 +24,16 @@ BENCHES = {
     "ncu_layer": "--summary",
     "ab_kernels": "--ref",
     "gluon_proj": "--layers",
+    "attn_chain": "--slots",
 }
 # a malformed value of each sweep option, for the benches that check theirs before importing torch
-BAD = {"ablate_step": "lm_head,nope", "linear_tile": "gate_up=16:128", "split_batch": "3", "ab_kernels": "no/such.py"}
+BAD = {
+    "ablate_step": "lm_head,nope",
+    "linear_tile": "gate_up=16:128",
+    "split_batch": "3",
+    "ab_kernels": "no/such.py",
+    "attn_chain": "64,x",
+}
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
