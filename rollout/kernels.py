@@ -9,7 +9,8 @@ gate_up, down, rms_prep.
   its epilogue (`linear_residual`), `rms_prep` for the embeddings and for down's fp32 K-slice partials; `finish`
   applies it after a projection that went to cuBLAS.
 - `rope_attention`: RoPE on q and k from the packed qkv GEMM output, k/v written into the KV cache at the current
-  slot, then one query token against the cache, the G query heads of a KV head together (online softmax).
+  slot, then one query token against the cache, the G query heads of a KV head together (online softmax over the
+  raw scores, exponents in base 2).
 - `sample_rows`: logsumexp + greedy or inverse-CDF draw + logprob of the drawn token + stop bookkeeping: row chunks
   reduced in parallel (max and sum of exp), then per row one uniform (Philox keyed by (seed + step, row)) picks the
   chunk and a running sum inside it the column.
