@@ -278,7 +278,7 @@ def _rope_attention_kernel(
     b, j, q = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(ctr_ptr).to(tl.int32)
     pad = tl.load(pad_ptr + b).to(tl.int32)
-    scale = scale * 1.4426950408889634  # the scores stay raw: each exponent is one multiply-add in base 2
+    scale2 = scale * 1.4426950408889634  # the scores stay raw: each exponent is one multiply-add in base 2
     span = CHUNK * BLOCK_N
     start = (pad // BLOCK_N) * BLOCK_N
     nch = tl.cdiv(slot - start, span)
@@ -309,15 +309,15 @@ def _rope_attention_kernel(
         dt = out_ptr.dtype.element_ty
         if workers <= 1:
             m, l_i, acc = _attend_in_order(q1, q2, m, l_i, acc, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, start,
-                                           nch, pad, slot, scale, GP, D, BLOCK_N, CHUNK, IEEE)  # fmt: skip
+                                           nch, pad, slot, scale2, GP, D, BLOCK_N, CHUNK, IEEE)  # fmt: skip
             tl.store(out, (acc / l_i[:, None]).to(dt), mask=gmask)
         else:
             head = (b * KV + j) * NCH
-            _store_chunks(q1, q2, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, start, nch, q, PARTS, pad, slot, scale,
+            _store_chunks(q1, q2, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, start, nch, q, PARTS, pad, slot, scale2,
                           part_ml_ptr, part_acc_ptr, head, GP, D, BLOCK_N, CHUNK, IEEE)  # fmt: skip
             tl.debug_barrier()  # every thread's partials stored before the count releases them
             if tl.atomic_add(sem_ptr + b * KV + j, 1, sem="acq_rel") == workers - 1:
-                m, l_i, acc = _merge_stored(m, l_i, acc, part_ml_ptr, part_acc_ptr, head, nch, scale, GP, D)
+                m, l_i, acc = _merge_stored(m, l_i, acc, part_ml_ptr, part_acc_ptr, head, nch, scale2, GP, D)
                 tl.store(out, (acc / l_i[:, None]).to(dt), mask=gmask)
                 tl.atomic_xchg(sem_ptr + b * KV + j, 0)
 
@@ -369,17 +369,17 @@ def _ex2(x):
 
 
 @triton.jit
-def _merge(m, l_i, acc, mc, lc, ac, scale):
+def _merge(m, l_i, acc, mc, lc, ac, scale2):
     """Two softmax states (running max of the raw scores [GP], sum [GP], unnormalized output [GP, D]) as one;
-    scale: the softmax scale times log2(e)."""
+    scale2: the softmax scale times log2(e)."""
     m_new = tl.maximum(m, mc)
-    a, c = _ex2((m - m_new) * scale), _ex2((mc - m_new) * scale)
+    a, c = _ex2((m - m_new) * scale2), _ex2((mc - m_new) * scale2)
     return m_new, l_i * a + lc * c, acc * a[:, None] + ac * c[:, None]
 
 
 @triton.jit
 def _store_chunks(
-    q1, q2, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, start, nch, q, PARTS, pad, slot, scale, part_ml_ptr,
+    q1, q2, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, start, nch, q, PARTS, pad, slot, scale2, part_ml_ptr,
     part_acc_ptr, head, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -390,7 +390,7 @@ def _store_chunks(
     for ch in range(q, nch, PARTS):
         lo = start + ch * span
         mc, lc, ac, kc_a, kc_b, v = _attend_chunk(q1, q2, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, lo,
-                                                  tl.minimum(lo + span, slot), lo + PARTS * span, pad, slot, scale,
+                                                  tl.minimum(lo + span, slot), lo + PARTS * span, pad, slot, scale2,
                                                   GP, D, BLOCK_N, IEEE)  # fmt: skip
         tl.store(part_ml_ptr + ((head + ch) * 2) * GP + g, mc)
         tl.store(part_ml_ptr + ((head + ch) * 2 + 1) * GP + g, lc)
@@ -398,7 +398,7 @@ def _store_chunks(
 
 
 @triton.jit
-def _merge_stored(m, l_i, acc, part_ml_ptr, part_acc_ptr, head, nch, scale, GP: tl.constexpr, D: tl.constexpr):
+def _merge_stored(m, l_i, acc, part_ml_ptr, part_acc_ptr, head, nch, scale2, GP: tl.constexpr, D: tl.constexpr):
     """The state (m, l_i, acc) with the `nch` chunk states stored from row `head` merged in, in chunk order (read
     from L2: other programs wrote them)."""
     g = tl.arange(0, GP)
@@ -408,13 +408,13 @@ def _merge_stored(m, l_i, acc, part_ml_ptr, part_acc_ptr, head, nch, scale, GP: 
         ac = tl.load(
             part_acc_ptr + (head + ch) * GP * D + g[:, None] * D + tl.arange(0, D)[None, :], cache_modifier=".cg"
         )
-        m, l_i, acc = _merge(m, l_i, acc, mc, lc, ac, scale)
+        m, l_i, acc = _merge(m, l_i, acc, mc, lc, ac, scale2)
     return m, l_i, acc
 
 
 @triton.jit
 def _attend_in_order(
-    q1, q2, m, l_i, acc, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, start, nch, pad, slot, scale,
+    q1, q2, m, l_i, acc, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, start, nch, pad, slot, scale2,
     GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """The state (m, l_i, acc) with the `nch` chunks from `start` merged in, one after another (the first block
@@ -423,18 +423,18 @@ def _attend_in_order(
     for ch in range(0, nch):
         lo = start + ch * span
         mc, lc, ac, kc_a, kc_b, v = _attend_chunk(q1, q2, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, lo,
-                                                  tl.minimum(lo + span, slot), lo + span, pad, slot, scale, GP, D,
+                                                  tl.minimum(lo + span, slot), lo + span, pad, slot, scale2, GP, D,
                                                   BLOCK_N, IEEE)  # fmt: skip
-        m, l_i, acc = _merge(m, l_i, acc, mc, lc, ac, scale)
+        m, l_i, acc = _merge(m, l_i, acc, mc, lc, ac, scale2)
     return m, l_i, acc
 
 
 @triton.jit
 def _attend_chunk(
-    q1, q2, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, lo, hi, nxt, pad, slot, scale,
+    q1, q2, kc_a, kc_b, v, k_base, v_base, kc_st, vc_st, lo, hi, nxt, pad, slot, scale2,
     GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """The softmax state (max of the raw scores, sum, unnormalized output [GP, D], fp32; `scale` as in `_merge`) of
+    """The softmax state (max of the raw scores, sum, unnormalized output [GP, D], fp32; `scale2` as in `_merge`) of
     the cached slots lo .. hi-1 (lo's block holds a slot of pad .. slot-1, so the max is finite after it), from the
     block at lo already loaded (kc_a, kc_b, v); each iteration loads the next block before it computes on the one it
     holds, the last one the block at `nxt`, which it returns."""
@@ -451,8 +451,8 @@ def _attend_chunk(
             sc = tl.dot(q1, tl.trans(kc_a)) + tl.dot(q2, tl.trans(kc_b))
         sc = tl.where(valid[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
-        alpha = _ex2((m_i - m_new) * scale)
-        p = _ex2(sc * scale - (m_new * scale)[:, None])
+        alpha = _ex2((m_i - m_new) * scale2)
+        p = _ex2(sc * scale2 - (m_new * scale2)[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
