@@ -61,9 +61,11 @@ def dropped(family: str):
             return saved[1](x, weight, bias, glu)
         return zero((xg.shape[0], weight.shape[0] // (2 if glu else 1)), xg)
 
-    def linear_residual(x, weight, bias, residual, next_weight, eps, cache=None):
+    def linear_residual(x, weight, bias, residual, next_weight, eps, cache=None, normalize=False):
         if ("o" if x.shape[1] == weight.shape[0] else "down") != family:
-            return saved[2](x, weight, bias, residual, next_weight, eps, cache)
+            return saved[2](x, weight, bias, residual, next_weight, eps, cache, normalize)
+        if normalize:
+            return zero(residual.shape, residual)
         return K.RowNorm(zero(residual.shape, residual), zero((1, x.shape[0]), x, torch.float32), eps)
 
     if family == "attention":
@@ -73,7 +75,7 @@ def dropped(family: str):
     elif family == "sampling":
         K.sample_rows = lambda *a, **kw: None
     elif family == "rms_prep":
-        K.rms_prep = lambda x, delta, weight, eps, cache=None: K.RowNorm(
+        K.rms_prep = lambda x, delta, weight, eps, cache=None, embed=None: K.RowNorm(
             zero(x.shape, x), zero((1, x.shape[0]), x, torch.float32), eps
         )
     elif family != "none":

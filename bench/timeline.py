@@ -30,7 +30,7 @@ def _label(name: str, args, kwargs) -> str:
     if name == "rms_prep":
         return "embed+rms_prep" if args[1] is None else "rms_prep"
     if name == "finish":  # with nothing to apply it launches nothing: the gap is the cuBLAS lm_head before it
-        return "final norm" if args[1:] or kwargs else "lm_head (cuBLAS)"
+        return "final norm" if any(a is not None and a is not False for a in args[1:]) or kwargs else "lm_head (cuBLAS)"
     return {"rope_attention": "attention", "sample_rows": "sampling (2)"}[name]
 
 

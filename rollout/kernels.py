@@ -6,8 +6,9 @@ these kernels fuse what eager PyTorch runs as many small ops. A decoder layer is
 gate_up, down, rms_prep.
 - RMSNorm is applied by the projection that reads it (`RowNorm`, `linear` of a RowNorm: qkv, gate_up scale their
   output rows by rsqrt(mean + eps) in the epilogue). It is written by whoever adds into the residual stream: o in
-  its epilogue (`linear_residual`), `rms_prep` for the embeddings and for down's fp32 K-slice partials; `finish`
-  applies it after a projection that went to cuBLAS.
+  its epilogue (`linear_residual`), `rms_prep` for the embeddings (which it gathers itself) and for down's fp32
+  K-slice partials; `finish` applies it after a projection that went to cuBLAS. The last layer's `rms_prep` writes
+  the final norm's output rows whole, for the lm_head (cuBLAS).
 - `rope_attention`: RoPE on q and k from the packed qkv GEMM output, k/v written into the KV cache at the current
   slot, then one query token against the cache, the G query heads of a KV head together (online softmax over the
   raw scores, exponents in base 2).
@@ -167,62 +168,87 @@ def _residual_in(x_ptr, g_ptr, rm, rn, M, N):
 
 
 @triton.jit
-def _residual_out(acc, x, g, x_ptr, xg_ptr, ss_ptr, rm, rn, M, N, tile):
+def _residual_out(acc, x, g, x_ptr, xg_ptr, ss_ptr, rm, rn, M, N, tile, eps, NORMALIZE: tl.constexpr):
     """x += acc (acc rounded to x's dtype first, as HF adds a projection's output), then the RowNorm of the new x
-    over these columns: xg = x * g and the rows' sums of x**2 into sumsq[tile]. x, g: from `_residual_in`."""
+    over these columns: xg = x * g and the rows' sums of x**2 into sumsq[tile]. x, g: from `_residual_in`.
+    NORMALIZE (the tile is whole rows): xg is the normalized rows themselves, rounded as `finish` rounds them."""
     dt = x_ptr.dtype.element_ty
     msk = (rm[:, None] < M) & (rn[None, :] < N)
     offs = rm[:, None] * N + rn[None, :]
     x = (x.to(tl.float32) + acc.to(dt).to(tl.float32)).to(dt)
     tl.store(x_ptr + offs, x, mask=msk)
     xf = x.to(tl.float32)
-    tl.store(xg_ptr + offs, (xf * g[None, :]).to(dt), mask=msk)
-    tl.store(ss_ptr + tile * M + rm, tl.sum(tl.where(msk, xf * xf, 0.0), axis=1), mask=rm < M)
+    ss = tl.sum(tl.where(msk, xf * xf, 0.0), axis=1)
+    xg = (xf * g[None, :]).to(dt)
+    if NORMALIZE:
+        xg = (xg.to(tl.float32) * (1.0 / tl.sqrt(ss / N + eps))[:, None]).to(dt)
+    tl.store(xg_ptr + offs, xg, mask=msk)
+    tl.store(ss_ptr + tile * M + rm, ss, mask=rm < M)
 
 
 @triton.jit
 def _rms_prep_kernel(
-    x_ptr, d_ptr, g_ptr, xg_ptr, ss_ptr, M, n,
+    x_ptr, d_ptr, g_ptr, xg_ptr, ss_ptr, M, n, eps, ids_ptr, table_ptr,
     kc_ptr, vc_ptr, ctr_ptr, pad_ptr, kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
     KV: tl.constexpr, D: tl.constexpr, LINES: tl.constexpr, PREFETCH: tl.constexpr,
-    HAS_DELTA: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    HAS_DELTA: tl.constexpr, SPLITS: tl.constexpr, GATHER: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     if PREFETCH and PDL:
         _prefetch_cache(kc_ptr, vc_ptr, pad_ptr, ctr_ptr, tl.program_id(0), kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
                         KV, D, LINES)  # fmt: skip
     rm = tl.program_id(0) + tl.zeros([1], tl.int32)
     rn = tl.arange(0, BLOCK)
-    x, g = _residual_in(x_ptr, g_ptr, rm, rn, M, n)
-    _chain(PDL)
+    if GATHER:  # the row is the embedding of the token the kernel before drew: read after the wait
+        g = tl.load(g_ptr + rn, mask=rn < n, other=0.0).to(tl.float32)
+        _chain(PDL)
+        x = tl.load(table_ptr + tl.load(ids_ptr + rm)[:, None] * n + rn[None, :], mask=rn[None, :] < n, other=0.0)
+    else:
+        x, g = _residual_in(x_ptr, g_ptr, rm, rn, M, n)
+        _chain(PDL)
     acc = tl.zeros([1, BLOCK], tl.float32)
     if HAS_DELTA:
         for s in tl.static_range(SPLITS):  # fp32 partial sums over K slices: added in slice order
             acc += tl.load(d_ptr + (s * M + rm[:, None]) * n + rn[None, :], mask=rn[None, :] < n, other=0.0).to(
                 tl.float32
             )
-    _residual_out(acc, x, g, x_ptr, xg_ptr, ss_ptr, rm, rn, M, n, 0)
+    _residual_out(acc, x, g, x_ptr, xg_ptr, ss_ptr, rm, rn, M, n, 0, eps, NORMALIZE)
 
 
 def rms_prep(
-    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, cache: tuple | None = None
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    cache: tuple | None = None,
+    embed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> RowNorm:
     """x += delta (in place, delta rounded to x's dtype), and the RowNorm of the new x [B, n] (one tile). delta:
     [B, n], or fp32 partial sums [S, B, n] added in order first. cache: (k_cache, v_cache, ctr, pad_len) of the
     layer that reads this norm: its slots below ctr[0] (written by earlier steps) are asked into L2 before the wait,
     while the projection before streams its weights, so that layer's attention reads them from L2 (W's rollout
-    x1.033 over no prefetch, x1.012 over the attention asking for them itself: bench/RESULTS.md)."""
+    x1.033 over no prefetch, x1.012 over the attention asking for them itself: bench/RESULTS.md). embed: (ids [B],
+    table [V, n]): x's rows become table[ids] first (a decode step's embedding gather, no launch of its own; x's
+    contents are not read)."""
+    xg, ss = _rms_prep(x, delta, weight, eps, cache, embed, False)
+    return RowNorm(xg, ss, eps)
+
+
+def _rms_prep(x, delta, weight, eps: float, cache, embed, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rms_prep`'s launch: (xg, sumsq); normalize: xg is the normalized rows (what `finish` makes of a RowNorm)."""
     b, n = x.shape
     xg = _activation(b, n, x)
     ss = torch.empty((1, b), device=x.device, dtype=torch.float32)
     on = pdl(x)
     fetch = cache is not None
     cargs = _cache_args(cache) if fetch else (x, x, x, x, 0, 0, 0, 0, 0, 0, 1, 16, 1)
+    ids, table = embed if embed is not None else (x, x)
     _rms_prep_kernel[(b,)](
-        x, x if delta is None else delta, weight, xg, ss, b, n, *cargs, fetch, delta is not None,
-        delta.shape[0] if delta is not None and delta.dim() == 3 else 1, triton.next_power_of_2(n), on,
-        launch_pdl=on,
+        x, x if delta is None else delta, weight, xg, ss, b, n, eps, ids, table, *cargs, fetch, delta is not None,
+        delta.shape[0] if delta is not None and delta.dim() == 3 else 1, embed is not None, normalize,
+        triton.next_power_of_2(n), on, launch_pdl=on,
     )  # fmt: skip
-    return RowNorm(xg, ss, eps)
+    return xg, ss
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -643,7 +669,7 @@ def _linear_kernel(
         if GLU:
             acc_up += bias_up
     if RESID and not SLICED:
-        _residual_out(acc, res, g, res_ptr, out_ptr, ss_out_ptr, rm, rn, M, N, tl.program_id(0))
+        _residual_out(acc, res, g, res_ptr, out_ptr, ss_out_ptr, rm, rn, M, N, tl.program_id(0), 0.0, False)
     else:
         dt = out_ptr.dtype.element_ty
         if GLU:
@@ -742,15 +768,24 @@ def linear_residual(
     next_weight: torch.Tensor,
     eps: float,
     cache: tuple | None = None,
-) -> RowNorm:
+    normalize: bool = False,
+) -> RowNorm | torch.Tensor:
     """residual += x @ weight.T (+ bias) in place (the projection rounded to residual's dtype, then the sum, as HF
     adds), and the RowNorm of the new residual for the RMSNorm with weight `next_weight`: in the projection's
     epilogue, or where K is cut into slices (down: more programs) by `rms_prep` over its fp32 partials. (Each
-    column tile's last slice adding the partials instead, counted with atomics, was slower: bench/RESULTS.md.)"""
+    column tile's last slice adding the partials instead, counted with atomics, was slower: bench/RESULTS.md.)
+    normalize: the RMSNorm's output rows themselves instead (the last layer's, for the lm_head), which `rms_prep`
+    writes whole where it runs; a projection's epilogue sees only its columns, so then `finish` applies them."""
     if _cublas(x.shape[0], weight):
-        return rms_prep(residual, F.linear(x, weight, bias), next_weight, eps, cache)
-    out, ss = _launch(x, weight, bias, weight.shape[0], False, None, (residual, next_weight))
-    return rms_prep(residual, out, next_weight, eps, cache) if out.dim() == 3 else RowNorm(out, ss, eps)
+        delta = F.linear(x, weight, bias)
+    else:
+        delta, ss = _launch(x, weight, bias, weight.shape[0], False, None, (residual, next_weight))
+        if delta.dim() == 2:
+            norm = RowNorm(delta, ss, eps)
+            return finish(delta, norm) if normalize else norm
+    if normalize:
+        return _rms_prep(residual, delta, next_weight, eps, cache, None, True)[0]
+    return rms_prep(residual, delta, next_weight, eps, cache)
 
 
 # ---------------------------------------------------------------------------------------------- sampling

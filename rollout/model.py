@@ -296,10 +296,9 @@ class CausalLM(nn.Module):
         from rollout import kernels as K
 
         c, layers = self.cfg, self.model.layers
-        x = self.model.embed_tokens(last)  # the residual stream, updated in place
-        norm = K.rms_prep(
-            x, None, layers[0].input_layernorm.weight, c.rms_norm_eps, (k_cache[0], v_cache[0], ctr, pad_len)
-        )
+        x = last.new_empty((last.shape[0], c.hidden_size), dtype=self.dtype)  # the residual stream, updated in place
+        w, embed = layers[0].input_layernorm.weight, (last, self.model.embed_tokens.weight)
+        norm = K.rms_prep(x, None, w, c.rms_norm_eps, (k_cache[0], v_cache[0], ctr, pad_len), embed)
         for i, layer in enumerate(layers):
             a, m = layer.self_attn, layer.mlp
             qkv = K.linear(norm, a.qkv_weight, a.qkv_bias)
@@ -309,8 +308,8 @@ class CausalLM(nn.Module):
             act = K.linear(norm, m.gate_up_weight, m.gate_up_bias, glu=True)
             w = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else self.model.norm.weight
             nxt = (k_cache[i + 1], v_cache[i + 1], ctr, pad_len) if i + 1 < len(layers) else None
-            norm = K.linear_residual(act, m.down_proj.weight, m.down_proj.bias, x, w, c.rms_norm_eps, nxt)
-        return K.linear(K.finish(norm.xg, norm), self.lm_head.weight)
+            norm = K.linear_residual(act, m.down_proj.weight, m.down_proj.bias, x, w, c.rms_norm_eps, nxt, nxt is None)
+        return K.linear(norm, self.lm_head.weight)  # the last layer's norm: the normalized rows
 
     def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, d/2] in the model dtype for positions 0..length-1 (fp32 math, as `make_step`)."""

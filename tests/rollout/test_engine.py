@@ -478,6 +478,29 @@ def test_gpu_residual_projection_writes_the_next_norm(k):
     wq = torch.randn(1152, 896, generator=gen, **bf) * 896**-0.5
     hf = resid.float() * torch.rsqrt(resid.float().pow(2).mean(1, keepdim=True) + 1e-6) * g.float()
     torch.testing.assert_close(K.linear(norm, wq).float(), hf @ wq.float().T, atol=0.05, rtol=0.02)
+    # the last layer's: the normalized rows themselves (down's written by rms_prep), as `finish` makes them
+    resid_final = resid0.clone()
+    final = K.linear_residual(x, w, None, resid_final, g, 1e-6, normalize=True)
+    assert torch.equal(resid_final, resid)
+    assert torch.equal(final, K.finish(norm.xg, norm))
+
+
+@pytest.mark.gpu
+def test_gpu_rms_prep_gathers_the_embeddings():
+    """`rms_prep` with `embed` (a decode step's first launch): the residual rows become the table's rows at the ids,
+    whatever they held, and the RowNorm is the one of those rows passed in directly."""
+    from rollout import kernels as K
+
+    gen = torch.Generator("cuda").manual_seed(1)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    table, g = torch.randn(1000, 896, generator=gen, **bf), torch.rand(896, generator=gen, **bf) + 0.5
+    ids = torch.randint(1000, (64,), generator=gen, device="cuda")
+    x = torch.full((64, 896), float("nan"), **bf)
+    norm = K.rms_prep(x, None, g, 1e-6, None, (ids, table))
+    direct = table[ids]
+    want = K.rms_prep(direct, None, g, 1e-6)
+    assert torch.equal(x, table[ids])
+    assert torch.equal(norm.xg, want.xg) and torch.equal(norm.sumsq, want.sumsq)
 
 
 def attention_reference(qkv, k_cache, v_cache, cos, sin, slot: int, pad, heads: int) -> torch.Tensor:
