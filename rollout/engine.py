@@ -108,6 +108,7 @@ class _Runner:
         self.top_p = torch.ones((), device=dev)
         self.one = torch.ones((), device=dev)
         self.seed = torch.zeros((), dtype=torch.long, device=dev)
+        self.live_host = torch.zeros((), dtype=torch.long, pin_memory=self.cuda)  # `_count_live`'s, read without a sync
         self.generator = torch.Generator(dev)
         self.cos, self.sin = self.model.rope_tables(t_cap) if self.fast else (None, None)
         self.graph: torch.cuda.CUDAGraph | None = None  # one step
@@ -262,23 +263,48 @@ class _Runner:
 
     def decode(self, n: int, check_every: int, start: int = 1, shrink_at: int = 0) -> int:
         """Decode from step `start` until every row stopped or `n` tokens (returns n), or until at most `shrink_at`
-        loaded rows still decode (returns the step reached: the caller compacts); a host sync only every
-        `check_every` steps, between which a captured runner replays its CHECK_EVERY-step graph where it fits."""
-        s = start
+        loaded rows still decode (returns the step reached: the caller compacts); a host check only every
+        `check_every` steps, between which a captured runner replays its CHECK_EVERY-step graph where it fits.
+
+        Look-ahead: where the rows left at the last check, less the most that ever stopped between two checks, are
+        still above `shrink_at`, the next graph is queued before this check's count is read, so the GPU does not
+        idle while the host reads it (W's rollout: ~60 us per check, bench/RESULTS.md). A wrong guess costs one
+        graph of steps on rows that stopped (their tokens are pad, past their stop), never a result."""
+        s, seen, drop = start, None, 0
         while s < n:
             if s % check_every == 0:
-                live = int((self.done[: self.rows] == 0).sum())
+                graph = self.chunk is not None and check_every == CHECK_EVERY and s + CHECK_EVERY <= n
+                count = self._count_live()
+                ahead = graph and seen is not None and seen - drop > shrink_at
+                if ahead:
+                    self.chunk.replay()
+                    s += CHECK_EVERY
+                live = count()
+                seen, drop = live, drop if seen is None else max(drop, seen - live)
                 if live == 0:
                     return n
                 if live <= shrink_at:
                     return s
-                if self.chunk is not None and check_every == CHECK_EVERY and s + CHECK_EVERY <= n:
+                if ahead:
+                    continue
+                if graph:
                     self.chunk.replay()
                     s += CHECK_EVERY
                     continue
             self.step()
             s += 1
         return n
+
+    def _count_live(self):
+        """Queue a count of the loaded rows still decoding; returns a function that waits for it (for this count
+        only, not for work queued after it) and returns it."""
+        count = (self.done[: self.rows] == 0).sum()
+        if not self.cuda:
+            return lambda: int(count)
+        self.live_host.copy_(count, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return lambda: (ready.synchronize(), int(self.live_host))[1]
 
     def adopt(self, src: _Runner, rows: list[int]) -> None:
         """Take over `src`'s loaded rows `rows` (a compaction): their KV cache, outputs, caps, stop state and the
