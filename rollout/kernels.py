@@ -900,6 +900,12 @@ def _sample_finish_kernel(
     tl.store(last_ptr + b, tok)
 
 
+# columns per sampling chunk: the draw's second launch walks one chunk after combining all chunks' sums, so smaller
+# chunks shorten it until the partials to combine cost more; W's rollout, 1024 against 4096: x1.013 and x1.007 in
+# two runs; 2048 x1.002, 512 and 256 slower than 1024 (bench/ab_kernels.py, H200, bench/RESULTS.md)
+SAMPLE_CHUNK = 1024
+
+
 def sample_rows(
     logits: torch.Tensor,
     draw: torch.Tensor | None,
@@ -921,21 +927,22 @@ def sample_rows(
     (top-k/top-p), else the draw is softmax(logits / temperature). done [B] (int8) is updated with `stop` hits and
     with rows whose cap `limit` [B] (new tokens) is reached at this column; rows already done record `pad_id` with
     logprob 0. last [B]: the drawn tokens, the next step's input.
-    Each row is split into chunks of 4096 columns reduced in parallel, then combined (two launches); a sampled
-    row's draw is the inverse CDF of one uniform (one Philox draw per row, not one per column: bench/RESULTS.md).
+    Each row is split into chunks of SAMPLE_CHUNK columns reduced in parallel, then combined (two launches); a
+    sampled row's draw is the inverse CDF of one uniform (one Philox draw per row, not one per column:
+    bench/RESULTS.md).
     """
     b, v = logits.shape
-    chunk = 4096
+    chunk, block = SAMPLE_CHUNK, min(1024, SAMPLE_CHUNK)
     s = triton.cdiv(v, chunk)
     part = torch.empty((b, s, 4), device=logits.device, dtype=torch.float32)
     src = logits if draw is None else draw
     on = pdl(logits)
     _sample_partial_kernel[(b, s)](
         logits, src, logits.stride(0), src.stride(0), v, temperature, part, s,
-        greedy, draw is not None, chunk, 1024, on, launch_pdl=on,
+        greedy, draw is not None, chunk, block, on, launch_pdl=on,
     )  # fmt: skip
     _sample_finish_kernel[(b,)](
         logits, src, logits.stride(0), src.stride(0), v, temperature, seed, part, s, ctr, done, stop, limit, tokens,
-        logprobs, last, tokens.stride(0), pad_id, greedy, draw is not None, triton.next_power_of_2(s), chunk, 1024,
+        logprobs, last, tokens.stride(0), pad_id, greedy, draw is not None, triton.next_power_of_2(s), chunk, block,
         stop.numel(), on, launch_pdl=on,
     )  # fmt: skip

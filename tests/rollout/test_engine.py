@@ -620,7 +620,7 @@ def draw_with_kernel(row: torch.Tensor, rows: int, steps: int, temp: float, draw
 
 @pytest.mark.gpu
 def test_gpu_sampling_kernel_draws_from_the_softmax():
-    """Over a real vocabulary's 12 chunks: draw frequencies match softmax(logits / T) (chi-square far inside a
+    """Over a real vocabulary's 48 chunks: draw frequencies match softmax(logits / T) (chi-square far inside a
     5-sigma bound), nothing is drawn off the support, and each logprob is log_softmax of the raw logits."""
     torch.manual_seed(0)
     vocab, temp = 49152, 0.7
