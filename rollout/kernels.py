@@ -261,7 +261,10 @@ def _round(x, dtype: tl.constexpr):
 
 @triton.jit
 def _rope(x1, x2, c, s, dt: tl.constexpr):
-    """HF's x * cos + rotate_half(x) * sin on the two halves of a head, each product and the sum rounded to dt."""
+    """HF's x * cos + rotate_half(x) * sin on the two halves of a head, each product and the sum rounded to dt. As
+    written: Triton's fp fusion (on by default) contracts one product and the sum into a single `fma.rn.bf16`, one
+    rounding fewer than HF's (sm_90 PTX of `_rope_attention_kernel`: 10 of them; a kernel compiled with
+    enable_fp_fusion=False rounds as HF, bench/RESULTS.md)."""
     return (_round(x1 * c, dt) + _round(-x2 * s, dt)).to(dt), (_round(x2 * c, dt) + _round(x1 * s, dt)).to(dt)
 
 
