@@ -304,7 +304,12 @@ class _Runner:
         self.live_host.copy_(count, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return lambda: (ready.synchronize(), int(self.live_host))[1]
+
+        def read() -> int:
+            ready.synchronize()
+            return int(self.live_host)
+
+        return read
 
     def adopt(self, src: _Runner, rows: list[int]) -> None:
         """Take over `src`'s loaded rows `rows` (a compaction): their KV cache, outputs, caps, stop state and the
