@@ -251,6 +251,70 @@ def _rms_prep(x, delta, weight, eps: float, cache, embed, normalize: bool) -> tu
     return xg, ss
 
 
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, eps, BLOCK: tl.constexpr):
+    """One row of HF's RMSNorm: weight * (x * rsqrt(mean(x**2) + eps)), in fp32, rounded to x's dtype before the
+    weight's product and after it."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    m = offs < n
+    x = tl.load(x_ptr + row * n + offs, mask=m, other=0.0).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    y = _round(x * (1.0 / tl.sqrt(tl.sum(x * x, 0) / n + eps)), dt)
+    tl.store(out_ptr + row * n + offs, (y * tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)).to(dt), mask=m)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm of x [..., n] in one launch (a prefill's: the decode step's norms are `RowNorm`s). The mean of
+    squares is summed in another order than torch's, so an output can differ from HF's by one rounding step."""
+    n = x.shape[-1]
+    rows = x.reshape(-1, n).contiguous()  # the final norm's input is x[:, -1], a strided view
+    out = torch.empty_like(rows)
+    _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, n, eps, triton.next_power_of_2(n))
+    return out.view(x.shape)
+
+
+@triton.jit
+def _rope_qk_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, H: tl.constexpr, KV: tl.constexpr, HP: tl.constexpr,
+                    D: tl.constexpr):  # fmt: skip
+    """One token: its H query heads and KV key heads from the packed qkv row, rotated by the token's cos and sin."""
+    r = tl.program_id(0).to(tl.int64)
+    half = tl.arange(0, D // 2)
+    c = tl.load(cos_ptr + r * D + half).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + r * D + half).to(tl.float32)[None, :]
+    hh = tl.arange(0, HP)[:, None]
+    dt = q_ptr.dtype.element_ty
+    row = qkv_ptr + r * (H + 2 * KV) * D
+    qm = hh < H
+    qa, qb = _rope(tl.load(row + hh * D + half, mask=qm, other=0.0).to(tl.float32),
+                   tl.load(row + hh * D + D // 2 + half, mask=qm, other=0.0).to(tl.float32), c, s, dt)  # fmt: skip
+    tl.store(q_ptr + r * H * D + hh * D + half, qa, mask=qm)
+    tl.store(q_ptr + r * H * D + hh * D + D // 2 + half, qb, mask=qm)
+    km = hh < KV
+    ka, kb = _rope(tl.load(row + (H + hh) * D + half, mask=km, other=0.0).to(tl.float32),
+                   tl.load(row + (H + hh) * D + D // 2 + half, mask=km, other=0.0).to(tl.float32), c, s, dt)  # fmt: skip
+    tl.store(k_ptr + r * KV * D + hh * D + half, ka, mask=km)
+    tl.store(k_ptr + r * KV * D + hh * D + D // 2 + half, kb, mask=km)
+
+
+def rope_qk(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, L, heads, d] and k [B, L, kv_heads, d] rotated, from a packed qkv GEMM output [B, L, (heads + 2
+    kv_heads) * d] and `CausalLM.make_step`'s cos / sin [B, 1, L, d]: HF's q * cos + rotate_half(q) * sin, rounded
+    as it rounds (one launch instead of ten)."""
+    b, lq, width = qkv.shape
+    d = width // (heads + 2 * kv_heads)
+    q = qkv.new_empty((b, lq, heads, d))
+    k = qkv.new_empty((b, lq, kv_heads, d))
+    hp = triton.next_power_of_2(max(heads, kv_heads))
+    # without fp fusion: with it, one rounded product and the sum become one bf16 FMA (see `_rope`)
+    _rope_qk_kernel[(b * lq,)](
+        qkv.contiguous(), cos.contiguous(), sin.contiguous(), q, k, heads, kv_heads, hp, d, enable_fp_fusion=False
+    )
+    return q, k
+
+
 # ---------------------------------------------------------------------------------------------- attention
 
 

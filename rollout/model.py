@@ -119,8 +119,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused = False  # one Triton launch instead of eight torch ops (`pack_`: the fused CUDA path's prefill)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from rollout import kernels
+
+            return kernels.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -159,16 +164,26 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.h, self.kv, self.d, self.qk_norm = h, kv, d, cfg.qk_norm
+        # q/k/v weights packed in one buffer (`CausalLM.pack_`): one GEMM, then q and k rotated in one launch
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, st: Step, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         b, lq, _ = x.shape
-        q = self.q_proj(x).view(b, lq, self.h, self.d).transpose(1, 2)
-        k = self.k_proj(x).view(b, lq, self.kv, self.d).transpose(1, 2)
-        v = self.v_proj(x).view(b, lq, self.kv, self.d).transpose(1, 2)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q * st.cos + _rotate_half(q) * st.sin
-        k = k * st.cos + _rotate_half(k) * st.sin
+        if self.qkv_weight is not None:
+            from rollout import kernels
+
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            q, k = (t.transpose(1, 2) for t in kernels.rope_qk(qkv, st.cos, st.sin, self.h, self.kv))
+            v = qkv[..., (self.h + self.kv) * self.d :].view(b, lq, self.kv, self.d).transpose(1, 2)
+        else:
+            q = self.q_proj(x).view(b, lq, self.h, self.d).transpose(1, 2)
+            k = self.k_proj(x).view(b, lq, self.kv, self.d).transpose(1, 2)
+            v = self.v_proj(x).view(b, lq, self.kv, self.d).transpose(1, 2)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = q * st.cos + _rotate_half(q) * st.sin
+            k = k * st.cos + _rotate_half(k) * st.sin
         k_cache.index_copy_(2, st.slots, k)
         v_cache.index_copy_(2, st.slots, v)
         g = self.h // self.kv
@@ -188,9 +203,16 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        # gate/up weights packed in one buffer (`CausalLM.pack_`): one GEMM
+        self.gate_up_weight: torch.Tensor | None = None
+        self.gate_up_bias: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -273,7 +295,11 @@ class CausalLM(nn.Module):
 
     def pack_(self) -> None:
         """Keep each layer's q/k/v and gate/up weights in one buffer (one GEMM each on the fast path) and make the
-        HF-named parameters views into it, so loading weights by name fills the packed buffers: no repacking."""
+        HF-named parameters views into it, so loading weights by name fills the packed buffers: no repacking. The
+        forward (the fused path's prefill) then runs the packed GEMMs and fused norms and RoPE (Triton)."""
+        for norm in self.modules():
+            if isinstance(norm, RMSNorm):
+                norm.fused = True
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
             a.qkv_weight = _pack(a, ("q_proj", "k_proj", "v_proj"), "weight")

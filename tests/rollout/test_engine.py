@@ -486,6 +486,36 @@ def test_gpu_residual_projection_writes_the_next_norm(k):
 
 
 @pytest.mark.gpu
+def test_gpu_prefill_norm_and_rope_kernels_match_hf():
+    """The packed model's prefill kernels in bf16: `rope_qk` gives HF's q * cos + rotate_half(q) * sin bit for bit,
+    and the fused RMSNorm HF's to within one rounding step (its mean of squares is summed in another order)."""
+    from rollout import kernels as K
+    from rollout.model import RMSNorm, _rotate_half
+
+    gen = torch.Generator("cuda").manual_seed(4)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    b, lq, heads, kv, d = 3, 33, 14, 2, 64
+    qkv = torch.randn(b, lq, (heads + 2 * kv) * d, generator=gen, **bf)
+    cos, sin = (torch.randn(b, 1, lq, d // 2, generator=gen, **bf).repeat(1, 1, 1, 2) for _ in range(2))
+    q, k = K.rope_qk(qkv, cos, sin, heads, kv)
+    q0 = qkv[..., : heads * d].view(b, lq, heads, d).transpose(1, 2)
+    k0 = qkv[..., heads * d : (heads + kv) * d].view(b, lq, kv, d).transpose(1, 2)
+    assert torch.equal(q.transpose(1, 2), q0 * cos + _rotate_half(q0) * sin)
+    assert torch.equal(k.transpose(1, 2), k0 * cos + _rotate_half(k0) * sin)
+    norm = RMSNorm(896, 1e-6).to(**bf)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(896, generator=gen, **bf) + 0.5)
+    x = torch.randn(b, lq, 896, generator=gen, **bf) * 3
+    want, want_last = norm(x), norm(x[:, -1])  # the final norm's input is a strided view
+    norm.fused = True
+    got, got_last = norm(x), norm(x[:, -1])
+    assert got.shape == want.shape and got_last.shape == want_last.shape
+    for g, w in ((got, want), (got_last, want_last)):
+        torch.testing.assert_close(g, w, atol=0, rtol=2**-7)
+        assert (g != w).float().mean() < 0.02
+
+
+@pytest.mark.gpu
 def test_gpu_rms_prep_gathers_the_embeddings():
     """`rms_prep` with `embed` (a decode step's first launch): the residual rows become the table's rows at the ids,
     whatever they held, and the RowNorm is the one of those rows passed in directly."""
