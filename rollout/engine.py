@@ -81,6 +81,53 @@ def _ladder(b_cap: int, live: int) -> int:
     return b_cap
 
 
+class _HostOutputs:
+    """A runner's tokens and logprobs on their way to per-row Python lists while it decodes. At each host check the
+    columns written since the last one are queued into pinned memory behind the steps that write them (the check's
+    event covers them), and they become lists at the next check, while the GPU runs the steps queued after it; a
+    batch's end then has only its last columns left to turn (W's rollout spent 1.3-1.9 ms of host time on all of
+    them after the GPU's end, bench/RESULTS.md)."""
+
+    def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor):
+        pin = tokens.is_cuda
+        self.src = (tokens, logprobs)
+        self.host = tuple(torch.empty(t.numel(), dtype=t.dtype, pin_memory=pin) for t in self.src)
+        self.reset(0)
+
+    def reset(self, rows: int, lists: tuple[list, list] | None = None, cols: int = 0) -> None:
+        """Rows 0..rows-1 start from `lists` (per-row tokens, logprobs) holding columns 0..cols-1, else empty."""
+        self.rows = rows
+        self.lists = lists if lists is not None else ([[] for _ in range(rows)], [[] for _ in range(rows)])
+        self.listed = self.queued = self.arrived = cols  # columns in the lists / queued to the host / there
+        self.offset, self.blocks = 0, []
+
+    def queue(self, upto: int) -> None:
+        """Copy columns queued .. upto-1 of the loaded rows to the host behind the work queued so far (one block)."""
+        if upto <= self.queued or not self.rows:
+            return
+        shape = (self.rows, upto - self.queued)
+        for src, host in zip(self.src, self.host, strict=True):
+            dst = host[self.offset : self.offset + shape[0] * shape[1]].view(shape)
+            dst.copy_(src[: self.rows, self.queued : upto].contiguous(), non_blocking=True)
+        self.blocks.append((self.offset, shape))
+        self.offset += shape[0] * shape[1]
+        self.queued = upto
+
+    def landed(self) -> None:
+        """Everything queued so far is on the host (the caller waited for an event recorded after it)."""
+        self.arrived = self.queued
+
+    def to_lists(self) -> None:
+        """Append the blocks on the host to the per-row lists."""
+        while self.blocks and self.listed < self.arrived:
+            offset, shape = self.blocks.pop(0)
+            for lists, host in zip(self.lists, self.host, strict=True):
+                block = host[offset : offset + shape[0] * shape[1]].view(shape).tolist()
+                for row, part in zip(lists, block, strict=True):
+                    row.extend(part)
+            self.listed += shape[1]
+
+
 class _Runner:
     """Device state of one decoding batch of capacity (b_cap rows, t_cap cache slots): KV cache, last tokens,
     outputs, stop flags, and the counters `ctr = [slot of the next input, column of the next output]`.
@@ -94,32 +141,42 @@ class _Runner:
         self.model, self.mode, self.b_cap, self.t_cap = engine.model, mode, b_cap, t_cap
         self.fast, self.cuda = engine.fast, engine.device.type == "cuda"
         self.stream = engine._stream
-        dev = engine.device
+        dev = self.dev = engine.device
         self.k_cache, self.v_cache = self.model.new_cache(b_cap, t_cap)
-        self.pad_len = torch.zeros(b_cap, dtype=torch.long, device=dev)
+        self._state(b_cap, nstop)
         self.tokens = torch.zeros((b_cap, t_cap), dtype=torch.long, device=dev)
         self.logprobs = torch.zeros((b_cap, t_cap), dtype=torch.float32, device=dev)
+        self.out = _HostOutputs(self.tokens, self.logprobs)
         self.done = torch.zeros(b_cap, dtype=torch.int8 if self.cuda else torch.bool, device=dev)
         self.last = torch.zeros(b_cap, dtype=torch.long, device=dev)
-        self.limit = torch.ones(b_cap, dtype=torch.long, device=dev)  # each row's new-token cap
-        self.ctr = torch.zeros(2, dtype=torch.long, device=dev)
-        self.stop = torch.full((nstop,), -1, dtype=torch.long, device=dev)
         self.temperature = torch.ones((), device=dev)
         self.top_p = torch.ones((), device=dev)
         self.one = torch.ones((), device=dev)
-        self.seed = torch.zeros((), dtype=torch.long, device=dev)
         self.live_host = torch.zeros((), dtype=torch.long, pin_memory=self.cuda)  # `_count_live`'s, read without a sync
         self.generator = torch.Generator(dev)
         self.cos, self.sin = self.model.rope_tables(t_cap) if self.fast else (None, None)
         self.graph: torch.cuda.CUDAGraph | None = None  # one step
         self.chunk: torch.cuda.CUDAGraph | None = None  # CHECK_EVERY steps
-        self.src = torch.zeros(b_cap, dtype=torch.long, device=dev)  # each row's prompt among the distinct ones
         self.prompts: tuple[torch.Tensor, torch.Tensor] | None = None  # distinct prompts [U, p] and their pad lengths
         # (U, p) -> its static inputs and graph (None until captured), and how often each shape was seen
         self.prefills: OrderedDict[tuple[int, int], tuple[tuple, torch.cuda.CUDAGraph | None]] = OrderedDict()
         self.seen: dict[tuple[int, int], int] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.cuda and engine.cuda_graphs else None
         self.pad, self.p, self.rows = 0, 1, 0
+
+    def _state(self, b_cap: int, nstop: int) -> None:
+        """The integers `load` sets for a batch, as views into one buffer that one copy from pinned memory fills:
+        src (each row's prompt among the distinct ones), pad_len, limit (each row's new-token cap), idle (rows past
+        the loaded ones), stop (ids, -1 padded), ctr, seed. Each view starts 16-byte aligned, as kernels' pointers
+        are specialized."""
+        sizes = dict(src=b_cap, pad_len=b_cap, limit=b_cap, idle=b_cap, stop=nstop, ctr=2, seed=1)
+        self.state = torch.zeros(sum(_round_up(n, 2) for n in sizes.values()), dtype=torch.long, device=self.dev)
+        self.staged = torch.zeros(self.state.shape, dtype=torch.long, pin_memory=self.cuda)
+        offset = 0
+        for name, n in sizes.items():
+            setattr(self, name, self.state[offset : offset + n])
+            offset += _round_up(n, 2)
+        self.seed = self.seed[0]
 
     def load(
         self, prompts: list[list[int]], caps: list[int], params: SamplingParams, stop: list[int], seed: int
@@ -137,19 +194,23 @@ class _Runner:
         self.prompts = self._prefill_inputs(ids.shape)
         for buf, val in zip(self.prompts, (ids, pad_u), strict=True):
             buf.copy_(val, non_blocking=True)
-        self.src.copy_(torch.tensor(src))
-        self.pad_len.copy_(pad_u[src])
-        self.done.copy_(torch.arange(self.b_cap) >= self.rows)
-        self.limit.fill_(1)
-        self.limit[: self.rows] = torch.tensor(caps)
-        self.stop.fill_(-1)
-        self.stop[: len(stop)] = torch.tensor(stop)
+        idle = self.b_cap - self.rows
+        values = dict(
+            src=src, pad_len=pad_u[src].tolist(), limit=caps + [1] * idle, idle=[0] * self.rows + [1] * idle,
+            stop=stop + [-1] * (self.stop.numel() - len(stop)), ctr=[self.p, 0], seed=[seed],
+        )  # fmt: skip
+        staged: list[int] = []
+        for val in values.values():
+            staged += val + [0] * (len(val) % 2)  # `_state`'s alignment gaps
+        self.staged.copy_(torch.tensor(staged))
+        self.state.copy_(self.staged, non_blocking=True)
+        self.done.copy_(self.idle)
         self.tokens.fill_(self.pad)
         self.temperature.fill_(max(params.temperature, 1e-6))
         self.top_p.fill_(params.top_p)
-        self.seed.fill_(seed)
         self.generator.manual_seed(seed)
         self.params = params
+        self.out.reset(self.rows)
 
     def _prefill_inputs(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, pad lengths) buffers for distinct prompts of `shape`: a graph-able shape's own static ones."""
@@ -169,7 +230,6 @@ class _Runner:
         """Run the distinct prompts (row chunks of at most `max_tokens` tokens), give every row its prompt's cache,
         draw the first token; replayed as a graph when this shape has one, captured the second time it is seen
         (returns whether it was captured now)."""
-        self.ctr.copy_(torch.tensor([self.p, 0]))
         key = tuple(self.prompts[0].shape)
         inputs, graph = self.prefills.get(key, (None, None))
         if graph is not None:
@@ -274,12 +334,16 @@ class _Runner:
         while s < n:
             if s % check_every == 0:
                 graph = self.chunk is not None and check_every == CHECK_EVERY and s + CHECK_EVERY <= n
+                if self.cuda:  # the columns that landed at the last check become lists while the GPU runs on
+                    self.out.to_lists()
+                    self.out.queue(s)
                 count = self._count_live()
                 ahead = graph and seen is not None and seen - drop > shrink_at
                 if ahead:
                     self.chunk.replay()
                     s += CHECK_EVERY
                 live = count()
+                self.out.landed()
                 seen, drop = live, drop if seen is None else max(drop, seen - live)
                 if live == 0:
                     return n
@@ -329,24 +393,29 @@ class _Runner:
         for name in ("stop", "ctr", "temperature", "top_p", "seed"):
             getattr(self, name).copy_(getattr(src, name))
         self.generator.set_state(src.generator.get_state())
+        self.out.reset(m, tuple([every[i] for i in rows] for every in src.out.lists), src.out.listed)
 
-    def results(self, n: int, rows: list[int]) -> list[tuple[list[int], list[float], str]]:
+    def results(self, cols: int, rows: list[int]) -> list[tuple[list[int], list[float], str]]:
         """Loaded rows `rows`: tokens up to and including the first stop token within the row's cap, their logprobs,
-        the finish reason. Only those rows' outputs, up to the longest of them, leave the device (a compaction
-        collects the finished half of a batch: the whole of a 512-row batch's buffers took ~20 ms to turn to lists)."""
-        idx = torch.tensor(rows, dtype=torch.long, device=self.tokens.device)
-        tokens = self.tokens[idx, :n]
-        limit = self.limit[idx, None]
-        is_stop = torch.isin(tokens, self.stop) & (torch.arange(n, device=tokens.device) < limit)
+        the finish reason; `cols`: the columns written so far. Every loaded row's columns reach its host lists
+        (`_HostOutputs`: a compaction's moved rows take theirs along), with one wait for the GPU."""
+        tokens, limit = self.tokens[: self.rows, :cols], self.limit[: self.rows]
+        is_stop = torch.isin(tokens, self.stop) & (torch.arange(cols, device=tokens.device) < limit[:, None])
         has_stop = is_stop.any(1)
-        lengths = torch.where(has_stop, is_stop.int().argmax(1) + 1, limit[:, 0].clamp(max=n)).tolist()
-        width = max(lengths, default=0)
-        tokens, logprobs = tokens[:, :width].tolist(), self.logprobs[idx, :width].tolist()
-        has_stop = has_stop.tolist()
-        return [
-            (tokens[i][:k], logprobs[i][:k], FINISH_STOP if has_stop[i] else FINISH_LENGTH)
-            for i, k in enumerate(lengths)
-        ]
+        length = torch.where(has_stop, is_stop.int().argmax(1) + 1, limit.clamp(max=cols))
+        ends = torch.stack((length, has_stop.long()), 1).to("cpu", non_blocking=True)
+        self.out.queue(cols)
+        if self.cuda:
+            torch.cuda.current_stream().synchronize()
+        self.out.landed()
+        self.out.to_lists()
+        ends, (tok, lp) = ends.tolist(), self.out.lists
+        out = []
+        for i in rows:
+            k, stopped = ends[i]
+            del tok[i][k:], lp[i][k:]
+            out.append((tok[i], lp[i], FINISH_STOP if stopped else FINISH_LENGTH))
+        return out
 
 
 class EmbeddedEngine(ServedEngine):
@@ -532,7 +601,7 @@ class EmbeddedEngine(ServedEngine):
             live = [] if step >= n else (runner.done[: runner.rows] == 0).nonzero()[:, 0].tolist()
             decoding = set(live)
             finished = [i for i in range(runner.rows) if i not in decoding]
-            for i, row in zip(finished, runner.results(n, finished), strict=True):
+            for i, row in zip(finished, runner.results(min(step, n), finished), strict=True):
                 results[owners[i]] = row
             if not live:
                 return results
