@@ -186,17 +186,15 @@ class _Runner:
         self.rows, self.p, self.pad = len(prompts), _prompt_slots(prompts, self.cuda), stop[0]
         index: dict[tuple[int, ...], int] = {}
         src = [index.setdefault(tuple(prompt), len(index)) for prompt in prompts] + [0] * (self.b_cap - self.rows)
-        ids = torch.full((len(index), self.p), self.pad, dtype=torch.long)
-        pad_u = torch.empty(len(index), dtype=torch.long)
-        for prompt, u in index.items():
-            ids[u, self.p - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            pad_u[u] = self.p - len(prompt)
+        pads = [self.p - len(prompt) for prompt in index]
+        ids = torch.tensor([[self.pad] * k + list(prompt) for prompt, k in zip(index, pads, strict=True)])
+        pad_u = torch.tensor(pads)
         self.prompts = self._prefill_inputs(ids.shape)
         for buf, val in zip(self.prompts, (ids, pad_u), strict=True):
             buf.copy_(val, non_blocking=True)
         idle = self.b_cap - self.rows
         values = dict(
-            src=src, pad_len=pad_u[src].tolist(), limit=caps + [1] * idle, idle=[0] * self.rows + [1] * idle,
+            src=src, pad_len=[pads[u] for u in src], limit=caps + [1] * idle, idle=[0] * self.rows + [1] * idle,
             stop=stop + [-1] * (self.stop.numel() - len(stop)), ctr=[self.p, 0], seed=[seed],
         )  # fmt: skip
         staged: list[int] = []
@@ -344,6 +342,8 @@ class _Runner:
                     s += CHECK_EVERY
                 live = count()
                 self.out.landed()
+                if ahead:  # the GPU has the next graph
+                    self.out.to_lists()
                 seen, drop = live, drop if seen is None else max(drop, seen - live)
                 if live == 0:
                     return n

@@ -204,6 +204,36 @@ def test_compaction_moves_live_rows_without_changing_greedy_answers(tiny):
     assert all(len(c.token_ids) <= [2, 3, 4, 9, 14][c.prompt_index] for c in sampled)
 
 
+def test_host_outputs_lists_equal_the_buffers_block_by_block():
+    """`_HostOutputs` (the CUDA decode's outputs on their way to lists at each host check): blocks of columns queued,
+    landed and listed in any rhythm, then a compaction's moved rows carried into a smaller runner's, give the
+    buffers' rows; a block is the columns as they were when it was queued."""
+    from rollout.engine import _HostOutputs
+
+    gen = torch.Generator().manual_seed(0)
+    tokens, logprobs = torch.randint(0, 1000, (6, 40), generator=gen), torch.randn(6, 40, generator=gen)
+    want_tok, want_lp = tokens.clone(), logprobs.clone()
+    out = _HostOutputs(tokens, logprobs)
+    out.reset(5)
+    out.queue(7)
+    out.to_lists()  # queued, not landed: nothing listed yet
+    assert out.lists == ([[]] * 5, [[]] * 5) and out.listed == 0
+    out.landed()
+    out.queue(16)
+    tokens[:, :16] = -1  # written after both blocks were queued
+    out.landed()
+    out.to_lists()
+    out.queue(16)  # nothing new
+    assert out.listed == 16 and out.lists == (want_tok[:5, :16].tolist(), want_lp[:5, :16].tolist())
+    moved = [4, 1]
+    small = _HostOutputs(want_tok[moved], want_lp[moved])  # the smaller runner's buffers after `adopt`
+    small.reset(2, tuple([every[i] for i in moved] for every in out.lists), out.listed)
+    small.queue(30)
+    small.landed()
+    small.to_lists()
+    assert small.lists == (want_tok[moved, :30].tolist(), want_lp[moved, :30].tolist())
+
+
 def test_eos_from_config_stops_rows():
     model = tiny_hf("llama")
     params = SamplingParams(n=16, temperature=3.0, max_new_tokens=40, seed=0)
