@@ -83,44 +83,59 @@ def _ladder(b_cap: int, live: int) -> int:
 
 class _HostOutputs:
     """A runner's tokens and logprobs on their way to per-row Python lists while it decodes. At each host check the
-    columns written since the last one are queued into pinned memory behind the steps that write them (the check's
-    event covers them), and they become lists at the next check, while the GPU runs the steps queued after it; a
-    batch's end then has only its last columns left to turn (W's rollout spent 1.3-1.9 ms of host time on all of
-    them after the GPU's end, bench/RESULTS.md)."""
+    columns written since the last one are copied into pinned memory on a side stream (after the steps that write
+    them, beside the steps after them: no gap in the decode's chain), and they become lists at a later check, while
+    the GPU runs on; a batch's end then has only its last columns left to turn (W's rollout spent 1.3-1.9 ms of host
+    time on all of them after the GPU's end, bench/RESULTS.md)."""
 
     def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor):
-        pin = tokens.is_cuda
+        cuda = tokens.is_cuda
         self.src = (tokens, logprobs)
-        self.host = tuple(torch.empty(t.numel(), dtype=t.dtype, pin_memory=pin) for t in self.src)
+        self.host = tuple(torch.empty(t.numel(), dtype=t.dtype, pin_memory=cuda) for t in self.src)
+        self.stream = torch.cuda.Stream(tokens.device) if cuda else None
         self.reset(0)
 
     def reset(self, rows: int, lists: tuple[list, list] | None = None, cols: int = 0) -> None:
         """Rows 0..rows-1 start from `lists` (per-row tokens, logprobs) holding columns 0..cols-1, else empty."""
         self.rows = rows
         self.lists = lists if lists is not None else ([[] for _ in range(rows)], [[] for _ in range(rows)])
-        self.listed = self.queued = self.arrived = cols  # columns in the lists / queued to the host / there
+        self.listed = self.queued = cols  # columns in the lists / queued to the host
         self.offset, self.blocks = 0, []
 
     def queue(self, upto: int) -> None:
-        """Copy columns queued .. upto-1 of the loaded rows to the host behind the work queued so far (one block)."""
+        """Copy columns queued .. upto-1 of the loaded rows to the host after the work queued so far (one block)."""
         if upto <= self.queued or not self.rows:
             return
-        shape = (self.rows, upto - self.queued)
-        for src, host in zip(self.src, self.host, strict=True):
-            dst = host[self.offset : self.offset + shape[0] * shape[1]].view(shape)
-            dst.copy_(src[: self.rows, self.queued : upto].contiguous(), non_blocking=True)
-        self.blocks.append((self.offset, shape))
+        shape, landed = (self.rows, upto - self.queued), None
+        with self._beside():
+            for src, host in zip(self.src, self.host, strict=True):
+                dst = host[self.offset : self.offset + shape[0] * shape[1]].view(shape)
+                dst.copy_(src[: self.rows, self.queued : upto].contiguous(), non_blocking=True)
+            if self.stream is not None:
+                landed = torch.cuda.Event()
+                landed.record(self.stream)
+        self.blocks.append((self.offset, shape, landed))
         self.offset += shape[0] * shape[1]
         self.queued = upto
 
-    def landed(self) -> None:
-        """Everything queued so far is on the host (the caller waited for an event recorded after it)."""
-        self.arrived = self.queued
+    @contextmanager
+    def _beside(self):
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            yield
 
-    def to_lists(self) -> None:
-        """Append the blocks on the host to the per-row lists."""
-        while self.blocks and self.listed < self.arrived:
-            offset, shape = self.blocks.pop(0)
+    def to_lists(self, wait: bool = False) -> None:
+        """Append the blocks that reached the host (all of them, waiting for them, with `wait`) to the lists."""
+        while self.blocks:
+            offset, shape, landed = self.blocks[0]
+            if landed is not None and not (wait or landed.query()):
+                return
+            if landed is not None:
+                landed.synchronize()
+            self.blocks.pop(0)
             for lists, host in zip(self.lists, self.host, strict=True):
                 block = host[offset : offset + shape[0] * shape[1]].view(shape).tolist()
                 for row, part in zip(lists, block, strict=True):
@@ -332,7 +347,7 @@ class _Runner:
         while s < n:
             if s % check_every == 0:
                 graph = self.chunk is not None and check_every == CHECK_EVERY and s + CHECK_EVERY <= n
-                if self.cuda:  # the columns that landed at the last check become lists while the GPU runs on
+                if self.cuda:  # the columns that reached the host become lists while the GPU runs on
                     self.out.to_lists()
                     self.out.queue(s)
                 count = self._count_live()
@@ -341,7 +356,6 @@ class _Runner:
                     self.chunk.replay()
                     s += CHECK_EVERY
                 live = count()
-                self.out.landed()
                 if ahead:  # the GPU has the next graph
                     self.out.to_lists()
                 seen, drop = live, drop if seen is None else max(drop, seen - live)
@@ -407,8 +421,7 @@ class _Runner:
         self.out.queue(cols)
         if self.cuda:
             torch.cuda.current_stream().synchronize()
-        self.out.landed()
-        self.out.to_lists()
+        self.out.to_lists(wait=True)
         ends, (tok, lp) = ends.tolist(), self.out.lists
         out = []
         for i in rows:

@@ -205,9 +205,9 @@ def test_compaction_moves_live_rows_without_changing_greedy_answers(tiny):
 
 
 def test_host_outputs_lists_equal_the_buffers_block_by_block():
-    """`_HostOutputs` (the CUDA decode's outputs on their way to lists at each host check): blocks of columns queued,
-    landed and listed in any rhythm, then a compaction's moved rows carried into a smaller runner's, give the
-    buffers' rows; a block is the columns as they were when it was queued."""
+    """`_HostOutputs` (the CUDA decode's outputs on their way to lists at each host check): blocks of columns queued
+    and listed in any rhythm, then a compaction's moved rows carried into a smaller runner's, give the buffers' rows;
+    a block is the columns as they were when it was queued."""
     from rollout.engine import _HostOutputs
 
     gen = torch.Generator().manual_seed(0)
@@ -216,12 +216,9 @@ def test_host_outputs_lists_equal_the_buffers_block_by_block():
     out = _HostOutputs(tokens, logprobs)
     out.reset(5)
     out.queue(7)
-    out.to_lists()  # queued, not landed: nothing listed yet
-    assert out.lists == ([[]] * 5, [[]] * 5) and out.listed == 0
-    out.landed()
     out.queue(16)
     tokens[:, :16] = -1  # written after both blocks were queued
-    out.landed()
+    assert out.lists == ([[]] * 5, [[]] * 5) and out.listed == 0
     out.to_lists()
     out.queue(16)  # nothing new
     assert out.listed == 16 and out.lists == (want_tok[:5, :16].tolist(), want_lp[:5, :16].tolist())
@@ -229,8 +226,7 @@ def test_host_outputs_lists_equal_the_buffers_block_by_block():
     small = _HostOutputs(want_tok[moved], want_lp[moved])  # the smaller runner's buffers after `adopt`
     small.reset(2, tuple([every[i] for i in moved] for every in out.lists), out.listed)
     small.queue(30)
-    small.landed()
-    small.to_lists()
+    small.to_lists(wait=True)
     assert small.lists == (want_tok[moved, :30].tolist(), want_lp[moved, :30].tolist())
 
 
@@ -474,7 +470,7 @@ def test_gpu_update_weights_reaches_captured_graphs():
 def test_gpu_compaction_equals_the_static_batch():
     """Compaction (the default) on the graphed CUDA path (a smaller runner captured, then filled by `adopt`): greedy rows and
     logprobs match the static batch's (to bf16 rounding: cuBLAS may reduce in another order at another row count);
-    the batch shrank at least once."""
+    the batch shrank at least once; the static batch's outputs equal its device buffers."""
     model = gpu_model()
     static = EmbeddedEngine.from_module(model, compact=False)
     packed = EmbeddedEngine.from_module(model)
@@ -483,6 +479,9 @@ def test_gpu_compaction_equals_the_static_batch():
     caps = [3, 9, 20, 40, 64]
     want, got = static.generate(prompts, params, caps), packed.generate(prompts, params, caps)
     assert packed.compactions >= 1
+    runner = next(iter(static._runners.values()))  # the lists came to the host in blocks, on a side stream
+    assert [runner.tokens[i, : len(c.token_ids)].tolist() for i, c in enumerate(want)] == [c.token_ids for c in want]
+    assert [runner.logprobs[i, : len(c.logprobs)].tolist() for i, c in enumerate(want)] == [c.logprobs for c in want]
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     assert all(g.logprobs == pytest.approx(w.logprobs, abs=0.02) for g, w in zip(got, want, strict=True))
 
