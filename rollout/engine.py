@@ -335,8 +335,9 @@ class _Runner:
         return graph
 
     def decode(self, n: int, check_every: int, start: int = 1, shrink_at: int = 0) -> int:
-        """Decode from step `start` until every row stopped or `n` tokens (returns n), or until at most `shrink_at`
-        loaded rows still decode (returns the step reached: the caller compacts); a host check only every
+        """Decode from step `start` until `n` tokens (returns n), or until at most `shrink_at` loaded rows still
+        decode, or none (returns the step reached: the caller compacts, or collects only the columns written; a batch
+        whose rows all stopped early leaves the rest of its columns on the device); a host check only every
         `check_every` steps, between which a captured runner replays its CHECK_EVERY-step graph where it fits.
 
         Look-ahead: where the rows left at the last check, less the most that ever stopped between two checks, are
@@ -359,8 +360,6 @@ class _Runner:
                 if ahead:  # the GPU has the next graph
                     self.out.to_lists()
                 seen, drop = live, drop if seen is None else max(drop, seen - live)
-                if live == 0:
-                    return n
                 if live <= shrink_at:
                     return s
                 if ahead:

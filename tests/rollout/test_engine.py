@@ -230,6 +230,18 @@ def test_host_outputs_lists_equal_the_buffers_block_by_block():
     assert small.lists == (want_tok[moved, :30].tolist(), want_lp[moved, :30].tolist())
 
 
+def test_a_batch_whose_rows_all_stop_early_returns_their_prefixes(tiny_engine):
+    """Every row hits a stop id within its first three tokens: the batch ends there (not at max_new_tokens) and each
+    row is the longer run's prefix up to its first stop, finish reason "stop"."""
+    full = tiny_engine.generate(TINY_PROMPTS, SamplingParams(temperature=0, max_new_tokens=40))
+    stops = sorted({c.token_ids[2] for c in full})
+    cut = tiny_engine.generate(TINY_PROMPTS, SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=stops))
+    for f, c in zip(full, cut, strict=True):
+        k = next(i for i, t in enumerate(f.token_ids) if t in stops) + 1
+        assert k <= 3 and c.token_ids == f.token_ids[:k] and c.finish_reason == FINISH_STOP
+        assert c.logprobs == pytest.approx(f.logprobs[:k], abs=1e-5)
+
+
 def test_eos_from_config_stops_rows():
     model = tiny_hf("llama")
     params = SamplingParams(n=16, temperature=3.0, max_new_tokens=40, seed=0)
