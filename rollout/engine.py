@@ -131,9 +131,9 @@ class _HostOutputs:
         """Append the blocks that reached the host (all of them, waiting for them, with `wait`) to the lists."""
         while self.blocks:
             offset, shape, landed = self.blocks[0]
-            if landed is not None and not (wait or landed.query()):
-                return
             if landed is not None:
+                if not (wait or landed.query()):
+                    return
                 landed.synchronize()
             self.blocks.pop(0)
             for lists, host in zip(self.lists, self.host, strict=True):
@@ -227,7 +227,7 @@ class _Runner:
 
     def _prefill_inputs(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, pad lengths) buffers for distinct prompts of `shape`: a graph-able shape's own static ones."""
-        dev = self.pad_len.device
+        dev = self.dev
         fresh = (torch.empty(shape, dtype=torch.long, device=dev), torch.empty(shape[0], dtype=torch.long, device=dev))
         if self.pool is None or shape.numel() > PREFILL_GRAPH_TOKENS:
             return fresh
