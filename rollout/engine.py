@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import operator
 import threading
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +29,7 @@ from torch import nn
 
 from rollout.api import FINISH_LENGTH, FINISH_STOP, Completion, SamplingParams, ServedEngine, prompt_caps
 from rollout.defaults import default_dtype, eos_ids_of_folder, eos_ids_of_module
-from rollout.model import CausalLM, ModelConfig, alias_parameters, load_folder, load_state
+from rollout.model import CausalLM, LoadPlan, ModelConfig, alias_parameters, full_tensor, load_folder, load_state
 from rollout.sampling import sample, truncate
 
 
@@ -535,6 +536,8 @@ class EmbeddedEngine(ServedEngine):
             self._stream.wait_stream(torch.cuda.current_stream(self.device))  # loading and packing the weights
         self._version = 0
         self._source: nn.Module | None = None
+        # source module -> how its parameters map onto ours (a trainer pushes the same module every step)
+        self._plans: weakref.WeakKeyDictionary[nn.Module, LoadPlan] = weakref.WeakKeyDictionary()
 
     @contextmanager
     def _on_stream(self, after_caller: bool):
@@ -689,7 +692,7 @@ class EmbeddedEngine(ServedEngine):
             else:
                 self._own_weights()
                 if isinstance(source, nn.Module):
-                    load_state(self.model, source.state_dict())
+                    self._plan_for(source).run()
                 elif isinstance(source, dict):
                     load_state(self.model, source)
                 elif isinstance(source, str | Path):
@@ -699,10 +702,25 @@ class EmbeddedEngine(ServedEngine):
             self._version = self._version + 1 if version is None else int(version)
             return self._version
 
+    def _plan_for(self, source: nn.Module) -> LoadPlan:
+        """How `source`'s parameters fill ours: the plan of the last push from it while it still holds the same
+        Parameter objects (one replaced, added or removed makes a new plan). Sharded (DTensor) parameters are
+        gathered anew each time: no plan is kept for them."""
+        params = dict(source.named_parameters(remove_duplicate=False))
+        plan = self._plans.get(source)
+        if plan is not None and len(plan.sources) == len(params):
+            if all(a is b for a, b in zip(plan.sources, params.values(), strict=True)):
+                return plan
+        if any(hasattr(p, "full_tensor") for p in params.values()):
+            return LoadPlan(self.model, {n: full_tensor(p).detach() for n, p in params.items()})
+        plan = self._plans[source] = LoadPlan(self.model, params)
+        return plan
+
     def _own_weights(self) -> None:
         """Stop aliasing: give the engine private copies of the shared parameters."""
         if self._source is None:
             return
+        self._plans.clear()  # their targets are about to be replaced
         for name, p in list(self.model.named_parameters()):
             mod_name, _, attr = name.rpartition(".")
             setattr(self.model.get_submodule(mod_name), attr, nn.Parameter(p.detach().clone(), requires_grad=False))

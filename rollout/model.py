@@ -378,23 +378,36 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def load_state(model: CausalLM, state: dict[str, torch.Tensor]) -> None:
     """Copy an HF-named state dict into `model` in place (dtype/device converted), after checking that nothing is
-    missing (an incomplete dict changes no weight). Tensors already in the model's dtype and device go in one
-    batched copy (`_foreach_copy_`: a few launches for all of them, where a cast is one launch per tensor)."""
-    params = dict(model.named_parameters())
-    pairs = {}
-    for name, tensor in state.items():
-        name = strip_prefixes(name)
-        if name in params:
-            pairs[name] = (params[name], full_tensor(tensor).detach())
-    check_complete(model, pairs)
-    same: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for dst, src in pairs.values():
-        if (dst.dtype, dst.device) == (src.dtype, src.device):
-            same.append((dst, src))
-        else:
+    missing (an incomplete dict changes no weight)."""
+    LoadPlan(model, {name: full_tensor(t).detach() for name, t in state.items()}).run()
+
+
+class LoadPlan:
+    """Which of `model`'s parameters each HF-named source tensor fills, worked out once: a refresh from the same
+    tensors (a trainer's compute copy, updated in place every step) is then only the copies, not a walk of two
+    module trees and a name match per tensor (~5 ms of host time per push for a 24-layer model). Tensors already in
+    the model's dtype and device go in one batched copy (`_foreach_copy_`: a few launches for all of them, where a
+    cast is one launch per tensor)."""
+
+    def __init__(self, model: CausalLM, state: dict[str, torch.Tensor]):
+        params = dict(model.named_parameters())
+        pairs = {}
+        for name, tensor in state.items():
+            name = strip_prefixes(name)
+            if name in params:
+                pairs[name] = (params[name], tensor)
+        check_complete(model, pairs)
+        same = [(d, s) for d, s in pairs.values() if (d.dtype, d.device) == (s.dtype, s.device)]
+        self.cast = [(d, s) for d, s in pairs.values() if (d.dtype, d.device) != (s.dtype, s.device)]
+        self.dst, self.src = [d for d, _ in same], [s for _, s in same]
+        self.sources = tuple(state.values())
+        """Every source tensor (the plan holds for as long as the source still has these very objects)."""
+
+    def run(self) -> None:
+        for dst, src in self.cast:
             dst.copy_(src)
-    if same:
-        torch._foreach_copy_([dst for dst, _ in same], [src for _, src in same])
+        if self.dst:
+            torch._foreach_copy_(self.dst, self.src)
 
 
 def check_complete(model: CausalLM, names) -> None:

@@ -52,7 +52,8 @@ class Workflow(abc.ABC):
     @abc.abstractmethod
     def reseed(self, seed: int) -> None:
         """The sampling seed of the next `run` (the trainer derives it from the step, so a resumed run samples as
-        an unbroken one)."""
+        an unbroken one). It rebinds attributes, never mutates shared ones: the async source runs each call on a
+        shallow copy taken right after the reseed (trainer/async_rollout.py)."""
 
 
 class BatchSource(Protocol):

@@ -17,19 +17,32 @@ engine's version after the last sync), and gets that step's trajectories (None =
   `version − sample.weight_version ≤ η` even when an engine lags. The loss then corrects for the off-policy gap with
   the behaviour logprobs each trajectory carries (decoupled PPO).
 
-An exception in the producer is re-raised in the trainer by the next `next_batch`; `close()` stops the producer
-after its current workflow call.
+`workers` producer threads (default 2) each run whole workflow calls; the engine serialises their generations. With
+two, one thread starts the next batch's generation the moment the version bump admits it, while the other still
+decodes and scores the batch it just generated (on W's H200 step that host work is ~10 ms during which a single
+producer left the GPU idle). Each call runs on a shallow copy of the workflow taken right after its prompts were
+sampled (the sampler reseeds the workflow per call), so concurrent calls keep their own seeds. While a source runs,
+Python's GIL switch interval is 0.5 ms instead of 5: a thread woken by the GPU or by a lock otherwise waits up to
+5 ms for a turn while another thread scores in Python, and the GPU can run dry meanwhile.
+
+An exception in a producer is re-raised in the trainer by the next `next_batch`; `close()` stops the producers
+after their current workflow calls.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from rollout.api import RolloutEngine
 from trainer.api import Trajectory, Workflow
+
+SWITCH_INTERVAL_S = 0.0005
+"""Python's GIL switch interval while an AsyncSource runs (module docstring)."""
 
 Sampler = Callable[[], tuple[list[dict[str, Any]], list[int]]]  # one step's (items, group_ids); StopIteration = done
 
@@ -64,21 +77,26 @@ class AsyncSource:
         sample: Sampler,
         max_staleness: int,
         max_concurrent: int | None = None,
+        workers: int = 2,
     ) -> None:
         if max_staleness < 1:
             raise ValueError("AsyncSource needs max_staleness >= 1 (0 is SyncSource)")
+        if workers < 1:
+            raise ValueError(f"AsyncSource needs at least one worker, got {workers}")
         self.engine, self.workflow, self.sample = engine, workflow, sample
-        self.eta, self.max_concurrent = max_staleness, max_concurrent
+        self.eta, self.max_concurrent, self.workers = max_staleness, max_concurrent, workers
         self.batch = 0  # B: prompts per step, learned from the first sampler call
         self._cond = threading.Condition()
-        self._pending: collections.deque[tuple[dict, int]] = collections.deque()  # sampled, not started
+        # sampled, not started: (item, group id, the workflow as the sampler left it for them)
+        self._pending: collections.deque[tuple[dict, int, Workflow]] = collections.deque()
         self._ready: collections.deque[list[Trajectory | None]] = collections.deque()  # finished groups
         self._running = self._accepted = 0
         self._base: int | None = None  # version at the first next_batch; v counts from here
         self._version = 0
         self._error: BaseException | None = None
         self._exhausted = self._stop = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._switch = sys.getswitchinterval()
         self.stats = {"stale_dropped": 0, "rejected_groups": 0, "staleness_max": 0}
 
     @property
@@ -103,13 +121,21 @@ class AsyncSource:
         return [t for g in groups for t in g]
 
     def _start(self, version: int) -> None:
-        items, group_ids = self.sample()
-        self._pending.extend(zip(items, group_ids, strict=True))
-        self.batch = len(items)
-        self.max_concurrent = self.max_concurrent or self.batch
+        self.batch = self._sample()
+        self.max_concurrent = self.max_concurrent or self.workers * self.batch
         self._base = version
-        self._thread = threading.Thread(target=self._produce, name="rollout-producer", daemon=True)
-        self._thread.start()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        for i in range(self.workers):
+            thread = threading.Thread(target=self._produce, name=f"rollout-producer-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _sample(self) -> int:
+        """One sampler call into the pending queue, with a copy of the workflow it reseeded; returns its size."""
+        items, group_ids = self.sample()
+        workflow = copy.copy(self.workflow)
+        self._pending.extend((item, gid, workflow) for item, gid in zip(items, group_ids, strict=True))
+        return len(items)
 
     def _take_fresh(self, k: int) -> list[list[Trajectory | None]]:
         out = []
@@ -135,8 +161,11 @@ class AsyncSource:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
+        for thread in self._threads:
+            thread.join()
+        if self._threads:
+            sys.setswitchinterval(self._switch)
+        self._threads = []
 
     # ---- producer side (its own thread) ----
     def _produce(self) -> None:
@@ -145,8 +174,8 @@ class AsyncSource:
                 work = self._admit()
                 if work is None:
                     return
-                items, group_ids = zip(*work, strict=True)
-                trajectories = self.workflow.run(self.engine, list(items), list(group_ids))
+                items, group_ids, workflows = zip(*work, strict=True)
+                trajectories = workflows[0].run(self.engine, list(items), list(group_ids))
                 self._deliver(list(group_ids), trajectories)
         except BaseException as err:  # surfaced to the trainer by next_batch
             with self._cond:
@@ -161,7 +190,10 @@ class AsyncSource:
                 v = self._version - self._base
                 room = capacity(self.max_concurrent, self._running, self._accepted, v, self.eta, self.batch)
                 if room > 0 and self._fill(room):
-                    work = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+                    work = [self._pending.popleft()]
+                    # one workflow call per sampler call's copy: never mix two seeds in one call
+                    while len(work) < room and self._pending and self._pending[0][2] is work[0][2]:
+                        work.append(self._pending.popleft())
                     self._running += len(work)
                     return work
                 if self._exhausted and not self._pending:
@@ -173,11 +205,10 @@ class AsyncSource:
         """Top up the pending prompts from the sampler; False when nothing is left."""
         while len(self._pending) < want and not self._exhausted:
             try:
-                items, group_ids = self.sample()
+                self._sample()
             except StopIteration:
                 self._exhausted = True
                 break
-            self._pending.extend(zip(items, group_ids, strict=True))
         return bool(self._pending)
 
     def _deliver(self, group_ids: list[int], trajectories: list[Trajectory | None]) -> None:
@@ -195,9 +226,10 @@ class AsyncSource:
 
 
 def make_source(
-    engine: RolloutEngine, workflow: Workflow, sample: Sampler, max_staleness: int
+    engine: RolloutEngine, workflow: Workflow, sample: Sampler, max_staleness: int, workers: int = 2
 ) -> SyncSource | AsyncSource:
-    """The loop's hook: η = rollout.max_staleness picks synchronous (0) or async (> 0) rollout."""
+    """The loop's hook: η = rollout.max_staleness picks synchronous (0) or async (> 0) rollout, the latter with
+    rollout.async_workers producer threads."""
     if max_staleness == 0:
         return SyncSource(engine, workflow, sample)
-    return AsyncSource(engine, workflow, sample, max_staleness)
+    return AsyncSource(engine, workflow, sample, max_staleness, workers=workers)

@@ -75,6 +75,9 @@ class RolloutConfig(Section):
     """Most sequences the embedded engine decodes at once (bigger requests are split)."""
     max_staleness: int = Field(0, ge=0)
     """Async rollout bound: no trained sample comes from weights older than this many versions (0 = synchronous)."""
+    async_workers: int = Field(2, ge=1)
+    """Async rollout: producer threads, each running whole workflow calls (with 2, one starts the next batch's
+    generation while the other scores the batch it just generated; trainer/async_rollout.py)."""
     cuda_graphs: bool = True
     """Embedded engine on GPU: capture each decode step as a CUDA graph."""
     timeout_s: float = Field(600.0, gt=0)

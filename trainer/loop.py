@@ -341,7 +341,8 @@ def make_rollout_source(run: Run):
         run.group_items.update(zip(group_ids, (item["index"] for item in items), strict=True))
         return items, group_ids
 
-    return make_source(run.engine, run.task.workflow, sample, run.cfg.rollout.max_staleness)  # B = this rank's slice
+    r = run.cfg.rollout
+    return make_source(run.engine, run.task.workflow, sample, r.max_staleness, r.async_workers)  # B: this rank's slice
 
 
 # ---------------------------------------------------------------------------------------------------------- a step

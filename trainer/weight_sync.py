@@ -71,7 +71,10 @@ class InProcessSync(WeightSync):
         if self.engine.aliased:
             return self.engine.update_weights(model, version=version)
         copy = self.compute is not None and next(self.compute.parameters()).dtype == self.engine.dtype
-        return self.engine.update_weights(full_state_dict(self.compute if copy else model, self.d), version=version)
+        source = self.compute if copy else model
+        # one process: the module itself, whose mapping onto the engine's parameters the engine keeps between pushes
+        weights = full_state_dict(source, self.d) if self.d.distributed else source
+        return self.engine.update_weights(weights, version=version)
 
 
 class RemoteSync(WeightSync):

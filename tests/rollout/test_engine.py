@@ -325,6 +325,29 @@ def test_update_weights_from_module_state_dict_and_folder(tmp_path):
     assert all(c.weight_version == 10 for c in engine.generate(TINY_PROMPTS, SamplingParams(max_new_tokens=2)))
 
 
+def test_pushes_from_one_module_follow_in_place_edits_and_replaced_parameters():
+    """The engine keeps each source module's mapping onto its parameters between pushes (a trainer pushes the same
+    compute copy every step): in-place edits, a replaced Parameter and a .data swap all reach the engine."""
+    model = tiny_hf("qwen2", seed=0)
+    engine = EmbeddedEngine.from_module(model, dtype=torch.bfloat16)
+    engine.update_weights(model)
+    with torch.no_grad():  # an optimizer step
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    engine.update_weights(model)
+    assert torch.equal(engine.model.model.norm.weight, model.model.norm.weight.to(torch.bfloat16))
+    mlp = model.model.layers[1].mlp
+    mlp.down_proj.weight = torch.nn.Parameter(torch.randn_like(mlp.down_proj.weight))  # a new object
+    model.model.embed_tokens.weight.data = torch.randn_like(model.model.embed_tokens.weight)  # same object, new data
+    engine.update_weights(model)
+    ours = engine.model.model
+    assert torch.equal(ours.layers[1].mlp.down_proj.weight, mlp.down_proj.weight.to(torch.bfloat16))
+    assert torch.equal(ours.embed_tokens.weight, model.model.embed_tokens.weight.to(torch.bfloat16))
+    assert len(engine._plans) == 1
+    del model, mlp
+    assert len(engine._plans) == 0  # a dropped source module takes its plan (and its tensors) with it
+
+
 def test_from_module_aliases_live_parameters():
     model = tiny_hf("llama")
     engine = EmbeddedEngine.from_module(model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -54,24 +55,32 @@ def engine(tiny_model):
     eng.close()
 
 
-@pytest.fixture(scope="module")
-def workflow(tokenizer):
+def gsm8k_workflow(tokenizer, max_new_tokens: int = 4) -> AgentWorkflow:
     items = load_gsm8k(ROOT / "data/gsm8k/test.jsonl")
-    params = SamplingParams(n=N, temperature=1.0, max_new_tokens=4)
+    params = SamplingParams(n=N, temperature=1.0, max_new_tokens=max_new_tokens)
     return AgentWorkflow(tokenizer, lambda: GSM8KEnv(items), params, RoundsSchedule(1))
 
 
-class Sampler:
-    """The trainer's data cursor: B consecutive GSM8K rows per call; records how often it was called."""
+@pytest.fixture(scope="module")
+def workflow(tokenizer):
+    return gsm8k_workflow(tokenizer)
 
-    def __init__(self, fail_at: int | None = None) -> None:
+
+class Sampler:
+    """The trainer's data cursor: B consecutive GSM8K rows per call; records how often it was called. With a
+    workflow it reseeds it per call, as the trainer's sampler does."""
+
+    def __init__(self, fail_at: int | None = None, workflow: AgentWorkflow | None = None) -> None:
         self.calls = 0
         self.fail_at = fail_at
+        self.workflow = workflow
 
     def __call__(self):
         self.calls += 1
         if self.calls == self.fail_at:
             raise ValueError("bad data row")
+        if self.workflow is not None:
+            self.workflow.reseed(1000 + self.calls)
         start = (self.calls - 1) * B
         return [{"idx": i} for i in range(start, start + B)], list(range(start, start + B))
 
@@ -156,7 +165,7 @@ def test_producer_error_surfaces_and_close_is_clean(engine, workflow):
         assert isinstance(info.value.__cause__, ValueError)
     finally:
         source.close()
-    assert not source._thread.is_alive()
+    assert source._threads == []
 
 
 def test_close_stops_a_producer_that_is_waiting(engine, workflow):
@@ -165,10 +174,66 @@ def test_close_stops_a_producer_that_is_waiting(engine, workflow):
     source.next_batch(0)
     wait_for(lambda: source.queued >= B)
     source.close()
-    assert not source._thread.is_alive()
+    assert source._threads == []
     calls = sampler.calls
     time.sleep(0.1)
     assert sampler.calls == calls
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_worker_generates_while_the_first_scores(engine, tokenizer, workers):
+    """With two producer threads the next batch's generation starts while the batch just generated is still being
+    scored; with one it cannot."""
+    started = []
+    generate = engine.generate
+
+    def spy(*args, **kwargs):  # the real engine generates; the spy only notes when each call began
+        started.append(time.monotonic())
+        return generate(*args, **kwargs)
+
+    engine.generate = spy
+    seen, lock = [], threading.Lock()  # generations begun while the first batch's first reply was being scored
+    wf = gsm8k_workflow(tokenizer)
+    step = wf.spec.to_action
+
+    def slow_scoring(text):  # the first batch's post-processing waits (briefly) for another generation to begin
+        with lock:
+            if not seen:
+                wait_until = time.monotonic() + (10.0 if workers == 2 else 0.5)
+                while len(started) < 2 and time.monotonic() < wait_until:
+                    time.sleep(0.01)
+                seen.append(len(started))
+        return step(text)
+
+    wf.spec = replace(wf.spec, to_action=slow_scoring)
+    source = AsyncSource(engine, wf, Sampler(), max_staleness=1, workers=workers)
+    try:
+        first = source.next_batch(0)
+        assert len(first) == B * N
+        assert seen == [workers]
+    finally:
+        source.close()
+        del engine.generate
+
+
+def test_concurrent_workers_keep_each_sampler_calls_seed(engine, tokenizer):
+    """Each workflow call samples with the seed the sampler set for its own prompts, even when the other worker's
+    sampler call reseeds the shared workflow meanwhile: the groups are token for token what synchronous rollout
+    gives with the same seeds (same weights)."""
+    wf = gsm8k_workflow(tokenizer, max_new_tokens=8)
+
+    def tokens(source, steps: int) -> dict[int, list[list[int]]]:
+        out: dict[int, list[list[int]]] = {}
+        for _ in range(steps):
+            for t in source.next_batch(0):
+                out.setdefault(t.group_id, []).append(t.token_ids)
+        source.close()
+        return out
+
+    want = tokens(SyncSource(engine, wf, Sampler(workflow=wf)), 4)
+    got = tokens(AsyncSource(engine, wf, Sampler(workflow=wf), max_staleness=3, workers=2), 4)
+    assert got.keys() == want.keys() and len(want) == 4 * B
+    assert all(sorted(got[g]) == sorted(want[g]) for g in want)
 
 
 @pytest.mark.slow
