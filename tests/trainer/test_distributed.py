@@ -125,6 +125,9 @@ def update_worker(out: str) -> None:
         result = {"max_diff": diff, "min_move": moved, "stats": stats, "ref_stats": ref_stats}
         with open(out, "w") as f:
             json.dump(result, f)
+    # rank 1 waits here while rank 0 computes the reference: tearing its group down before that aborted it once under
+    # load ("terminate called without an active exception")
+    dist.barrier(d)
     dist.close(d)
 
 
