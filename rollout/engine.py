@@ -29,7 +29,7 @@ from torch import nn
 
 from rollout.api import FINISH_LENGTH, FINISH_STOP, Completion, SamplingParams, ServedEngine, prompt_caps
 from rollout.defaults import default_dtype, eos_ids_of_folder, eos_ids_of_module
-from rollout.model import CausalLM, LoadPlan, ModelConfig, alias_parameters, full_tensor, load_folder, load_state
+from rollout.model import CausalLM, LoadPlan, ModelConfig, alias_parameters, load_folder, load_state
 from rollout.sampling import sample, truncate
 
 
@@ -712,7 +712,7 @@ class EmbeddedEngine(ServedEngine):
             if all(a is b for a, b in zip(plan.sources, params.values(), strict=True)):
                 return plan
         if any(hasattr(p, "full_tensor") for p in params.values()):
-            return LoadPlan(self.model, {n: full_tensor(p).detach() for n, p in params.items()})
+            return LoadPlan(self.model, params)
         plan = self._plans[source] = LoadPlan(self.model, params)
         return plan
 

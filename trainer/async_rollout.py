@@ -1,4 +1,4 @@
-"""Where the trainer's batches come from: generated on demand (synchronous) or by a producer thread running ahead.
+"""Where the trainer's batches come from: generated on demand (synchronous) or by producer threads running ahead.
 
 The loop asks `source.next_batch(version)` once per step, passing the weight version it is about to train (the
 engine's version after the last sync), and gets that step's trajectories (None = dropped by the workflow, as from
@@ -6,12 +6,12 @@ engine's version after the last sync), and gets that step's trajectories (None =
 
 - η = 0: `SyncSource` samples the step's prompts and runs the workflow right then; no thread, every trajectory comes
   from the current weights.
-- η > 0: `AsyncSource` keeps generating in a thread while the learner trains. New prompts are admitted only while
+- η > 0: `AsyncSource` keeps generating in its own threads while the learner trains. New prompts are admitted only while
   AReaL's capacity rule allows it, counted in prompts (groups):
       capacity = min(max_concurrent − running, (η + v + 1)·B − (accepted + running))
   with v = versions trained since the source started, B = prompts per step on this rank (what one sampler call
   returns: a rank's slice of the global batch), accepted = groups delivered to the queue (consumed ones included),
-  running = groups being generated. Groups are consumed in the order they were finished,
+  running = groups being generated (max_concurrent: workers x B unless given). Groups are consumed in the order they were finished,
   and a group whose oldest trajectory is more than η versions behind the version being trained is dropped at
   consumption (and un-counted, so capacity is not lost), so every trained sample satisfies
   `version − sample.weight_version ≤ η` even when an engine lags. The loss then corrects for the off-policy gap with
@@ -19,8 +19,8 @@ engine's version after the last sync), and gets that step's trajectories (None =
 
 `workers` producer threads (default 2) each run whole workflow calls; the engine serialises their generations. With
 two, one thread starts the next batch's generation the moment the version bump admits it, while the other still
-decodes and scores the batch it just generated (on W's H200 step that host work is ~10 ms during which a single
-producer left the GPU idle). Each call runs on a shallow copy of the workflow taken right after its prompts were
+decodes and scores the batch it just generated (on W's H200 step ~10 ms of host work, during which a single
+producer left the GPU idle; the step gained ~1%, bench/RESULTS.md). Each call runs on a shallow copy of the workflow taken right after its prompts were
 sampled (the sampler reseeds the workflow per call), so concurrent calls keep their own seeds. While a source runs,
 Python's GIL switch interval is 0.5 ms instead of 5: a thread woken by the GPU or by a lock otherwise waits up to
 5 ms for a turn while another thread scores in Python, and the GPU can run dry meanwhile.
