@@ -61,8 +61,7 @@ class InProcessSync(WeightSync):
     learner's compute-dtype copy of the weights (trainer/precision.py: refreshed from the master before every push)
     or None; an engine of its dtype loads from it in one batched same-dtype copy instead of casting the fp32 master
     tensor by tensor: half the bytes read, a few launches instead of one per tensor. On one process the engine gets the
-    module itself and keeps how its parameters map onto the engine's between pushes (`LoadPlan`): W's push on an H200
-    8 -> 2 ms, the rest the copies and one walk of the parameters to see that the plan still holds."""
+    module itself and keeps how its parameters map onto the engine's between pushes (`rollout.model.LoadPlan`)."""
 
     def __init__(self, engine: EmbeddedEngine, d: Dist | None = None, compute: nn.Module | None = None):
         super().__init__(d)
@@ -73,7 +72,6 @@ class InProcessSync(WeightSync):
             return self.engine.update_weights(model, version=version)
         copy = self.compute is not None and next(self.compute.parameters()).dtype == self.engine.dtype
         source = self.compute if copy else model
-        # one process: the module itself, whose mapping onto the engine's parameters the engine keeps between pushes
         weights = full_state_dict(source, self.d) if self.d.distributed else source
         return self.engine.update_weights(weights, version=version)
 
