@@ -530,8 +530,12 @@ class EmbeddedEngine(ServedEngine):
         self._runners: OrderedDict[tuple, _Runner] = OrderedDict()
         self._lock = threading.RLock()
         # the engine's own CUDA stream (not the default one): a learner on the default stream in another thread
-        # (async rollout) then overlaps a generation on the GPU instead of queueing behind it, or it behind the learner
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # (async rollout) then overlaps a generation on the GPU instead of queueing behind it, or it behind the
+        # learner. At the highest priority the decode's short kernels take SMs first as the learner's GEMM blocks
+        # retire, and the learner fills the rest (W's async step on an H200 x1.015, bench/RESULTS.md)
+        self._stream = None
+        if self.device.type == "cuda":
+            self._stream = torch.cuda.Stream(self.device, priority=min(torch.cuda.Stream.priority_range()))
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))  # loading and packing the weights
         self._version = 0

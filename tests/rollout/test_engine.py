@@ -742,12 +742,14 @@ def test_gpu_sampling_kernel_draws_from_the_softmax():
 
 @pytest.mark.gpu
 def test_gpu_engine_stream_orders_weights_and_overlaps_default_stream_work():
-    """Generation runs on the engine's own stream: a thread generating while the default stream is busy gets the
-    same tokens, and weights changed on the default stream reach the engine through update_weights."""
+    """Generation runs on the engine's own stream, at the highest priority: a thread generating while the default
+    stream is busy gets the same tokens, and weights changed on the default stream reach the engine through
+    update_weights."""
     import threading
 
     model = gpu_model(torch.float32)  # an fp32 master, a bf16 engine with its own weights (as the trainer has)
     engine = EmbeddedEngine.from_module(model, dtype=torch.bfloat16)
+    assert engine._stream.priority == min(torch.cuda.Stream.priority_range()) < torch.cuda.current_stream().priority
     params = SamplingParams(n=2, temperature=0, max_new_tokens=40)
     want = [c.token_ids for c in engine.generate(GPU_PROMPTS, params)]
     got: list = []
