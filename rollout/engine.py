@@ -536,7 +536,6 @@ class EmbeddedEngine(ServedEngine):
         self._stream = None
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device, priority=min(torch.cuda.Stream.priority_range()))
-        if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))  # loading and packing the weights
         self._version = 0
         self._source: nn.Module | None = None
@@ -712,9 +711,12 @@ class EmbeddedEngine(ServedEngine):
         gathered anew each time: no plan is kept for them."""
         params = dict(source.named_parameters(remove_duplicate=False))
         plan = self._plans.get(source)
-        if plan is not None and len(plan.sources) == len(params):
-            if all(a is b for a, b in zip(plan.sources, params.values(), strict=True)):
-                return plan
+        if (
+            plan is not None
+            and len(plan.sources) == len(params)
+            and all(map(operator.is_, plan.sources, params.values()))
+        ):
+            return plan
         if any(hasattr(p, "full_tensor") for p in params.values()):
             return LoadPlan(self.model, params)
         plan = self._plans[source] = LoadPlan(self.model, params)
