@@ -82,3 +82,23 @@ def test_ncu_summary_reads_a_raw_csv(tmp_path):
     assert out.returncode != 0 and out.stderr.strip().splitlines() == [
         f"ncu_layer: {tmp_path / 'empty.csv'} holds no ncu --csv --page raw table"
     ]
+
+
+def test_grpo_step_table_states_the_trl_ratio_against_both_steps():
+    """The report is made from the JSON alone (so a run's figures can be re-read on any machine) and names which
+    rldock step each TRL ratio divides."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import grpo_step
+
+    step = {"update_s": 0.1, "rollout_s": 0.2, "sync_s": 0.0, "peak_gib": 1.0}
+    res = {
+        "params": 1e6, "gpu": "a GPU", "torch": "x",
+        "rldock_step": {**step, "time_s": 0.3},
+        "rldock_async_step": {**step, "time_s": 0.25, "staleness_max": 1},
+        "trl_step": {"time_s": 7.5, "version": "1"},
+    }  # fmt: skip
+    lines = grpo_step.table(res).splitlines()
+    assert lines[0].startswith("GPU: a GPU  torch x")
+    assert lines[-1] == "ratio TRL / rldock step time: x25.0 synchronous, x30.0 async"
+    del res["rldock_async_step"]
+    assert grpo_step.table(res).splitlines()[-1] == "ratio TRL / rldock step time: x25.0 synchronous"
