@@ -449,9 +449,7 @@ def table(res: dict) -> str:
     n_tok = W["prompts"] * W["group"] * (W["prompt_tokens"] + W["new_tokens"])
     flops = 6 * res["params"] * n_tok
     completions = W["prompts"] * W["group"] * W["new_tokens"]
-    rows = [
-        f"GPU: {res['gpu']}  torch {res['torch']}  workload W ({res['params'] / 1e6:.1f} M params)"
-    ]
+    rows = [f"GPU: {res['gpu']}  torch {res['torch']}  workload W ({res['params'] / 1e6:.1f} M params)"]
     rows.append(f"{'what':58s} {'time s':>8s} {'tok/s':>9s}  note")
     hf = res.get("hf_static")
     for key, label in (("engine", "rldock engine (fused kernels + CUDA graphs)"),
