@@ -4,6 +4,7 @@ GPU they stop with one line and a non-zero exit instead of a traceback. Their fi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -87,8 +88,9 @@ def test_ncu_summary_reads_a_raw_csv(tmp_path):
 def test_grpo_step_table_states_the_trl_ratio_against_both_steps():
     """The report is made from the JSON alone (so a run's figures can be re-read on any machine) and names which
     rldock step each TRL ratio divides."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import grpo_step
+    spec = importlib.util.spec_from_file_location("grpo_step_report", ROOT / "bench/grpo_step.py")
+    grpo_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grpo_step)
 
     step = {"update_s": 0.1, "rollout_s": 0.2, "sync_s": 0.0, "peak_gib": 1.0}
     res = {
