@@ -1,11 +1,12 @@
 """The GPU-only benches (sm_share, attn_tile, ablate_step, linear_tile, split_batch, timeline, phases, ncu_layer,
-ab_kernels, gluon_proj, attn_chain) on the CPU: `--help` describes them, a bad sweep argument is one usage line, and without a
+ab_kernels, gluon_proj, attn_chain, x_multicast) on the CPU: `--help` describes them, a bad sweep argument is one usage line, and without a
 GPU they stop with one line and a non-zero exit instead of a traceback. Their figures need a GPU (bench/RESULTS.md)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
@@ -26,6 +27,7 @@ BENCHES = {
     "ab_kernels": "--ref",
     "gluon_proj": "--layers",
     "attn_chain": "--slots",
+    "x_multicast": "--ctas",
 }
 # a malformed value of each sweep option, for the benches that check theirs before importing torch
 BAD = {
@@ -34,6 +36,7 @@ BAD = {
     "split_batch": "3",
     "ab_kernels": "no/such.py",
     "attn_chain": "64,x",
+    "x_multicast": "6",
 }
 
 
@@ -104,3 +107,19 @@ def test_grpo_step_table_states_the_trl_ratio_against_both_steps():
     assert lines[-1] == "ratio TRL / rldock step time: x25.0 synchronous, x30.0 async"
     del res["rldock_async_step"]
     assert grpo_step.table(res).splitlines()[-1] == "ratio TRL / rldock step time: x25.0 synchronous"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (a CUDA toolkit) is not installed")
+def test_x_multicast_program_builds_and_its_rows_parse(tmp_path):
+    """bench/x_multicast.cu compiles for sm_90a and answers --help without a GPU; the wrapper's rows carry each
+    copy's excess over the empty launch, and the multicast's over its cluster barriers alone."""
+    spec = importlib.util.spec_from_file_location("x_multicast_bench", ROOT / "bench/x_multicast.py")
+    xm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(xm)
+    exe = xm.build(tmp_path)
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("usage: x_multicast")
+    rows = xm.parse("ctas cluster mode us_per_launch\n36 1 empty 1.0\n36 1 whole 1.75\n36 2 empty 0.5\n"
+                    "36 2 multicast 2.5\n36 2 syncs_only 1.25\n")  # fmt: skip
+    assert [r["over_empty_us"] for r in rows] == [0.0, 0.75, 0.0, 2.0, 0.75]
+    assert rows[3]["over_syncs_us"] == 1.25 and "over_syncs_us" not in rows[1]
