@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grpo_step as G  # noqa: E402  (the benches' shared option parsing)
+
 ROWS, HEADS, KV, D, T, LAYERS = 64, 14, 2, 64, 1024, 24
 
 
@@ -25,10 +27,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--slots", default="64,160,288,544", help=f"cached slot counts, comma-separated (< {T})")
     p.add_argument("--json", help="write every figure here")
     args = p.parse_args()
-    try:
-        args.slots = [int(s) for s in args.slots.split(",")]
-    except ValueError:
-        p.error(f"--slots: not a list of integers: {args.slots}")
+    args.slots = G.int_list(p, "--slots", args.slots)
     if not all(0 < s < T for s in args.slots):
         p.error(f"--slots: each count must be in 1..{T - 1}")
     for path in args.ref:

@@ -103,6 +103,14 @@ def w_items(tok) -> list[dict]:
     return items
 
 
+def int_list(p: argparse.ArgumentParser, option: str, text: str) -> list[int]:
+    """`option`'s comma-separated integers, or the parser's one-line usage error naming it."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        p.error(f"{option}: not a list of comma-separated integers: {text!r}")
+
+
 def gpu_bench_parser(doc: str, what: str) -> argparse.ArgumentParser:
     """The options every W-rollout GPU bench shares (--steps: timed rollouts per `what`, --tokenizer, --json,
     --group); the caller adds its sweep option and parses with `parse_gpu_bench`."""

@@ -23,10 +23,7 @@ def parse_args() -> argparse.Namespace:
     p = G.gpu_bench_parser(__doc__, "layout")
     p.add_argument("--parts", default="2,4", help="comma-separated numbers of concurrent engines")
     args = p.parse_args()
-    try:
-        args.parts = [int(x) for x in args.parts.split(",")]
-    except ValueError:
-        p.error(f"--parts: want comma-separated integers, got {args.parts!r}")
+    args.parts = G.int_list(p, "--parts", args.parts)
     if any(n < 1 or G.W["prompts"] % n for n in args.parts):
         p.error(f"--parts: each must divide the {G.W['prompts']} prompts")
     return args

@@ -19,6 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grpo_step as G  # noqa: E402  (the benches' shared option parsing)
+
 SOURCE = Path(__file__).with_suffix(".cu")
 
 
@@ -27,10 +30,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ctas", default="36,132", help="comma-separated CTA counts (qkv/o launch 36/28; one per SM: 132)")
     p.add_argument("--json", help="write every figure here")
     args = p.parse_args()
-    try:
-        args.ctas = [int(c) for c in args.ctas.split(",")]
-    except ValueError:
-        p.error(f"--ctas: not a list of integers: {args.ctas!r}")
+    args.ctas = G.int_list(p, "--ctas", args.ctas)
     if any(c < 4 or c > 4096 or c % 4 for c in args.ctas):
         p.error("--ctas: each count must be a multiple of 4 (clusters of 2 and 4) from 4 to 4096")
     return args
