@@ -1,6 +1,7 @@
 """The GPU-only benches (sm_share, attn_tile, ablate_step, linear_tile, split_batch, timeline, phases, ncu_layer,
-ab_kernels, gluon_proj, attn_chain, x_multicast) on the CPU: `--help` describes them, a bad sweep argument is one usage line, and without a
-GPU they stop with one line and a non-zero exit instead of a traceback. Their figures need a GPU (bench/RESULTS.md)."""
+ab_kernels, gluon_proj, attn_chain, x_multicast) on the CPU: `--help` describes them, a bad sweep argument is one
+usage line, and without a GPU they stop with one line and a non-zero exit instead of a traceback. Their figures need
+a GPU (bench/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,14 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, f"bench/{script}.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
+
+
+def bench_module(name: str):
+    """bench/<name>.py loaded from its file under a private module name."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / f"bench/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("script", BENCHES)
@@ -91,9 +100,7 @@ def test_ncu_summary_reads_a_raw_csv(tmp_path):
 def test_grpo_step_table_states_the_trl_ratio_against_both_steps():
     """The report is made from the JSON alone (so a run's figures can be re-read on any machine) and names which
     rldock step each TRL ratio divides."""
-    spec = importlib.util.spec_from_file_location("grpo_step_report", ROOT / "bench/grpo_step.py")
-    grpo_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grpo_step)
+    grpo_step = bench_module("grpo_step")
 
     step = {"update_s": 0.1, "rollout_s": 0.2, "sync_s": 0.0, "peak_gib": 1.0}
     res = {
@@ -113,9 +120,7 @@ def test_grpo_step_table_states_the_trl_ratio_against_both_steps():
 def test_x_multicast_program_builds_and_its_rows_parse(tmp_path):
     """bench/x_multicast.cu compiles for sm_90a and answers --help without a GPU; the wrapper's rows carry each
     copy's excess over the empty launch, and the multicast's over its cluster barriers alone."""
-    spec = importlib.util.spec_from_file_location("x_multicast_bench", ROOT / "bench/x_multicast.py")
-    xm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(xm)
+    xm = bench_module("x_multicast")
     exe = xm.build(tmp_path)
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("usage: x_multicast")
